@@ -1,0 +1,15 @@
+"""lucid_fn: Pyramid Vision Transformers as pure (init, apply) functions for JAX.
+
+    from lucid_fn import registry
+    init, apply = registry["pvt_small"](num_classes=10)
+"""
+
+from lucid_fn import models as _models  # noqa: F401  (fills the registry)
+from lucid_fn import weights
+from lucid_fn.registry import Model, list_models, register_model, registry
+from lucid_fn.summary import count_params, summary
+
+__version__ = "0.1.0"
+
+__all__ = ["Model", "count_params", "list_models", "register_model", "registry", "summary", "weights"]
+

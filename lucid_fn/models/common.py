@@ -1,0 +1,149 @@
+"""Checks every model family runs before any XLA work: builder arguments and input images.
+
+Errors name the argument, what was given and what is allowed, in the user's terms.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+NUM_STAGES = 4
+
+# Seed (Lucid) constructor arguments we deliberately replace, with what to use instead.
+_RENAMED = {
+    "norm_layer": "LayerNorm is the only norm; set its epsilon with norm_eps=...",
+    "act_layer": "the activation follows the flavor: 'lucid' uses tanh GELU, 'paper' exact GELU",
+}
+
+
+def check_kwargs(kwargs: dict, allowed: Sequence[str], builder: str) -> None:
+    for key in kwargs:
+        if key in allowed:
+            continue
+        if key in _RENAMED:
+            hint = _RENAMED[key]
+        else:
+            close = difflib.get_close_matches(key, allowed, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(
+            f"{builder}() got an unknown keyword argument {key!r}. {hint} "
+            f"Allowed: {', '.join(sorted(allowed))}.".replace("  ", " ")
+        )
+
+
+def per_stage(name: str, value, kind=int) -> tuple:
+    """A per-stage list as a tuple of ``NUM_STAGES`` values of ``kind``."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence | np.ndarray):
+        raise ValueError(
+            f"{name} must be a list of {NUM_STAGES} values, one per stage; got {value!r}"
+        )
+    value = list(value)
+    if len(value) != NUM_STAGES:
+        raise ValueError(
+            f"{name} must have {NUM_STAGES} entries, one per stage; got {len(value)}: {value}"
+        )
+    out = []
+    for v in value:
+        if kind is int:
+            if isinstance(v, bool) or not float(v).is_integer() or v < 1:
+                raise ValueError(f"{name} must hold positive whole numbers; got {value}")
+            out.append(int(v))
+        else:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must hold positive numbers; got {value}")
+            out.append(float(v))
+    return tuple(out)
+
+
+def positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def rate(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a probability in [0, 1); got {value!r}")
+    return float(value)
+
+
+def choice(name: str, value, allowed: Sequence) -> object:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    return value
+
+
+def compute_dtype(value) -> np.dtype:
+    try:
+        dt = jnp.dtype(value)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(
+            f"dtype must be a floating-point dtype such as jnp.float32 or jnp.bfloat16; "
+            f"got {value!r}"
+        )
+    return dt
+
+
+def check_heads(embed_dims: tuple, num_heads: tuple) -> None:
+    for i, (dim, heads) in enumerate(zip(embed_dims, num_heads)):
+        if dim % heads:
+            divisors = [h for h in range(1, dim + 1) if dim % h == 0 and h <= 64]
+            raise ValueError(
+                f"embed_dims[{i}]={dim} is not divisible by num_heads[{i}]={heads}; "
+                f"heads that divide {dim}: {divisors}"
+            )
+
+
+def check_images(x, *, in_channels: int, img_size: int | None, stride: int, model: str):
+    """Validate a batch of NHWC images against the model; returns it as a JAX-ready array.
+
+    ``img_size=None`` means any size whose sides ``stride`` divides.
+    """
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        x = np.asarray(x)
+    shape, dtype = tuple(x.shape), x.dtype
+    want = f"(B, H, W, {in_channels})"
+    if len(shape) != 4:
+        hint = ""
+        if len(shape) == 3 and shape[-1] == in_channels:
+            hint = " For a single image add a batch axis: x[None]."
+        raise ValueError(
+            f"{model} expects a batch of NHWC images {want}; got an array of shape {shape}.{hint}"
+        )
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"{model} expects floating-point images; got dtype {dtype}. Convert them first, "
+            f"e.g. x.astype(jnp.float32) / 255.0 for uint8 pixels."
+        )
+    if shape[-1] != in_channels:
+        if shape[1] == in_channels:
+            raise ValueError(
+                f"{model} expects NHWC images {want}; got shape {shape}, which looks like "
+                f"NCHW (channels first). Transpose it: x.transpose(0, 2, 3, 1)."
+            )
+        raise ValueError(
+            f"{model} was built for in_channels={in_channels}; got images with "
+            f"{shape[-1]} channels (shape {shape}). Build with in_channels={shape[-1]}."
+        )
+    h, w = shape[1:3]
+    if img_size is not None and (h, w) != (img_size, img_size):
+        raise ValueError(
+            f"{model} was built for {img_size}x{img_size} images and got {h}x{w}. PVT v1 "
+            f"learns one position embedding per token for the size it was built for, and "
+            f"resizing it to other sizes is not supported yet: build the model with "
+            f"img_size={h} (square inputs) or resize the images to {img_size}x{img_size}."
+        )
+    if h % stride or w % stride:
+        raise ValueError(
+            f"{model} needs image sides divisible by its total stride {stride}; got {h}x{w}. "
+            f"Resize or pad to e.g. {math.ceil(h / stride) * stride}x"
+            f"{math.ceil(w / stride) * stride}."
+        )
+    return x
