@@ -1,2 +1,100 @@
-def main(argv=None):
-    raise SystemExit("not yet")
+"""The ``lucid-fn`` command.
+
+    lucid-fn list [PATTERN]                 registered models, with parameter counts
+    lucid-fn summary NAME [--forward] ...   parameter groups, total, output shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _builder_kwargs(args) -> dict:
+    kw = {"flavor": args.flavor}
+    if args.num_classes is not None:
+        kw["num_classes"] = args.num_classes
+    if args.img_size is not None:
+        kw["img_size"] = args.img_size
+    return kw
+
+
+def cmd_list(args) -> int:
+    import jax
+
+    from lucid_fn import count_params, list_models, registry
+
+    names = list_models(args.pattern)
+    if not names:
+        print(f"no registered model matches {args.pattern!r}; try 'lucid-fn list'",
+              file=sys.stderr)
+        return 2
+    print(f"{'model':<14} {'params (lucid)':>16} {'params (paper)':>16}")
+    for name in names:
+        counts = [count_params(jax.eval_shape(registry[name](flavor=f).init, jax.random.key(0)))
+                  for f in ("lucid", "paper")]
+        print(f"{name:<14} {counts[0]:>16,} {counts[1]:>16,}")
+    return 0
+
+
+def cmd_summary(args) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from lucid_fn import registry, summary
+
+    model = registry[args.model](**_builder_kwargs(args))
+    print(summary(model, batch_size=args.batch_size))
+    if args.forward:
+        cfg = model.config
+        params = jax.jit(model.init)(jax.random.key(args.seed))
+        x = jax.random.uniform(jax.random.key(args.seed + 1),
+                               (args.batch_size, cfg.img_size, cfg.img_size, cfg.in_channels))
+        apply = jax.jit(model.apply)
+        t0 = time.perf_counter()
+        out = apply(params, x).block_until_ready()
+        t1 = time.perf_counter()
+        out = apply(params, x).block_until_ready()
+        t2 = time.perf_counter()
+        finite = bool(jnp.isfinite(out).all())
+        print(f"forward on {jax.devices()[0].platform}: output {tuple(out.shape)} "
+              f"{out.dtype}, finite={finite}; first call (compile + run) {t1 - t0:.2f} s, "
+              f"second call {t2 - t1:.3f} s ({args.batch_size / (t2 - t1):.1f} img/s)")
+        if not finite:
+            return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lucid-fn", description="Pyramid Vision Transformers in JAX")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="registered models with parameter counts in both flavors")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'pvt*'")
+    p.set_defaults(fn=cmd_list)
+
+    p = sub.add_parser("summary", help="parameter groups, total and output shape of a model")
+    p.add_argument("model", help="registered name, e.g. pvt_small ('lucid-fn list' shows all)")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--flavor", default="lucid", choices=["lucid", "paper"])
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--forward", action="store_true",
+                   help="also initialise the model and run a jitted forward pass")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_summary)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (KeyError, ValueError) as e:
+        print(f"lucid-fn {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

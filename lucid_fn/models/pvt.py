@@ -62,7 +62,7 @@ class PVTConfig:
     norm_eps: float = 1e-6
     flavor: str = "lucid"
     dtype: Any = np.dtype("float32")
-    scan_blocks: bool = False
+    scan_blocks: bool | None = None  # None: auto, see resolve_scan_blocks
     remat: bool = False
 
     @property
@@ -88,6 +88,18 @@ class PVTConfig:
 
 ARGUMENTS = tuple(f.name for f in dataclasses.fields(PVTConfig))
 
+# Unrolled blocks trained pvt_small 1.6x faster on an H100 (DESIGN.md), but their compile
+# time grows faster than linearly with depth: on 2 CPU cores the train step of pvt_small
+# (16 blocks) compiled in 12 s unrolled vs 7 s scanned, pvt_huge (76 blocks) in 486 s vs
+# 7 s (benchmarks/results/compile_time.md). So unroll up to pvt_small's depth, scan beyond.
+MAX_UNROLLED_BLOCKS = 16
+
+
+def resolve_scan_blocks(scan_blocks, depths) -> bool:
+    if scan_blocks is None:
+        return sum(depths) > MAX_UNROLLED_BLOCKS
+    return scan_blocks
+
 
 def make_config(builder: str, **kwargs) -> PVTConfig:
     """Validate builder arguments into a config; every error names the argument."""
@@ -109,8 +121,10 @@ def make_config(builder: str, **kwargs) -> PVTConfig:
     if not isinstance(c["norm_eps"], (int, float)) or not 0 < c["norm_eps"] < 1:
         raise ValueError(f"norm_eps must be a small positive number; got {c['norm_eps']!r}")
     common.choice("flavor", c["flavor"], FLAVORS)
-    for name in ("qkv_bias", "scan_blocks", "remat"):
+    for name in ("qkv_bias", "remat"):
         common.choice(name, c[name], (True, False))
+    common.choice("scan_blocks", c["scan_blocks"], (None, True, False))
+    c["scan_blocks"] = resolve_scan_blocks(c["scan_blocks"], c["depths"])
     c["dtype"] = common.compute_dtype(c["dtype"])
     cfg = PVTConfig(**c)
 
@@ -140,18 +154,17 @@ def make_config(builder: str, **kwargs) -> PVTConfig:
 # ------------------------------------------------------- spatial-reduction attention
 
 
-def init_sra(key, cfg: PVTConfig, stage: int, weight_init) -> dict:
+def init_sra(cfg: PVTConfig, stage: int, weight) -> dict:
     dim, r = cfg.embed_dims[stage], cfg.sr_ratios[stage]
-    k_q, k_kv, k_sr, k_proj = jax.random.split(key, 4)
     p = {
-        "q": nn.init_linear(k_q, dim, dim, bias=cfg.qkv_bias, weight_init=weight_init),
-        "kv": nn.init_linear(k_kv, dim, 2 * dim, bias=cfg.qkv_bias, weight_init=weight_init),
+        "q": nn.init_linear(dim, dim, bias=cfg.qkv_bias, weight=weight),
+        "kv": nn.init_linear(dim, 2 * dim, bias=cfg.qkv_bias, weight=weight),
     }
     if r > 1:
-        p["sr"] = nn.init_conv(k_sr, (r, r), dim, dim)
+        p["sr"] = nn.init_conv((r, r), dim, dim)
         p["norm"] = nn.init_layer_norm(dim)
     if cfg.flavor == "paper":
-        p["proj"] = nn.init_linear(k_proj, dim, dim, weight_init=weight_init)
+        p["proj"] = nn.init_linear(dim, dim, weight=weight)
     return p
 
 
@@ -184,12 +197,11 @@ def sra(p, x, hw, rngs, *, cfg: PVTConfig, stage: int):
 # ------------------------------------------------------------------------------ MLP
 
 
-def init_mlp(key, cfg: PVTConfig, stage: int, weight_init) -> dict:
+def init_mlp(cfg: PVTConfig, stage: int, weight) -> dict:
     dim, hidden = cfg.embed_dims[stage], cfg.mlp_hidden(stage)
-    k1, k2 = jax.random.split(key)
     return {
-        "fc1": nn.init_linear(k1, dim, hidden, weight_init=weight_init),
-        "fc2": nn.init_linear(k2, hidden, dim, weight_init=weight_init),
+        "fc1": nn.init_linear(dim, hidden, weight=weight),
+        "fc2": nn.init_linear(hidden, dim, weight=weight),
     }
 
 
@@ -202,14 +214,13 @@ def mlp(p, x, rngs, *, cfg: PVTConfig):
 # ---------------------------------------------------------------------------- block
 
 
-def init_block(key, cfg: PVTConfig, stage: int, weight_init) -> dict:
-    k_attn, k_mlp = jax.random.split(key)
+def init_block(cfg: PVTConfig, stage: int, weight) -> dict:
     dim = cfg.embed_dims[stage]
     return {
         "norm1": nn.init_layer_norm(dim),
-        "attn": init_sra(k_attn, cfg, stage, weight_init),
+        "attn": init_sra(cfg, stage, weight),
         "norm2": nn.init_layer_norm(dim),
-        "mlp": init_mlp(k_mlp, cfg, stage, weight_init),
+        "mlp": init_mlp(cfg, stage, weight),
     }
 
 
@@ -253,23 +264,21 @@ def run_blocks(blocks, x, rng, path_rates, *, hw, cfg: PVTConfig, stage: int):
 # ---------------------------------------------------------------------------- stage
 
 
-def init_stage(key, cfg: PVTConfig, stage: int, weight_init) -> dict:
+def init_stage(cfg: PVTConfig, stage: int, weight) -> dict:
     dim = cfg.embed_dims[stage]
     c_in = cfg.in_channels if stage == 0 else cfg.embed_dims[stage - 1]
     p_size = cfg.patch_sizes[stage]
     tokens = cfg.grid(stage) ** 2 + (1 if stage == 3 else 0)
-    k_patch, k_pos, k_cls, k_blocks = jax.random.split(key, 4)
-    block_keys = jax.random.split(k_blocks, cfg.depths[stage])
     p = {
         "patch_embed": {
-            "proj": nn.init_conv(k_patch, (p_size, p_size), c_in, dim),
+            "proj": nn.init_conv((p_size, p_size), c_in, dim),
             "norm": nn.init_layer_norm(dim),
         },
-        "pos_embed": weight_init(k_pos, (1, tokens, dim)),
-        "blocks": jax.vmap(lambda k: init_block(k, cfg, stage, weight_init))(block_keys),
+        "pos_embed": weight((1, tokens, dim)),
+        "blocks": nn.stack(init_block(cfg, stage, weight), cfg.depths[stage]),
     }
     if stage == 3:
-        p["cls_token"] = weight_init(k_cls, (1, 1, dim))
+        p["cls_token"] = weight((1, 1, dim))
     return p
 
 
@@ -292,18 +301,30 @@ def stage_forward(p, x, rng, path_rates, *, cfg: PVTConfig, stage: int):
 # ---------------------------------------------------------------------------- model
 
 
-def make_init(cfg: PVTConfig):
-    weight_init = nn.normal_init if cfg.flavor == "lucid" else nn.trunc_normal_init
+def param_specs(cfg: PVTConfig) -> dict:
+    """The parameter tree as ``nn.Init`` specs: shapes and distributions, nothing drawn.
 
+    Linear weights, position embeddings and the class token N(0, 0.02) in both flavors:
+    the paper's code calls timm's ``trunc_normal_(std=.02)``, whose bounds are +-2 in
+    absolute value (100 std), so it is the same distribution. LayerNorm 1 and 0; convs as
+    PyTorch's default.
+    """
+    weight = nn.normal
+    specs = {f"stage{i + 1}": init_stage(cfg, i, weight) for i in range(4)}
+    specs["norm"] = nn.init_layer_norm(cfg.embed_dims[3])
+    if cfg.num_classes:
+        specs["head"] = nn.init_linear(cfg.embed_dims[3], cfg.num_classes, weight=weight)
+    return specs
+
+
+def make_init(cfg: PVTConfig):
+    specs = param_specs(cfg)
+
+    # Jitted so that a plain eager call is one compiled program, not hundreds of ops;
+    # it still composes with jit, vmap and eval_shape like any function.
+    @jax.jit
     def init(key) -> dict:
-        keys = jax.random.split(key, 5)
-        params = {f"stage{i + 1}": init_stage(keys[i], cfg, i, weight_init) for i in range(4)}
-        params["norm"] = nn.init_layer_norm(cfg.embed_dims[3])
-        if cfg.num_classes:
-            params["head"] = nn.init_linear(
-                keys[4], cfg.embed_dims[3], cfg.num_classes, weight_init=weight_init
-            )
-        return params
+        return nn.materialize(specs, key)
 
     return init
 
@@ -387,8 +408,8 @@ def pvt_large(img_size: int = 224, num_classes: int = 1000, **kwargs) -> Model:
 @register_model
 def pvt_huge(img_size: int = 224, num_classes: int = 1000, **kwargs) -> Model:
     """PVT-Huge: widths [128, 256, 512, 768], depths [3, 10, 60, 3], drop_path_rate 0.02;
-    286,706,920 parameters (lucid), 304,945,512 (paper). Blocks are scanned by default:
-    63 unrolled blocks in stage 3 make compilation slow."""
+    286,706,920 parameters (lucid), 304,945,512 (paper). Its 76 blocks are scanned by
+    default (unrolled, its train step takes minutes to compile)."""
     defaults = dict(_COMMON, embed_dims=(128, 256, 512, 768), num_heads=(2, 4, 8, 12),
                     depths=(3, 10, 60, 3), drop_path_rate=0.02)
     return build("pvt_huge", defaults, img_size, num_classes, kwargs)

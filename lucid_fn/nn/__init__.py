@@ -1,6 +1,7 @@
 """Functional building blocks shared by the model families."""
 
 from lucid_fn.nn.layers import (
+    Init,
     drop_path,
     dropout,
     gelu,
@@ -9,12 +10,14 @@ from lucid_fn.nn.layers import (
     init_linear,
     layer_norm,
     linear,
-    normal_init,
+    materialize,
+    normal,
     patchify_conv,
-    trunc_normal_init,
+    stack,
 )
 
 __all__ = [
+    "Init",
     "drop_path",
     "dropout",
     "gelu",
@@ -23,7 +26,8 @@ __all__ = [
     "init_linear",
     "layer_norm",
     "linear",
-    "normal_init",
+    "materialize",
+    "normal",
     "patchify_conv",
-    "trunc_normal_init",
+    "stack",
 ]

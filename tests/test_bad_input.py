@@ -1,0 +1,61 @@
+"""Every bad input is a ValueError (KeyError for names) that names the argument, what was
+given and what is allowed, raised by Python before any XLA work (also under jit)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY, jitted
+
+from lucid_fn import registry
+
+BAD_BUILDS = [
+    (dict(embed_dim=[64, 128, 320, 512]), r"unknown keyword argument 'embed_dim'.*embed_dims"),
+    (dict(norm_layer=object), r"'norm_layer'.*norm_eps"),
+    (dict(depths=[2, 2, 2]), r"depths must have 4 entries.*got 3"),
+    (dict(num_heads=[1, 2, 5]), r"num_heads must have 4 entries"),
+    (dict(mlp_ratios=[8, 8, 4, 4, 4]), r"mlp_ratios must have 4 entries.*got 5"),
+    (dict(sr_ratios=8), r"sr_ratios must be a list of 4"),
+    (dict(embed_dims=[64, 128, 320, 500]), r"embed_dims\[3\]=500 is not divisible by "
+                                           r"num_heads\[3\]=8.*heads that divide 500"),
+    (dict(img_size=100), r"img_size=100 is not divisible by the total stride 32.*96"),
+    (dict(img_size=224, patch_size=8), r"total stride 64"),
+    (dict(sr_ratios=[8, 4, 2, 2]), r"sr_ratios\[3\] must be 1"),
+    (dict(flavor="official"), r"flavor must be one of 'lucid', 'paper'; got 'official'"),
+    (dict(dtype=jnp.int32), r"dtype must be a floating-point dtype"),
+    (dict(drop_path_rate=1.5), r"drop_path_rate must be a probability"),
+    (dict(num_classes=-1), r"num_classes must be an integer >= 0"),
+    (dict(depths=[2, 0, 2, 2]), r"depths must hold positive whole numbers"),
+    (dict(scan_blocks="yes"), r"scan_blocks must be one of None, True, False"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_BUILDS)
+def test_builder_rejects_bad_arguments_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        registry["pvt_small"](**kwargs)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = registry["pvt_tiny"](**TINY)
+    return m, jitted(m)[0](jax.random.key(0))
+
+
+BAD_IMAGES = [
+    (np.zeros((64, 64, 3), np.float32), r"shape \(64, 64, 3\).*x\[None\]"),
+    (np.zeros((2, 3, 64, 64), np.float32), r"looks like NCHW.*x.transpose\(0, 2, 3, 1\)"),
+    (np.zeros((2, 64, 64, 1), np.float32), r"in_channels=3.*1 channels.*in_channels=1"),
+    (np.zeros((2, 96, 96, 3), np.float32), r"built for 64x64 images and got 96x96.*img_size=96"),
+    (np.zeros((2, 64, 64, 3), np.uint8), r"floating-point images; got dtype uint8.*255"),
+    (np.zeros((2, 64, 64, 3), np.int32), r"floating-point images; got dtype int32"),
+]
+
+
+@pytest.mark.parametrize("x,message", BAD_IMAGES)
+@pytest.mark.parametrize("jit", [False, True])
+def test_apply_rejects_bad_images_with_the_fix(model, x, message, jit):
+    (_, apply), params = model
+    fn = jax.jit(apply) if jit else apply
+    with pytest.raises(ValueError, match=message):
+        fn(params, x)
