@@ -30,10 +30,13 @@ def cmd_list(args) -> int:
         print(f"no registered model matches {args.pattern!r}; try 'lucid-fn list'",
               file=sys.stderr)
         return 2
-    print(f"{'model':<14} {'params (lucid)':>16} {'params (paper)':>16}")
+    rows = []
     for name in names:
         counts = [count_params(jax.eval_shape(registry[name](flavor=f).init, jax.random.key(0)))
                   for f in ("lucid", "paper")]
+        rows.append((counts, name))
+    print(f"{'model':<14} {'params (lucid)':>16} {'params (paper)':>16}")
+    for counts, name in sorted(rows):
         print(f"{name:<14} {counts[0]:>16,} {counts[1]:>16,}")
     return 0
 
