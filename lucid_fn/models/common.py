@@ -91,6 +91,56 @@ def compute_dtype(value) -> np.dtype:
     return dt
 
 
+# Unrolled blocks trained pvt_small 1.6x faster on an H100 (DESIGN.md), but their compile
+# time grows faster than linearly with depth: on 2 CPU cores the train step of pvt_small
+# (16 blocks) compiled in 12 s unrolled vs 7 s scanned, pvt_huge (76 blocks) in 486 s vs
+# 7 s (benchmarks/results/compile_time.md). So unroll up to pvt_small's depth, scan beyond.
+MAX_UNROLLED_BLOCKS = 16
+
+
+def resolve_scan_blocks(scan_blocks, depths) -> bool:
+    if scan_blocks is None:
+        return sum(depths) > MAX_UNROLLED_BLOCKS
+    return scan_blocks
+
+
+def normalize_fields(c: dict) -> dict:
+    """Check and normalise the builder arguments the PVT families share (those present)."""
+    c = dict(c)
+    for name in ("img_size", "patch_size", "in_channels"):
+        c[name] = positive_int(name, c[name])
+    c["num_classes"] = positive_int("num_classes", c["num_classes"], minimum=0)
+    for name in ("embed_dims", "num_heads", "depths", "sr_ratios"):
+        c[name] = per_stage(name, c[name], int)
+    c["mlp_ratios"] = per_stage("mlp_ratios", c["mlp_ratios"], float)
+    for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+        c[name] = rate(name, c[name])
+    scale = c["qk_scale"]
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or scale <= 0):
+        raise ValueError(f"qk_scale must be a positive number or None; got {scale!r}")
+    eps = c["norm_eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f"norm_eps must be a small positive number; got {eps!r}")
+    for name in ("qkv_bias", "remat", "linear"):
+        if name in c:
+            choice(name, c[name], (True, False))
+    choice("scan_blocks", c["scan_blocks"], (None, True, False))
+    c["dtype"] = compute_dtype(c["dtype"])
+    check_heads(c["embed_dims"], c["num_heads"])
+    return c
+
+
+def check_img_size(img_size: int, stride: int, how: str) -> None:
+    if img_size % stride:
+        near = sorted(range(stride, 4 * img_size + stride, stride),
+                      key=lambda s: abs(s - img_size))[:3]
+        raise ValueError(
+            f"img_size={img_size} is not divisible by the total stride {stride} ({how}); "
+            f"use a multiple of {stride}, e.g. {', '.join(map(str, sorted(near)))}"
+        )
+
+
 def check_heads(embed_dims: tuple, num_heads: tuple) -> None:
     for i, (dim, heads) in enumerate(zip(embed_dims, num_heads)):
         if dim % heads:

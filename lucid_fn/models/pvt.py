@@ -33,10 +33,9 @@ from lucid_fn import nn
 from lucid_fn.models import common
 from lucid_fn.registry import Model, register_model
 
-# LayerNorm epsilons the seed hard-codes: nn.LayerNorm's default in the patch embedding and
-# the spatial reduction; the builders' ``partial(LayerNorm, eps=1e-6)`` elsewhere.
+# The patch embedding's LayerNorm keeps nn.LayerNorm's default epsilon in the seed; blocks
+# and the final norm use the builders' ``norm_eps`` (1e-6).
 PATCH_NORM_EPS = 1e-5
-SR_NORM_EPS = 1e-5
 FLAVORS = ("lucid", "paper")
 
 
@@ -88,55 +87,15 @@ class PVTConfig:
 
 ARGUMENTS = tuple(f.name for f in dataclasses.fields(PVTConfig))
 
-# Unrolled blocks trained pvt_small 1.6x faster on an H100 (DESIGN.md), but their compile
-# time grows faster than linearly with depth: on 2 CPU cores the train step of pvt_small
-# (16 blocks) compiled in 12 s unrolled vs 7 s scanned, pvt_huge (76 blocks) in 486 s vs
-# 7 s (benchmarks/results/compile_time.md). So unroll up to pvt_small's depth, scan beyond.
-MAX_UNROLLED_BLOCKS = 16
-
-
-def resolve_scan_blocks(scan_blocks, depths) -> bool:
-    if scan_blocks is None:
-        return sum(depths) > MAX_UNROLLED_BLOCKS
-    return scan_blocks
-
-
 def make_config(builder: str, **kwargs) -> PVTConfig:
     """Validate builder arguments into a config; every error names the argument."""
     common.check_kwargs(kwargs, ARGUMENTS, builder)
-    c = {**dataclasses.asdict(PVTConfig()), **kwargs}
-    c["img_size"] = common.positive_int("img_size", c["img_size"])
-    c["num_classes"] = common.positive_int("num_classes", c["num_classes"], minimum=0)
-    c["patch_size"] = common.positive_int("patch_size", c["patch_size"])
-    c["in_channels"] = common.positive_int("in_channels", c["in_channels"])
-    for name in ("embed_dims", "num_heads", "depths", "sr_ratios"):
-        c[name] = common.per_stage(name, c[name], int)
-    c["mlp_ratios"] = common.per_stage("mlp_ratios", c["mlp_ratios"], float)
-    for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
-        c[name] = common.rate(name, c[name])
-    if c["qk_scale"] is not None and not (
-        isinstance(c["qk_scale"], (int, float)) and c["qk_scale"] > 0
-    ):
-        raise ValueError(f"qk_scale must be a positive number or None; got {c['qk_scale']!r}")
-    if not isinstance(c["norm_eps"], (int, float)) or not 0 < c["norm_eps"] < 1:
-        raise ValueError(f"norm_eps must be a small positive number; got {c['norm_eps']!r}")
+    c = common.normalize_fields({**dataclasses.asdict(PVTConfig()), **kwargs})
     common.choice("flavor", c["flavor"], FLAVORS)
-    for name in ("qkv_bias", "remat"):
-        common.choice(name, c[name], (True, False))
-    common.choice("scan_blocks", c["scan_blocks"], (None, True, False))
-    c["scan_blocks"] = resolve_scan_blocks(c["scan_blocks"], c["depths"])
-    c["dtype"] = common.compute_dtype(c["dtype"])
+    c["scan_blocks"] = common.resolve_scan_blocks(c["scan_blocks"], c["depths"])
     cfg = PVTConfig(**c)
-
-    common.check_heads(cfg.embed_dims, cfg.num_heads)
-    if cfg.img_size % cfg.total_stride:
-        ok = [s for s in range(cfg.total_stride, 4 * cfg.img_size, cfg.total_stride)]
-        near = sorted(ok, key=lambda s: abs(s - cfg.img_size))[:3]
-        raise ValueError(
-            f"img_size={cfg.img_size} is not divisible by the total stride "
-            f"{cfg.total_stride} (patch_size={cfg.patch_size} x 2 x 2 x 2); "
-            f"use a multiple of {cfg.total_stride}, e.g. {', '.join(map(str, sorted(near)))}"
-        )
+    common.check_img_size(cfg.img_size, cfg.total_stride,
+                          f"patch_size={cfg.patch_size} x 2 x 2 x 2")
     if cfg.sr_ratios[3] != 1:
         raise ValueError(
             f"sr_ratios[3] must be 1: stage 4 carries the class token, so its tokens do not "
@@ -151,58 +110,16 @@ def make_config(builder: str, **kwargs) -> PVTConfig:
     return cfg
 
 
-# ------------------------------------------------------- spatial-reduction attention
+# ------------------------------------------------------- attention, MLP and block
+#
+# Spatial-reduction attention and the pre-norm block are shared with PVT v2 (lucid_fn.nn);
+# what is v1's own: attention with no output projection in the lucid flavor, and a plain
+# two-layer MLP whose GELU follows the flavor.
 
 
-def init_sra(cfg: PVTConfig, stage: int, weight) -> dict:
-    dim, r = cfg.embed_dims[stage], cfg.sr_ratios[stage]
-    p = {
-        "q": nn.init_linear(dim, dim, bias=cfg.qkv_bias, weight=weight),
-        "kv": nn.init_linear(dim, 2 * dim, bias=cfg.qkv_bias, weight=weight),
-    }
-    if r > 1:
-        p["sr"] = nn.init_conv((r, r), dim, dim)
-        p["norm"] = nn.init_layer_norm(dim)
-    if cfg.flavor == "paper":
-        p["proj"] = nn.init_linear(dim, dim, weight=weight)
-    return p
-
-
-def sra(p, x, hw, rngs, *, cfg: PVTConfig, stage: int):
-    """Attention whose keys and values come from a map reduced ``sr_ratio`` times per side."""
-    b, n, c = x.shape
-    heads = cfg.num_heads[stage]
-    d = c // heads
-    scale = cfg.qk_scale or d**-0.5
-    dtype = cfg.dtype
-    q = nn.linear(p["q"], x, dtype).reshape(b, n, heads, d)
-    if "sr" in p:
-        m = nn.patchify_conv(p["sr"], x.reshape(b, *hw, c), dtype)
-        x = nn.layer_norm(p["norm"], m.reshape(b, -1, c), SR_NORM_EPS)
-    # The 2C axis of kv is [k heads..., v heads...], as in the seed and the paper's code.
-    kv = nn.linear(p["kv"], x, dtype).reshape(b, -1, 2, heads, d)
-    k, v = kv[:, :, 0], kv[:, :, 1]
-    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32)
-    attn = jax.nn.softmax(logits * scale, axis=-1).astype(dtype)
-    attn = nn.dropout(attn, cfg.attn_drop_rate, rngs[0])
-    out = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, n, c)
-    if cfg.flavor == "paper":
-        out = nn.linear(p["proj"], out, dtype)
-    else:
-        # Lucid's `proj` is nn.Dropout(attn_drop): a second attention-rate dropout.
-        out = nn.dropout(out, cfg.attn_drop_rate, rngs[1])
-    return nn.dropout(out, cfg.drop_rate, rngs[2])
-
-
-# ------------------------------------------------------------------------------ MLP
-
-
-def init_mlp(cfg: PVTConfig, stage: int, weight) -> dict:
+def init_mlp(cfg: PVTConfig, stage: int) -> dict:
     dim, hidden = cfg.embed_dims[stage], cfg.mlp_hidden(stage)
-    return {
-        "fc1": nn.init_linear(dim, hidden, weight=weight),
-        "fc2": nn.init_linear(hidden, dim, weight=weight),
-    }
+    return {"fc1": nn.init_linear(dim, hidden), "fc2": nn.init_linear(hidden, dim)}
 
 
 def mlp(p, x, rngs, *, cfg: PVTConfig):
@@ -211,60 +128,27 @@ def mlp(p, x, rngs, *, cfg: PVTConfig):
     return nn.dropout(nn.linear(p["fc2"], h, cfg.dtype), cfg.drop_rate, rngs[1])
 
 
-# ---------------------------------------------------------------------------- block
-
-
-def init_block(cfg: PVTConfig, stage: int, weight) -> dict:
+def init_block(cfg: PVTConfig, stage: int) -> dict:
     dim = cfg.embed_dims[stage]
-    return {
-        "norm1": nn.init_layer_norm(dim),
-        "attn": init_sra(cfg, stage, weight),
-        "norm2": nn.init_layer_norm(dim),
-        "mlp": init_mlp(cfg, stage, weight),
-    }
+    attn = nn.init_sra(dim, sr_ratio=cfg.sr_ratios[stage], qkv_bias=cfg.qkv_bias,
+                       proj=cfg.flavor == "paper")
+    return nn.init_block(dim, attn, init_mlp(cfg, stage))
 
 
-_RNGS_PER_BLOCK = 7  # attention: 3 dropouts; MLP: 2 dropouts; 2 drop-paths
-
-
-def block(p, x, rng, path_rate, *, hw, cfg: PVTConfig, stage: int):
-    """Pre-norm transformer block. ``rng`` None means inference (no dropout, no drop-path)."""
-    rngs = [None] * _RNGS_PER_BLOCK if rng is None else list(jax.random.split(rng, 7))
-    y = sra(p["attn"], nn.layer_norm(p["norm1"], x, cfg.norm_eps), hw, rngs[0:3], cfg=cfg,
-            stage=stage)
-    x = x + nn.drop_path(y, path_rate, rngs[5])
-    y = mlp(p["mlp"], nn.layer_norm(p["norm2"], x, cfg.norm_eps), rngs[3:5], cfg=cfg)
-    return x + nn.drop_path(y, path_rate, rngs[6])
-
-
-def run_blocks(blocks, x, rng, path_rates, *, hw, cfg: PVTConfig, stage: int):
-    """Run a stage's stacked blocks, scanned or unrolled, each optionally rematerialised.
-
-    Scan keeps compile time flat in depth; unrolled lets XLA fuse across blocks, which
-    trained faster on GPU (DESIGN.md). Both compute the same function.
-    """
-    depth = cfg.depths[stage]
-    fn = functools.partial(block, hw=hw, cfg=cfg, stage=stage)
-    if cfg.remat:
-        fn = jax.checkpoint(fn, prevent_cse=not cfg.scan_blocks)
-    keys = None if rng is None else jax.random.split(rng, depth)
-    if cfg.scan_blocks:
-        def body(carry, xs):
-            p, key, r = xs
-            return fn(p, carry, key, r), None
-
-        x, _ = jax.lax.scan(body, x, (blocks, keys, jnp.asarray(path_rates, jnp.float32)))
-        return x
-    for j in range(depth):
-        p = jax.tree_util.tree_map(lambda a, j=j: a[j], blocks)
-        x = fn(p, x, None if keys is None else keys[j], float(path_rates[j]))
-    return x
+def block_fn(cfg: PVTConfig, stage: int, hw):
+    """Stage ``stage``'s block as ``fn(p, x, rng, path_rate)``."""
+    attn = functools.partial(
+        nn.sra, hw=hw, heads=cfg.num_heads[stage], scale=cfg.qk_scale, dtype=cfg.dtype,
+        attn_drop=cfg.attn_drop_rate, drop=cfg.drop_rate,
+    )
+    return functools.partial(nn.block, attn=attn, mlp=functools.partial(mlp, cfg=cfg),
+                             eps=cfg.norm_eps)
 
 
 # ---------------------------------------------------------------------------- stage
 
 
-def init_stage(cfg: PVTConfig, stage: int, weight) -> dict:
+def init_stage(cfg: PVTConfig, stage: int) -> dict:
     dim = cfg.embed_dims[stage]
     c_in = cfg.in_channels if stage == 0 else cfg.embed_dims[stage - 1]
     p_size = cfg.patch_sizes[stage]
@@ -274,11 +158,11 @@ def init_stage(cfg: PVTConfig, stage: int, weight) -> dict:
             "proj": nn.init_conv((p_size, p_size), c_in, dim),
             "norm": nn.init_layer_norm(dim),
         },
-        "pos_embed": weight((1, tokens, dim)),
-        "blocks": nn.stack(init_block(cfg, stage, weight), cfg.depths[stage]),
+        "pos_embed": nn.normal((1, tokens, dim)),
+        "blocks": nn.stack(init_block(cfg, stage), cfg.depths[stage]),
     }
     if stage == 3:
-        p["cls_token"] = weight((1, 1, dim))
+        p["cls_token"] = nn.normal((1, 1, dim))
     return p
 
 
@@ -294,7 +178,8 @@ def stage_forward(p, x, rng, path_rates, *, cfg: PVTConfig, stage: int):
     t = t + p["pos_embed"].astype(dtype)
     k_pos, k_blocks = (None, None) if rng is None else jax.random.split(rng)
     t = nn.dropout(t, cfg.drop_rate, k_pos)
-    t = run_blocks(p["blocks"], t, k_blocks, path_rates, hw=(h, w), cfg=cfg, stage=stage)
+    t = nn.run_blocks(block_fn(cfg, stage, (h, w)), p["blocks"], t, k_blocks, path_rates,
+                      scan=cfg.scan_blocks, remat=cfg.remat)
     return t, (h, w)
 
 
@@ -309,11 +194,10 @@ def param_specs(cfg: PVTConfig) -> dict:
     absolute value (100 std), so it is the same distribution. LayerNorm 1 and 0; convs as
     PyTorch's default.
     """
-    weight = nn.normal
-    specs = {f"stage{i + 1}": init_stage(cfg, i, weight) for i in range(4)}
+    specs = {f"stage{i + 1}": init_stage(cfg, i) for i in range(4)}
     specs["norm"] = nn.init_layer_norm(cfg.embed_dims[3])
     if cfg.num_classes:
-        specs["head"] = nn.init_linear(cfg.embed_dims[3], cfg.num_classes, weight=weight)
+        specs["head"] = nn.init_linear(cfg.embed_dims[3], cfg.num_classes)
     return specs
 
 

@@ -1,7 +1,12 @@
 """Functional building blocks shared by the model families."""
 
+from lucid_fn.nn.attention import init_sra, sra
+from lucid_fn.nn.block import init_block, run_blocks
+from lucid_fn.nn.block import block as block
 from lucid_fn.nn.layers import (
     Init,
+    adaptive_avg_pool,
+    conv,
     drop_path,
     dropout,
     gelu,
@@ -18,16 +23,23 @@ from lucid_fn.nn.layers import (
 
 __all__ = [
     "Init",
+    "adaptive_avg_pool",
+    "block",
+    "conv",
     "drop_path",
     "dropout",
     "gelu",
+    "init_block",
     "init_conv",
     "init_layer_norm",
     "init_linear",
+    "init_sra",
     "layer_norm",
     "linear",
     "materialize",
     "normal",
     "patchify_conv",
+    "run_blocks",
+    "sra",
     "stack",
 ]

@@ -20,6 +20,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Params = dict
 
@@ -141,6 +142,33 @@ def patchify_conv(p: Params, x, dtype=None):
     x = x.reshape(b, ho, wo, kh * kw * c)
     kernel = p["kernel"].reshape(kh * kw * c_in, c_out)
     return linear({"kernel": kernel, "bias": p["bias"]}, x, dtype)
+
+
+def conv(p: Params, x, *, stride: int, padding: int, groups: int = 1, dtype=None):
+    """General NHWC conv with an HWIO kernel (``groups`` > 1: the I axis is in // groups)."""
+    dtype = dtype or x.dtype
+    y = jax.lax.conv_general_dilated(
+        x.astype(dtype), p["kernel"].astype(dtype), (stride, stride),
+        [(padding, padding), (padding, padding)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
+    return y + p["bias"].astype(dtype)
+
+
+def _pool_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """Rows average the bins of PyTorch's adaptive pooling: [floor(i n/o), ceil((i+1) n/o))."""
+    m = np.zeros((n_out, n_in), np.float32)
+    for i in range(n_out):
+        start, end = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def adaptive_avg_pool(x, out_hw):
+    """``nn.AdaptiveAvgPool2d(out_hw)`` on an NHWC map, as two small matmuls (static bins)."""
+    ph = jnp.asarray(_pool_matrix(x.shape[1], out_hw[0]), x.dtype)
+    pw = jnp.asarray(_pool_matrix(x.shape[2], out_hw[1]), x.dtype)
+    return jnp.einsum("ih,jw,bhwc->bijc", ph, pw, x)
 
 
 def gelu(x, approximate: bool):

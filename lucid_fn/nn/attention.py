@@ -1,0 +1,70 @@
+"""Spatial-reduction attention (SRA), shared by PVT v1 and v2.
+
+Queries come from every token; keys and values from a reduced map: a conv with kernel =
+stride = ``sr_ratio`` then LayerNorm (v1, v2), or (v2's "linear" SRA) a 7x7 adaptive
+average pool, a 1x1 conv, LayerNorm and GELU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lucid_fn.nn import layers
+
+SR_NORM_EPS = 1e-5  # nn.LayerNorm's default, which every reference uses here
+LINEAR_POOL = 7
+
+
+def init_sra(dim: int, *, sr_ratio: int, qkv_bias: bool, proj: bool, linear: bool = False,
+             weight=layers.normal, conv=layers.init_conv) -> dict:
+    p = {
+        "q": layers.init_linear(dim, dim, bias=qkv_bias, weight=weight),
+        "kv": layers.init_linear(dim, 2 * dim, bias=qkv_bias, weight=weight),
+    }
+    if linear:
+        p["sr"] = conv((1, 1), dim, dim)
+        p["norm"] = layers.init_layer_norm(dim)
+    elif sr_ratio > 1:
+        p["sr"] = conv((sr_ratio, sr_ratio), dim, dim)
+        p["norm"] = layers.init_layer_norm(dim)
+    if proj:
+        p["proj"] = layers.init_linear(dim, dim, weight=weight)
+    return p
+
+
+def reduce_tokens(p, x, hw, *, linear: bool, dtype):
+    """The tokens keys and values are computed from."""
+    if "sr" not in p:
+        return x
+    b, _, c = x.shape
+    m = x.reshape(b, *hw, c)
+    if linear:
+        m = layers.adaptive_avg_pool(m, (LINEAR_POOL, LINEAR_POOL))
+    m = layers.patchify_conv(p["sr"], m, dtype)
+    t = layers.layer_norm(p["norm"], m.reshape(b, -1, c), SR_NORM_EPS)
+    return layers.gelu(t, approximate=False) if linear else t
+
+
+def sra(p, x, rngs, *, hw, heads: int, scale: float | None, dtype, attn_drop: float,
+        drop: float, linear: bool = False):
+    """SRA over tokens ``x`` (B, N, C) laid out on an ``hw`` map (a class token, if any,
+    only where nothing is reduced). ``rngs``: 3 keys or Nones (attention, output x2)."""
+    b, n, c = x.shape
+    d = c // heads
+    q = layers.linear(p["q"], x, dtype).reshape(b, n, heads, d)
+    kv_in = reduce_tokens(p, x, hw, linear=linear, dtype=dtype)
+    # The 2C axis of kv is [k heads..., v heads...] in every reference layout.
+    kv = layers.linear(p["kv"], kv_in, dtype).reshape(b, -1, 2, heads, d)
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32)
+    attn = jax.nn.softmax(logits * (scale or d**-0.5), axis=-1).astype(dtype)
+    attn = layers.dropout(attn, attn_drop, rngs[0])
+    out = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, n, c)
+    if "proj" in p:
+        out = layers.linear(p["proj"], out, dtype)
+    else:
+        # Lucid's PVT v1 has no projection: its `proj` is nn.Dropout(attn_drop), a second
+        # attention-rate dropout before the output dropout.
+        out = layers.dropout(out, attn_drop, rngs[1])
+    return layers.dropout(out, drop, rngs[2])

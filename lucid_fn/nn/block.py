@@ -1,0 +1,60 @@
+"""The pre-norm transformer block both PVT families use, and how a stage runs its blocks.
+
+    x = x + DropPath(attn(LN1(x)));  x = x + DropPath(mlp(LN2(x)))
+
+The families differ only in ``attn`` and ``mlp``, which come in as functions.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lucid_fn.nn import layers
+
+ATTN_RNGS, MLP_RNGS = 3, 2
+
+
+def init_block(dim: int, attn: dict, mlp: dict) -> dict:
+    return {"norm1": layers.init_layer_norm(dim), "attn": attn,
+            "norm2": layers.init_layer_norm(dim), "mlp": mlp}
+
+
+def block(p, x, rng, path_rate, *, attn, mlp, eps: float):
+    """``attn(p, x, rngs)`` and ``mlp(p, x, rngs)`` get ATTN_RNGS / MLP_RNGS keys, or Nones
+    at inference (``rng`` None: no dropout, no drop-path)."""
+    n = ATTN_RNGS + MLP_RNGS + 2
+    rngs = [None] * n if rng is None else list(jax.random.split(rng, n))
+    a_rngs, m_rngs, path_rngs = rngs[:ATTN_RNGS], rngs[ATTN_RNGS:n - 2], rngs[n - 2:]
+    x = x + layers.drop_path(attn(p["attn"], layers.layer_norm(p["norm1"], x, eps), a_rngs),
+                             path_rate, path_rngs[0])
+    return x + layers.drop_path(mlp(p["mlp"], layers.layer_norm(p["norm2"], x, eps), m_rngs),
+                                path_rate, path_rngs[1])
+
+
+def run_blocks(fn, blocks, x, rng, path_rates, *, scan: bool, remat: bool):
+    """Run ``fn(p, x, rng, path_rate)`` over blocks stacked on a leading axis of ``blocks``.
+
+    Scanned, compile time stays flat in depth; unrolled, XLA fuses across blocks, which
+    trained faster on GPU (DESIGN.md). Both compute the same function. ``remat`` recomputes
+    each block's activations in the backward pass instead of storing them.
+    """
+    depth = len(path_rates)
+    if remat:
+        # Under scan, CSE across iterations is impossible anyway; unrolled it must be
+        # prevented or XLA may merge the recomputation back into the forward pass.
+        fn = jax.checkpoint(fn, prevent_cse=not scan)
+    keys = None if rng is None else jax.random.split(rng, depth)
+    if scan:
+        def body(carry, xs):
+            p, key, r = xs
+            return fn(p, carry, key, r), None
+
+        x, _ = jax.lax.scan(body, x, (blocks, keys, jnp.asarray(path_rates, jnp.float32)))
+        return x
+    for j in range(depth):
+        p = jax.tree_util.tree_map(functools.partial(lambda a, j: a[j], j=j), blocks)
+        x = fn(p, x, None if keys is None else keys[j], float(path_rates[j]))
+    return x
