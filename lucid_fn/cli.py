@@ -12,7 +12,7 @@ import time
 
 
 def _builder_kwargs(args) -> dict:
-    kw = {"flavor": args.flavor}
+    kw = {} if args.flavor is None else {"flavor": args.flavor}
     if args.num_classes is not None:
         kw["num_classes"] = args.num_classes
     if args.img_size is not None:
@@ -30,14 +30,18 @@ def cmd_list(args) -> int:
         print(f"no registered model matches {args.pattern!r}; try 'lucid-fn list'",
               file=sys.stderr)
         return 2
+    def count(name, **kw):
+        return count_params(jax.eval_shape(registry[name](**kw).init, jax.random.key(0)))
+
     rows = []
     for name in names:
-        counts = [count_params(jax.eval_shape(registry[name](flavor=f).init, jax.random.key(0)))
-                  for f in ("lucid", "paper")]
-        rows.append((counts, name))
-    print(f"{'model':<14} {'params (lucid)':>16} {'params (paper)':>16}")
-    for counts, name in sorted(rows):
-        print(f"{name:<14} {counts[0]:>16,} {counts[1]:>16,}")
+        # v1 has two flavors (README, "Lucid vs the paper"); v2 one.
+        has_flavors = hasattr(registry[name]().config, "flavor")
+        paper = f"{count(name, flavor='paper'):,}" if has_flavors else "-"
+        rows.append((not has_flavors, count(name), name, paper))
+    print(f"{'model':<14} {'params':>16} {'params (paper)':>16}")
+    for _, params, name, paper in sorted(rows):  # v1 first, each family by size
+        print(f"{name:<14} {params:>16,} {paper:>16}")
     return 0
 
 
@@ -73,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lucid-fn", description="Pyramid Vision Transformers in JAX")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("list", help="registered models with parameter counts in both flavors")
+    p = sub.add_parser("list", help="registered models with parameter counts (v1: both flavors)")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'pvt*'")
     p.set_defaults(fn=cmd_list)
 
@@ -81,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="registered name, e.g. pvt_small ('lucid-fn list' shows all)")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--flavor", default="lucid", choices=["lucid", "paper"])
+    p.add_argument("--flavor", default=None, choices=["lucid", "paper"],
+                   help="PVT v1 only: 'lucid' (default) or 'paper'")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--forward", action="store_true",
                    help="also initialise the model and run a jitted forward pass")

@@ -40,8 +40,8 @@ def summary(model, *, batch_size: int = 1, **builder_kwargs) -> str:
                              jnp.float32)
     out = jax.eval_shape(m.apply, shapes, x)
 
-    lines = [f"{m.name}  (flavor={cfg.flavor}, img_size={cfg.img_size}, "
-             f"num_classes={cfg.num_classes})",
+    flavor = f"flavor={cfg.flavor}, " if hasattr(cfg, "flavor") else ""
+    lines = [f"{m.name}  ({flavor}img_size={cfg.img_size}, num_classes={cfg.num_classes})",
              f"{'group':<10} {'params':>14}  shapes"]
     for group, sub in shapes.items():
         leaves = jax.tree_util.tree_flatten_with_path(sub)[0]

@@ -1,3 +1,3 @@
 """Model families. Importing this package registers every builder."""
 
-from lucid_fn.models import pvt  # noqa: F401  (registers pvt_*)
+from lucid_fn.models import pvt, pvt_v2  # noqa: F401  (register pvt_*, pvt_v2_*)

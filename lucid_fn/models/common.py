@@ -18,6 +18,7 @@ NUM_STAGES = 4
 _RENAMED = {
     "norm_layer": "LayerNorm is the only norm; set its epsilon with norm_eps=...",
     "act_layer": "the activation follows the flavor: 'lucid' uses tanh GELU, 'paper' exact GELU",
+    "flavor": "PVT v2 has one flavor, timm's: leave flavor out",
 }
 
 

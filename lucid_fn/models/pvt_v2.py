@@ -1,0 +1,279 @@
+"""PVT v2 (Wang et al. 2022, "PVTv2: Improved Baselines with Pyramid Vision Transformer"),
+timm's ``pvt_v2_*`` network as pure ``(init, apply)`` functions.
+
+What v2 changes from v1 (lucid_fn.models.pvt):
+
+- overlapping patch embeddings: conv 7x7 stride 4 (padding 3), then 3x3 stride 2
+  (padding 1), each followed by LayerNorm;
+- no position embeddings and no class token, so any input whose sides 32 divides runs
+  with the same params; the head averages the last stage's tokens;
+- an MLP with a depthwise 3x3 conv between its two linears (and a ReLU before it in the
+  ``linear`` variant);
+- attention always has its output projection; ``linear=True`` (``_li``) reduces keys and
+  values with a 7x7 adaptive average pool, a 1x1 conv, LayerNorm and GELU;
+- a LayerNorm closes every stage; GELU is exact erf everywhere.
+
+Parameters (float32; per-block weights stacked on a leading depth axis)::
+
+    stage{1..4}: patch_embed {proj {kernel (k, k, in, C), bias}, norm {scale, bias}}
+                 blocks {norm1, attn {q, kv, [sr, norm], proj}, norm2,
+                         mlp {fc1, dwconv {kernel (3, 3, 1, hidden), bias}, fc2}}
+                 norm {scale, bias}
+    head {kernel (C_4, num_classes), bias}      absent when num_classes == 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lucid_fn import nn
+from lucid_fn.models import common
+from lucid_fn.registry import Model, register_model
+
+PATCH_NORM_EPS = 1e-5  # OverlapPatchEmbed keeps nn.LayerNorm's default
+STRIDES = (4, 2, 2, 2)
+TOTAL_STRIDE = 32
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class PVTv2Config:
+    img_size: int = 224  # the size summaries assume; any multiple of 32 runs
+    num_classes: int = 1000
+    patch_size: int = 7  # stage 1's overlapping patch (kernel); stride 4
+    in_channels: int = 3
+    embed_dims: tuple = (64, 128, 320, 512)
+    num_heads: tuple = (1, 2, 5, 8)
+    mlp_ratios: tuple = (8.0, 8.0, 4.0, 4.0)
+    qkv_bias: bool = True
+    qk_scale: float | None = None
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    depths: tuple = (3, 4, 6, 3)
+    sr_ratios: tuple = (8, 4, 2, 1)
+    linear: bool = False
+    norm_eps: float = 1e-6
+    dtype: Any = np.dtype("float32")
+    scan_blocks: bool | None = None
+    remat: bool = False
+
+    @property
+    def kernel_sizes(self) -> tuple:
+        return (self.patch_size, 3, 3, 3)
+
+    @property
+    def drop_path_rates(self) -> np.ndarray:
+        return np.linspace(0.0, self.drop_path_rate, sum(self.depths))
+
+    def mlp_hidden(self, stage: int) -> int:
+        return int(self.embed_dims[stage] * self.mlp_ratios[stage])
+
+
+ARGUMENTS = tuple(f.name for f in dataclasses.fields(PVTv2Config))
+
+
+def make_config(builder: str, **kwargs) -> PVTv2Config:
+    common.check_kwargs(kwargs, ARGUMENTS, builder)
+    c = common.normalize_fields({**dataclasses.asdict(PVTv2Config()), **kwargs})
+    c["scan_blocks"] = common.resolve_scan_blocks(c["scan_blocks"], c["depths"])
+    cfg = PVTv2Config(**c)
+    if cfg.patch_size <= STRIDES[0] or cfg.patch_size % 2 == 0:
+        raise ValueError(
+            f"patch_size={cfg.patch_size}: v2's first patch embedding overlaps, so its "
+            f"kernel must be odd and larger than its stride 4 (e.g. 7, the default)"
+        )
+    common.check_img_size(cfg.img_size, TOTAL_STRIDE, "4 x 2 x 2 x 2")
+    check_sr_ratios(cfg, cfg.img_size, cfg.img_size)
+    return cfg
+
+
+def check_sr_ratios(cfg: PVTv2Config, h: int, w: int) -> None:
+    """Each stage's map must be at least one reduction window (the linear variant pools
+    to 7x7 instead and takes any size)."""
+    if cfg.linear:
+        return
+    for i, r in enumerate(cfg.sr_ratios):
+        side = min(h, w) // (4 * 2**i)
+        if r > side:
+            raise ValueError(
+                f"sr_ratios[{i}]={r} is larger than stage {i + 1}'s token map "
+                f"({h // (4 * 2**i)}x{w // (4 * 2**i)}) for {h}x{w} images; use larger "
+                f"images or sr_ratios[{i}] <= {side}"
+            )
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+def init_conv(kernel_size, d_in, d_out, groups: int = 1) -> dict:
+    """timm's v2 conv init: N(0, sqrt(2 / fan_out)), fan_out = kh * kw * out / groups."""
+    kh, kw = kernel_size
+    std = math.sqrt(2.0 / (kh * kw * d_out // groups))
+    return {"kernel": nn.normal((kh, kw, d_in // groups, d_out), std),
+            "bias": nn.Init((d_out,), "zeros")}
+
+
+def init_mlp(cfg: PVTv2Config, stage: int) -> dict:
+    dim, hidden = cfg.embed_dims[stage], cfg.mlp_hidden(stage)
+    return {"fc1": nn.init_linear(dim, hidden),
+            "dwconv": init_conv((3, 3), hidden, hidden, groups=hidden),
+            "fc2": nn.init_linear(hidden, dim)}
+
+
+def mlp(p, x, rngs, *, hw, cfg: PVTv2Config):
+    b, n, _ = x.shape
+    h = nn.linear(p["fc1"], x, cfg.dtype)
+    if cfg.linear:
+        h = jax.nn.relu(h)
+    hidden = h.shape[-1]
+    h = nn.conv(p["dwconv"], h.reshape(b, *hw, hidden), stride=1, padding=1, groups=hidden,
+                dtype=cfg.dtype).reshape(b, n, hidden)
+    h = nn.dropout(nn.gelu(h, approximate=False), cfg.drop_rate, rngs[0])
+    return nn.dropout(nn.linear(p["fc2"], h, cfg.dtype), cfg.drop_rate, rngs[1])
+
+
+def init_block(cfg: PVTv2Config, stage: int) -> dict:
+    dim = cfg.embed_dims[stage]
+    attn = nn.init_sra(dim, sr_ratio=cfg.sr_ratios[stage], qkv_bias=cfg.qkv_bias, proj=True,
+                       linear=cfg.linear, conv=init_conv)
+    return nn.init_block(dim, attn, init_mlp(cfg, stage))
+
+
+def block_fn(cfg: PVTv2Config, stage: int, hw):
+    attn = functools.partial(
+        nn.sra, hw=hw, heads=cfg.num_heads[stage], scale=cfg.qk_scale, dtype=cfg.dtype,
+        attn_drop=cfg.attn_drop_rate, drop=cfg.drop_rate, linear=cfg.linear,
+    )
+    return functools.partial(nn.block, attn=attn, mlp=functools.partial(mlp, hw=hw, cfg=cfg),
+                             eps=cfg.norm_eps)
+
+
+# ---------------------------------------------------------------------------- stage
+
+
+def init_stage(cfg: PVTv2Config, stage: int) -> dict:
+    dim = cfg.embed_dims[stage]
+    c_in = cfg.in_channels if stage == 0 else cfg.embed_dims[stage - 1]
+    k = cfg.kernel_sizes[stage]
+    return {
+        "patch_embed": {"proj": init_conv((k, k), c_in, dim), "norm": nn.init_layer_norm(dim)},
+        "blocks": nn.stack(init_block(cfg, stage), cfg.depths[stage]),
+        "norm": nn.init_layer_norm(dim),
+    }
+
+
+def stage_forward(p, x, rng, path_rates, *, cfg: PVTv2Config, stage: int):
+    """Overlapping patch embedding, blocks, stage norm: NHWC map in, NHWC map out."""
+    k = cfg.kernel_sizes[stage]
+    m = nn.conv(p["patch_embed"]["proj"], x, stride=STRIDES[stage], padding=k // 2,
+                dtype=cfg.dtype)
+    b, h, w, c = m.shape
+    t = nn.layer_norm(p["patch_embed"]["norm"], m.reshape(b, h * w, c), PATCH_NORM_EPS)
+    t = nn.run_blocks(block_fn(cfg, stage, (h, w)), p["blocks"], t, rng, path_rates,
+                      scan=cfg.scan_blocks, remat=cfg.remat)
+    return nn.layer_norm(p["norm"], t, cfg.norm_eps).reshape(b, h, w, c)
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def param_specs(cfg: PVTv2Config) -> dict:
+    """Linear weights N(0, 0.02) (timm's trunc_normal_(std=.02) bounds at +-2 absolute, the
+    same distribution), convs as timm's v2 init, LayerNorm 1 and 0."""
+    specs = {f"stage{i + 1}": init_stage(cfg, i) for i in range(4)}
+    if cfg.num_classes:
+        specs["head"] = nn.init_linear(cfg.embed_dims[3], cfg.num_classes)
+    return specs
+
+
+def make_init(cfg: PVTv2Config):
+    specs = param_specs(cfg)
+
+    @jax.jit
+    def init(key) -> dict:
+        return nn.materialize(specs, key)
+
+    return init
+
+
+def make_apply(cfg: PVTv2Config, name: str):
+    rates = cfg.drop_path_rates
+    offsets = np.cumsum((0,) + cfg.depths)
+
+    def apply(params, x, *, train: bool = False, rng=None, features: bool = False):
+        """Logits (B, num_classes) float32; the pooled features when num_classes=0; with
+        ``features=True`` the four stage maps (after each stage's norm), NHWC, strides
+        4/8/16/32, in the compute dtype. Any image size whose sides 32 divides."""
+        x = common.check_images(x, in_channels=cfg.in_channels, img_size=None,
+                                stride=TOTAL_STRIDE, model=name)
+        check_sr_ratios(cfg, *x.shape[1:3])
+        if train and rng is None:
+            raise ValueError(
+                "apply(..., train=True) needs a PRNG key for dropout and drop-path: pass "
+                "rng=jax.random.key(seed), or train=False for deterministic inference"
+            )
+        stage_rngs = jax.random.split(rng, 4) if train else [None] * 4
+        x = jnp.asarray(x).astype(cfg.dtype)
+        maps = []
+        for i in range(4):
+            x = stage_forward(params[f"stage{i + 1}"], x, stage_rngs[i],
+                              rates[offsets[i]: offsets[i + 1]], cfg=cfg, stage=i)
+            maps.append(x)
+        if features:
+            return tuple(maps)
+        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        if not cfg.num_classes:
+            return pooled
+        return nn.linear(params["head"], pooled.astype(cfg.dtype), cfg.dtype).astype(jnp.float32)
+
+    return apply
+
+
+def build(name: str, defaults: dict, img_size, num_classes, in_channels, kwargs) -> Model:
+    cfg = make_config(name, **{**defaults, **kwargs, "img_size": img_size,
+                               "num_classes": num_classes, "in_channels": in_channels})
+    return Model(make_init(cfg), make_apply(cfg, name), name=name, config=cfg)
+
+
+# ------------------------------------------------------------------------- builders
+# The seed's signature: name(img_size=224, num_classes=1000, in_channels=3, **kwargs).
+
+_WIDE = (64, 128, 320, 512)
+
+
+def _builder(name: str, doc: str, **defaults):
+    def builder(img_size: int = 224, num_classes: int = 1000, in_channels: int = 3,
+                **kwargs) -> Model:
+        return build(name, defaults, img_size, num_classes, in_channels, kwargs)
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = doc
+    return register_model(builder)
+
+
+pvt_v2_b0 = _builder("pvt_v2_b0", "PVT v2 b0: widths 32/64/160/256, depths 2/2/2/2; "
+                     "3,666,760 parameters.", embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2))
+pvt_v2_b1 = _builder("pvt_v2_b1", "PVT v2 b1: depths 2/2/2/2; 14,009,000 parameters.",
+                     embed_dims=_WIDE, depths=(2, 2, 2, 2))
+pvt_v2_b2 = _builder("pvt_v2_b2", "PVT v2 b2: depths 3/4/6/3; 25,362,856 parameters.",
+                     embed_dims=_WIDE, depths=(3, 4, 6, 3))
+pvt_v2_b2_li = _builder("pvt_v2_b2_li", "PVT v2 b2 with linear SRA (7x7 pooled keys and "
+                        "values, ReLU in the MLP); 22,553,512 parameters.",
+                        embed_dims=_WIDE, depths=(3, 4, 6, 3), linear=True)
+pvt_v2_b3 = _builder("pvt_v2_b3", "PVT v2 b3: depths 3/4/18/3; 45,238,696 parameters.",
+                     embed_dims=_WIDE, depths=(3, 4, 18, 3))
+pvt_v2_b4 = _builder("pvt_v2_b4", "PVT v2 b4: depths 3/8/27/3; 62,556,072 parameters.",
+                     embed_dims=_WIDE, depths=(3, 8, 27, 3))
+pvt_v2_b5 = _builder("pvt_v2_b5", "PVT v2 b5: depths 3/6/40/3, MLP ratios 4; 81,956,008 "
+                     "parameters.", embed_dims=_WIDE, depths=(3, 6, 40, 3),
+                     mlp_ratios=(4, 4, 4, 4))
