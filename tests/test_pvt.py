@@ -7,6 +7,7 @@ import pytest
 from conftest import TINY, jitted
 
 from lucid_fn import count_params, registry
+from lucid_fn.models import common
 
 COUNTS = {  # (lucid, paper), num_classes=1000; LUCID_PVT.md
     "pvt_tiny": (12_457_192, 13_229_288),
@@ -132,7 +133,9 @@ def test_train_mode_changes_outputs_only_through_its_rates():
 
 def test_drop_path_rates_rise_linearly_over_all_blocks():
     cfg = registry["pvt_huge"]().config
-    rates = cfg.drop_path_rates
+    per_stage = common.stage_path_rates(cfg.depths, cfg.drop_path_rate)
+    assert [len(r) for r in per_stage] == [3, 10, 60, 3]
+    rates = np.concatenate(per_stage)
     assert len(rates) == 76 and rates[0] == 0 and rates[-1] == pytest.approx(0.02)
     assert np.allclose(np.diff(rates), 0.02 / 75)
 

@@ -9,8 +9,11 @@ import difflib
 import math
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lucid_fn import nn
 
 NUM_STAGES = 4
 
@@ -198,3 +201,39 @@ def check_images(x, *, in_channels: int, img_size: int | None, stride: int, mode
             f"{math.ceil(w / stride) * stride}."
         )
     return x
+
+
+# ------------------------------------------------------- pieces of every model's apply
+
+
+def make_init(specs):
+    """``init(key) -> params`` drawing ``specs`` (nn.Init leaves).
+
+    Jitted so that a plain eager call is one compiled program, not hundreds of ops; it
+    still composes with jit, vmap and eval_shape like any function.
+    """
+
+    @jax.jit
+    def init(key) -> dict:
+        return nn.materialize(specs, key)
+
+    return init
+
+
+def stage_path_rates(depths: tuple, drop_path_rate: float) -> list[np.ndarray]:
+    """Stochastic-depth rates rising linearly from 0 over all blocks in order (as the seed
+    and timm do), split per stage."""
+    rates = np.linspace(0.0, drop_path_rate, sum(depths))
+    return np.split(rates, np.cumsum(depths)[:-1])
+
+
+def stage_rngs(train: bool, rng) -> list:
+    """One key per stage in training, Nones at inference."""
+    if not train:
+        return [None] * NUM_STAGES
+    if rng is None:
+        raise ValueError(
+            "apply(..., train=True) needs a PRNG key for dropout and drop-path: pass "
+            "rng=jax.random.key(seed), or train=False for deterministic inference"
+        )
+    return list(jax.random.split(rng, NUM_STAGES))

@@ -76,11 +76,6 @@ class PVTConfig:
         """Side of stage ``stage``'s (0-based) token map for img_size inputs."""
         return self.img_size // (self.patch_size * 2**stage)
 
-    @property
-    def drop_path_rates(self) -> np.ndarray:
-        """Stochastic-depth rate of every block, rising linearly over all blocks (seed)."""
-        return np.linspace(0.0, self.drop_path_rate, sum(self.depths))
-
     def mlp_hidden(self, stage: int) -> int:
         return int(self.embed_dims[stage] * self.mlp_ratios[stage])
 
@@ -201,21 +196,8 @@ def param_specs(cfg: PVTConfig) -> dict:
     return specs
 
 
-def make_init(cfg: PVTConfig):
-    specs = param_specs(cfg)
-
-    # Jitted so that a plain eager call is one compiled program, not hundreds of ops;
-    # it still composes with jit, vmap and eval_shape like any function.
-    @jax.jit
-    def init(key) -> dict:
-        return nn.materialize(specs, key)
-
-    return init
-
-
 def make_apply(cfg: PVTConfig, name: str):
-    rates = cfg.drop_path_rates
-    offsets = np.cumsum((0,) + cfg.depths)
+    rates = common.stage_path_rates(cfg.depths, cfg.drop_path_rate)
 
     def apply(params, x, *, train: bool = False, rng=None, features: bool = False):
         """Logits (B, num_classes) float32; the pooled class token when num_classes=0;
@@ -225,17 +207,12 @@ def make_apply(cfg: PVTConfig, name: str):
             x, in_channels=cfg.in_channels, img_size=cfg.img_size, stride=cfg.total_stride,
             model=name,
         )
-        if train and rng is None:
-            raise ValueError(
-                "apply(..., train=True) needs a PRNG key for dropout and drop-path: pass "
-                "rng=jax.random.key(seed), or train=False for deterministic inference"
-            )
-        stage_rngs = jax.random.split(rng, 4) if train else [None] * 4
+        rngs = common.stage_rngs(train, rng)
         x = jnp.asarray(x).astype(cfg.dtype)
         maps = []
         for i in range(4):
             t, (h, w) = stage_forward(
-                params[f"stage{i + 1}"], x, stage_rngs[i], rates[offsets[i] : offsets[i + 1]],
+                params[f"stage{i + 1}"], x, rngs[i], rates[i],
                 cfg=cfg, stage=i,
             )
             grid_tokens = t[:, 1:] if i == 3 else t
@@ -254,7 +231,8 @@ def make_apply(cfg: PVTConfig, name: str):
 def build(name: str, defaults: dict, img_size, num_classes, kwargs) -> Model:
     cfg = make_config(name, **{**defaults, **kwargs, "img_size": img_size,
                                "num_classes": num_classes})
-    return Model(make_init(cfg), make_apply(cfg, name), name=name, config=cfg)
+    init = common.make_init(param_specs(cfg))
+    return Model(init, make_apply(cfg, name), name=name, config=cfg)
 
 
 # ------------------------------------------------------------------------- builders

@@ -71,10 +71,6 @@ class PVTv2Config:
     def kernel_sizes(self) -> tuple:
         return (self.patch_size, 3, 3, 3)
 
-    @property
-    def drop_path_rates(self) -> np.ndarray:
-        return np.linspace(0.0, self.drop_path_rate, sum(self.depths))
-
     def mlp_hidden(self, stage: int) -> int:
         return int(self.embed_dims[stage] * self.mlp_ratios[stage])
 
@@ -196,19 +192,8 @@ def param_specs(cfg: PVTv2Config) -> dict:
     return specs
 
 
-def make_init(cfg: PVTv2Config):
-    specs = param_specs(cfg)
-
-    @jax.jit
-    def init(key) -> dict:
-        return nn.materialize(specs, key)
-
-    return init
-
-
 def make_apply(cfg: PVTv2Config, name: str):
-    rates = cfg.drop_path_rates
-    offsets = np.cumsum((0,) + cfg.depths)
+    rates = common.stage_path_rates(cfg.depths, cfg.drop_path_rate)
 
     def apply(params, x, *, train: bool = False, rng=None, features: bool = False):
         """Logits (B, num_classes) float32; the pooled features when num_classes=0; with
@@ -217,17 +202,12 @@ def make_apply(cfg: PVTv2Config, name: str):
         x = common.check_images(x, in_channels=cfg.in_channels, img_size=None,
                                 stride=TOTAL_STRIDE, model=name)
         check_sr_ratios(cfg, *x.shape[1:3])
-        if train and rng is None:
-            raise ValueError(
-                "apply(..., train=True) needs a PRNG key for dropout and drop-path: pass "
-                "rng=jax.random.key(seed), or train=False for deterministic inference"
-            )
-        stage_rngs = jax.random.split(rng, 4) if train else [None] * 4
+        rngs = common.stage_rngs(train, rng)
         x = jnp.asarray(x).astype(cfg.dtype)
         maps = []
         for i in range(4):
-            x = stage_forward(params[f"stage{i + 1}"], x, stage_rngs[i],
-                              rates[offsets[i]: offsets[i + 1]], cfg=cfg, stage=i)
+            x = stage_forward(params[f"stage{i + 1}"], x, rngs[i], rates[i],
+                              cfg=cfg, stage=i)
             maps.append(x)
         if features:
             return tuple(maps)
@@ -242,7 +222,8 @@ def make_apply(cfg: PVTv2Config, name: str):
 def build(name: str, defaults: dict, img_size, num_classes, in_channels, kwargs) -> Model:
     cfg = make_config(name, **{**defaults, **kwargs, "img_size": img_size,
                                "num_classes": num_classes, "in_channels": in_channels})
-    return Model(make_init(cfg), make_apply(cfg, name), name=name, config=cfg)
+    init = common.make_init(param_specs(cfg))
+    return Model(init, make_apply(cfg, name), name=name, config=cfg)
 
 
 # ------------------------------------------------------------------------- builders
