@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from lucid_fn.nn import layers
 
-SR_NORM_EPS = 1e-5  # nn.LayerNorm's default, which every reference uses here
+SR_NORM_EPS = 1e-5  # nn.LayerNorm's default: the official PVT code, Lucid, timm (HF: 1e-6)
 LINEAR_POOL = 7
 
 
