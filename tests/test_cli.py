@@ -47,3 +47,16 @@ def test_cli_list_shows_both_flavors(capsys):
 def test_cli_errors_exit_2_with_the_message(capsys, argv, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_covers_pvt_v2(capsys):
+    assert main(["list", "pvt_v2_b2*"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"pvt_v2_b2\s+25,362,856\s+-", out)
+    assert re.search(r"pvt_v2_b2_li\s+22,553,512\s+-", out)
+    assert main(["summary", "pvt_v2_b0", "--num-classes", "10"]) == 0
+    out = capsys.readouterr().out
+    # timm's 3,666,760 less its 1000-class head (257,000) plus a 10-class one (2,570)
+    assert re.search(r"^total\s+3,412,330$", out, re.M)
+    assert "stage1.norm" not in out and "norm.scale: (32,)" in out
+    assert "output (1, 10) float32" in out
