@@ -1,31 +1,169 @@
-"""Checkpoints of other layouts -> our parameter pytrees.
+"""Checkpoints in, checkpoints out: the one place that knows other key layouts.
 
 ``from_state_dict(state_dict, name, **builder_kwargs)`` takes a mapping of key -> array
-(NumPy arrays, torch tensors, anything ``np.asarray`` takes), detects its key layout, and
-returns params for ``registry[name](**builder_kwargs)``. Layouts:
+(NumPy arrays, torch tensors, anything ``np.asarray`` takes), detects its layout, checks
+every tensor, and returns params for ``registry[name](**builder_kwargs)``.
+``to_state_dict(params, name, layout=...)`` writes them back, so that weights trained here
+run in PyTorch. Layouts (see ``LAYOUTS``):
 
-- ``lucid``: the seed system's PVT v1 (``pos_emb1``, ``patch_emb1.proj.weight``,
-  ``block1.0.attn.q.weight``, ...);
-- ``timm``: timm's ``pvt_v2_*`` (``patch_embed.proj.weight``, ``stages.1.downsample...``,
-  ``stages.0.blocks.0.attn.q.weight``, ``stages.0.norm.weight``, ...).
+=============  ======  ==============================================================
+layout         family  keys look like
+=============  ======  ==============================================================
+``lucid``      v1      ``pos_emb1``, ``patch_emb1.proj.weight``, ``block1.0.attn.kv.weight``
+``official``   v1      ``pos_embed1``, ``patch_embed1.proj.weight``, ``block1.0.attn.kv...``
+``hf``         v1      ``pvt.encoder.block.0.0.attention.self.key.weight`` (k, v apart)
+``timm``       v2      ``patch_embed.proj.weight``, ``stages.0.blocks.0.attn.kv.weight``
+``hf``         v2      ``pvt_v2.encoder.layers.0.blocks.0.attention.key.weight`` (k, v apart)
+``official``   v2      ``patch_embed1.proj.weight``, ``block1.0.mlp.dwconv.dwconv.weight``
+=============  ======  ==============================================================
 
-The key of every parameter is derived from its path in our pytree, so the mapping cannot
-drift from the model: ``stage2.blocks.attn.kv.kernel`` (stacked over blocks) is Lucid's
-``block2.{j}.attn.kv.weight`` for every block ``j``, transposed from (out, in) to (in, out).
+(Lucid's own PVT v2 uses the official v2 names.) Every key is derived from a parameter's
+path in our pytree, so the mapping cannot drift from the model: ``stage2.blocks.attn.kv``
+(stacked over blocks) is ``block2.{j}.attn.kv`` for every block ``j``, transposed from
+PyTorch's (out, in) to (in, out), and conv kernels from OIHW to HWIO.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
-from collections.abc import Mapping
+import os
+import tempfile
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lucid_fn import nn
 from lucid_fn.registry import registry
 
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+
+
+# ------------------------------------------------------------------------- layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one checkpoint family names our parameters.
+
+    Templates take ``{s}`` (stage, 1-based), ``{i}`` (stage, 0-based) and ``{j}`` (block).
+    ``renames`` maps our dotted sub-path inside a stage (``blocks.attn.q``) to theirs; a
+    tuple means their tensors are concatenated along PyTorch's output axis to make ours
+    (HF keeps key and value apart where everyone else fuses them into ``kv``).
+    """
+
+    name: str
+    family: str  # "v1" | "v2"
+    marker: Callable[[Mapping], bool]
+    patch: Callable[[int], str]
+    blocks: str
+    pos: str = ""
+    cls: str = ""
+    stage_norm: str = ""
+    norm: str = "norm"
+    head: str = "head"
+    renames: Mapping = dataclasses.field(default_factory=dict)
+
+    def key(self, path: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
+        """Their key(s) for one of our leaves, with '{j}' for the block index; and whether
+        the leaf is stacked over blocks."""
+        head, *rest = path
+        leaf = _LEAF_NAMES.get(path[-1])
+        if head == "norm":
+            return (f"{self.norm}.{leaf}",), False
+        if head == "head":
+            return (f"{self.head}.{leaf}",), False
+        i = int(head[len("stage"):]) - 1
+        part = rest[0]
+        fmt = dict(s=i + 1, i=i, j="{j}")
+        if part == "pos_embed":
+            return (self.pos.format(**fmt),), False
+        if part == "cls_token":
+            return (self.cls.format(**fmt),), False
+        inner = ".".join(rest[:-1])
+        theirs = self.renames.get(inner, inner.split(".", 1)[1] if "." in inner else "")
+        prefix = {"patch_embed": self.patch(i), "blocks": self.blocks,
+                  "norm": self.stage_norm}[part].format(**fmt)
+        names = theirs if isinstance(theirs, tuple) else (theirs,)
+        return tuple(".".join(p for p in (prefix, n, leaf) if p) for n in names), part == "blocks"
+
+
+def _numbered(prefix: str) -> Callable[[int], str]:
+    return lambda i: f"{prefix}{i + 1}"
+
+
+_HF_V1_RENAMES = {
+    "patch_embed.proj": "projection", "patch_embed.norm": "layer_norm",
+    "blocks.norm1": "layer_norm_1", "blocks.norm2": "layer_norm_2",
+    "blocks.attn.q": "attention.self.query",
+    "blocks.attn.kv": ("attention.self.key", "attention.self.value"),
+    "blocks.attn.sr": "attention.self.sequence_reduction",
+    "blocks.attn.norm": "attention.self.layer_norm",
+    "blocks.attn.proj": "attention.output.dense",
+    "blocks.mlp.fc1": "mlp.dense1", "blocks.mlp.fc2": "mlp.dense2",
+}
+
+_HF_V2_RENAMES = {
+    "patch_embed.proj": "proj", "patch_embed.norm": "layer_norm",
+    "blocks.norm1": "layer_norm_1", "blocks.norm2": "layer_norm_2",
+    "blocks.attn.q": "attention.query",
+    "blocks.attn.kv": ("attention.key", "attention.value"),
+    "blocks.attn.sr": "attention.spatial_reduction",
+    "blocks.attn.norm": "attention.layer_norm",
+    "blocks.attn.proj": "attention.proj",
+    "blocks.mlp.fc1": "mlp.dense1", "blocks.mlp.dwconv": "mlp.dwconv.dwconv",
+    "blocks.mlp.fc2": "mlp.dense2",
+}
+
+LAYOUTS = {
+    ("lucid", "v1"): Layout(
+        "lucid", "v1", lambda sd: "pos_emb1" in sd, _numbered("patch_emb"), "block{s}.{j}",
+        pos="pos_emb{s}", cls="cls_token"),
+    ("official", "v1"): Layout(
+        "official", "v1", lambda sd: "pos_embed1" in sd, _numbered("patch_embed"),
+        "block{s}.{j}", pos="pos_embed{s}", cls="cls_token"),
+    ("hf", "v1"): Layout(
+        "hf", "v1", lambda sd: "pvt.encoder.patch_embeddings.0.projection.weight" in sd,
+        lambda i: f"pvt.encoder.patch_embeddings.{i}", "pvt.encoder.block.{i}.{j}",
+        pos="pvt.encoder.patch_embeddings.{i}.position_embeddings",
+        cls="pvt.encoder.patch_embeddings.3.cls_token", norm="pvt.encoder.layer_norm",
+        head="classifier", renames=_HF_V1_RENAMES),
+    ("timm", "v2"): Layout(
+        "timm", "v2", lambda sd: "patch_embed.proj.weight" in sd,
+        lambda i: "patch_embed" if i == 0 else f"stages.{i}.downsample", "stages.{i}.blocks.{j}",
+        stage_norm="stages.{i}.norm"),
+    ("hf", "v2"): Layout(
+        "hf", "v2", lambda sd: "pvt_v2.encoder.layers.0.patch_embedding.proj.weight" in sd,
+        lambda i: f"pvt_v2.encoder.layers.{i}.patch_embedding",
+        "pvt_v2.encoder.layers.{i}.blocks.{j}", stage_norm="pvt_v2.encoder.layers.{i}.layer_norm",
+        head="classifier", renames=_HF_V2_RENAMES),
+    ("official", "v2"): Layout(
+        "official", "v2", lambda sd: "patch_embed1.proj.weight" in sd and "pos_embed1" not in sd,
+        _numbered("patch_embed"), "block{s}.{j}", stage_norm="norm{s}",
+        renames={"blocks.mlp.dwconv": "mlp.dwconv.dwconv"}),
+}
+
+
+def _family(cfg) -> str:
+    return "v1" if hasattr(cfg, "flavor") else "v2"
+
+
+def detect_layout(sd: Mapping) -> Layout:
+    for layout in LAYOUTS.values():
+        if layout.marker(sd):
+            return layout
+    sample = ", ".join(list(sd)[:5])
+    known = "; ".join(f"{lay.name} PVT {lay.family} "
+                      f"({lay.key(('stage1', 'patch_embed', 'proj', 'kernel'))[0][0]}, ...)"
+                      for lay in LAYOUTS.values())
+    raise ValueError(f"unrecognised state-dict layout (first keys: {sample}). "
+                     f"Supported: {known}.")
+
+
+# ---------------------------------------------------------------------- conversion
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -43,116 +181,84 @@ def _unwrap(state_dict: Mapping) -> Mapping:
     return state_dict
 
 
-# ------------------------------------------------------------------ the Lucid layout
-
-
-def _lucid_key(path: tuple[str, ...]) -> tuple[str, bool]:
-    """Lucid's key for one of our leaves, with '{j}' for the block index; and whether the
-    leaf is stacked over blocks."""
-    head, *rest = path
-    if head.startswith("stage"):
-        i = head[len("stage"):]
-        part, *inner = rest
-        if part == "pos_embed":
-            return f"pos_emb{i}", False
-        if part == "cls_token":
-            return "cls_token", False
-        inner = [*inner[:-1], _LEAF_NAMES[inner[-1]]]
-        if part == "patch_embed":
-            return ".".join([f"patch_emb{i}", *inner]), False
-        if part == "blocks":
-            return ".".join([f"block{i}", "{j}", *inner]), True
-        raise AssertionError(path)
-    return f"{head}.{_LEAF_NAMES[path[-1]]}", False
-
-
-def _timm_key(path: tuple[str, ...]) -> tuple[str, bool]:
-    """timm's pvt_v2 key for one of our leaves (see ``_lucid_key``)."""
-    head, *rest = path
-    leaf = _LEAF_NAMES[path[-1]]
-    if not head.startswith("stage"):
-        return f"{head}.{leaf}", False
-    i = int(head[len("stage"):]) - 1
-    part, *inner = rest
-    inner = [*inner[:-1], leaf]
-    if part == "patch_embed":
-        prefix = "patch_embed" if i == 0 else f"stages.{i}.downsample"
-        return ".".join([prefix, *inner]), False
-    if part == "blocks":
-        return ".".join([f"stages.{i}.blocks", "{j}", *inner]), True
-    return ".".join([f"stages.{i}", part, *inner]), False
-
-
-def _to_ours(array: np.ndarray, leaf_ndim: int, leaf: str) -> np.ndarray:
-    """PyTorch (out, in) Linear and (out, in, kh, kw) conv weights -> (in, out) and HWIO."""
-    if leaf == "kernel" and leaf_ndim == 2:
+def _to_torch_layout(array: np.ndarray, leaf: str) -> np.ndarray:
+    """Ours -> PyTorch: Linear (in, out) -> (out, in); conv HWIO -> OIHW."""
+    if leaf == "kernel" and array.ndim == 2:
         return array.T
-    if leaf == "kernel" and leaf_ndim == 4:
+    if leaf == "kernel" and array.ndim == 4:
+        return array.transpose(3, 2, 0, 1)
+    return array
+
+
+def _from_torch_layout(array: np.ndarray, leaf: str) -> np.ndarray:
+    if leaf == "kernel" and array.ndim == 2:
+        return array.T
+    if leaf == "kernel" and array.ndim == 4:
         return array.transpose(2, 3, 1, 0)
     return array
 
 
-def _theirs_shape(shape: tuple, leaf: str) -> tuple:
-    if leaf == "kernel" and len(shape) == 2:
-        return shape[::-1]
-    if leaf == "kernel" and len(shape) == 4:
-        return (shape[3], shape[2], shape[0], shape[1])
-    return shape
+def _torch_shape(shape: tuple, leaf: str) -> tuple:
+    return _to_torch_layout(np.empty(shape, np.uint8), leaf).shape
 
 
-def _expected(shapes, key_fn) -> dict:
-    """key -> (our path, block index or None, their shape) for every tensor we need."""
+def _expected(shapes, layout: Layout) -> dict:
+    """their key -> (our path, block index or None, part index, n parts, their shape)."""
     out = {}
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
         path = tuple(k.key for k in keypath)
-        template, stacked = key_fn(path)
-        if stacked:
-            for j in range(leaf.shape[0]):
-                out[template.format(j=j)] = (path, j, _theirs_shape(leaf.shape[1:], path[-1]))
-        else:
-            out[template] = (path, None, _theirs_shape(leaf.shape, path[-1]))
+        templates, stacked = layout.key(path)
+        shape = tuple(leaf.shape[1:] if stacked else leaf.shape)
+        theirs = list(_torch_shape(shape, path[-1]))
+        theirs[0] //= len(templates)
+        for j in range(leaf.shape[0]) if stacked else [None]:
+            for part, template in enumerate(templates):
+                key = template.format(j=j) if stacked else template
+                out[key] = (path, j, part, len(templates), tuple(theirs))
     return out
 
 
-def infer_lucid_kwargs(sd: Mapping) -> dict:
-    """Builder arguments a Lucid-layout PVT v1 state dict was made with (what can be read off
-    its shapes), for error messages that say which build would fit."""
+def _resize_checkpoint_pos_embeds(sd: dict, expected: dict, layout: Layout) -> None:
+    """A v1 checkpoint trained at another img_size: resize its position embeddings."""
+    for key, (path, _, _, _, shape) in expected.items():
+        if path[-1] != "pos_embed" or key not in sd or tuple(sd[key].shape) == shape:
+            continue
+        has_cls = path[0] == "stage4"
+        side = math.isqrt(shape[1] - has_cls)
+        if sd[key].shape[-1] == shape[-1] and math.isqrt(sd[key].shape[1] - has_cls) ** 2 == \
+                sd[key].shape[1] - has_cls:
+            sd[key] = np.asarray(nn.resize_pos_embed(sd[key], (side, side), has_cls))
+
+
+# ------------------------------------------------------------------- what would fit
+
+
+def infer_kwargs(sd: Mapping, layout: Layout) -> dict:
+    """Builder arguments a state dict was made with, as far as its shapes tell: for errors
+    that say which build would fit."""
+
+    def key(*path, j=0):
+        templates, stacked = layout.key(path)
+        return templates[0].format(j=j) if stacked else templates[0]
+
     kw = {}
     try:
-        kw["embed_dims"] = [int(sd[f"patch_emb{i}.proj.weight"].shape[0]) for i in range(1, 5)]
-        kw["patch_size"] = int(sd["patch_emb1.proj.weight"].shape[-1])
-        kw["in_channels"] = int(sd["patch_emb1.proj.weight"].shape[1])
-        kw["depths"] = _block_depths(sd, lambda i: f"block{i + 1}")
-        kw["img_size"] = int(math.isqrt(sd["pos_emb1"].shape[1])) * kw["patch_size"]
-        kw["num_classes"] = int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0
-        kw["flavor"] = "paper" if any(".attn.proj." in k for k in sd) else "lucid"
-        kw["qkv_bias"] = "block1.0.attn.q.bias" in sd
-    except (KeyError, IndexError, AttributeError):
-        pass
-    return kw
-
-
-def _block_depths(sd: Mapping, prefix: str) -> list[int]:
-    """Blocks per stage, from keys like f'{prefix(i)}.{j}.…'."""
-    depths = []
-    for i in range(4):
-        head = prefix(i) + "."
-        depths.append(1 + max((int(k[len(head):].split(".")[0]) for k in sd
-                               if k.startswith(head)), default=-1))
-    return depths
-
-
-def infer_timm_kwargs(sd: Mapping) -> dict:
-    """Builder arguments a timm pvt_v2 state dict was made with, as far as shapes tell."""
-    kw = {}
-    try:
-        kw["embed_dims"] = [int(sd["patch_embed.proj.weight"].shape[0])] + [
-            int(sd[f"stages.{i}.downsample.proj.weight"].shape[0]) for i in range(1, 4)]
-        kw["in_channels"] = int(sd["patch_embed.proj.weight"].shape[1])
-        kw["depths"] = _block_depths(sd, lambda i: f"stages.{i}.blocks")
-        kw["num_classes"] = int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0
-        kw["linear"] = "stages.3.blocks.0.attn.sr.weight" in sd
-    except (KeyError, IndexError, AttributeError):
+        patch = [sd[key(f"stage{i}", "patch_embed", "proj", "kernel")] for i in range(1, 5)]
+        kw["embed_dims"] = [int(p.shape[0]) for p in patch]
+        kw["in_channels"] = int(patch[0].shape[1])
+        kw["depths"] = [
+            next(j for j in range(10_000) if key(f"stage{i}", "blocks", "norm1", "scale", j=j)
+                 not in sd) for i in range(1, 5)]
+        head = key("head", "kernel")
+        kw["num_classes"] = int(sd[head].shape[0]) if head in sd else 0
+        if layout.family == "v1":
+            kw["patch_size"] = int(patch[0].shape[-1])
+            kw["img_size"] = math.isqrt(sd[key("stage1", "pos_embed")].shape[1]) * kw["patch_size"]
+            kw["flavor"] = ("paper" if key("stage1", "blocks", "attn", "proj", "kernel") in sd
+                            else "lucid")
+        else:
+            kw["linear"] = key("stage4", "blocks", "attn", "sr", "kernel") in sd
+    except (KeyError, IndexError, AttributeError, ValueError):
         pass
     return kw
 
@@ -175,76 +281,227 @@ def _mismatch_message(name, cfg, missing, unexpected, wrong_shape, inferred: dic
             hint += " (It has attention output projections: build with flavor='paper'.)"
         if "flavor='lucid'" in fits:
             hint += " (It has no attention output projections: build with flavor='lucid'.)"
+        if any(f.startswith("num_classes=") for f in fits):
+            hint += " To fine-tune on other classes, pass head='reset'."
     shapes = [f"{k}: checkpoint {theirs}, model {ours}" for k, theirs, ours in wrong_shape]
-    return (
-        f"state dict does not match {name}"
-        + (f" (flavor={cfg.flavor!r})" if hasattr(cfg, "flavor") else "") + ":"
-        + listing("missing keys", missing)
-        + listing("unexpected keys", unexpected)
-        + listing("shape mismatches", shapes)
-        + hint
-    )
+    flavor = f" (flavor={cfg.flavor!r})" if hasattr(cfg, "flavor") else ""
+    return (f"state dict does not match {name}{flavor}:" + listing("missing keys", missing)
+            + listing("unexpected keys", unexpected) + listing("shape mismatches", shapes)
+            + hint)
 
 
-# layout -> (key of one of our leaves, what builder arguments a state dict implies, family)
-_LAYOUTS = {
-    "lucid": (_lucid_key, infer_lucid_kwargs, "PVTConfig"),
-    "timm": (_timm_key, infer_timm_kwargs, "PVTv2Config"),
-}
+# ------------------------------------------------------------------------- import
 
 
-def detect_layout(sd: Mapping) -> str:
-    if "pos_emb1" in sd or "patch_emb1.proj.weight" in sd:
-        return "lucid"
-    if "patch_embed.proj.weight" in sd and any(k.startswith("stages.") for k in sd):
-        return "timm"
-    sample = ", ".join(list(sd)[:5])
-    raise ValueError(
-        f"unrecognised state-dict layout (first keys: {sample}). Supported: Lucid's PVT v1 "
-        f"layout (pos_emb1, patch_emb1.proj.weight, block1.0.attn.q.weight, ...) and timm's "
-        f"pvt_v2 layout (patch_embed.proj.weight, stages.0.blocks.0.attn.q.weight, ...)."
-    )
+def from_state_dict(state_dict: Mapping, name: str, *, head: str = "keep", rng=None,
+                    **builder_kwargs) -> dict:
+    """Params for ``registry[name](**builder_kwargs)`` from a state dict of any layout above.
 
-
-def from_state_dict(state_dict: Mapping, name: str, **builder_kwargs) -> dict:
-    """Params for ``registry[name](**builder_kwargs)`` from a state dict of another layout.
-
-    Every tensor is checked: missing keys, unexpected keys and shape mismatches are reported
-    together in one ``ValueError`` that also says which builder arguments would fit.
+    Missing keys, unexpected keys and shape mismatches are reported together in one
+    ``ValueError`` that also says which builder arguments would fit. ``head="reset"``
+    ignores the checkpoint's classifier and initialises a new one for ``num_classes``
+    (from ``rng``, default key 0), for fine-tuning. A PVT v1 checkpoint made for another
+    img_size has its position embeddings resized bilinearly (class-token row kept).
     """
+    if head not in ("keep", "reset"):
+        raise ValueError(f"head must be 'keep' or 'reset'; got {head!r}")
     sd = {k: _to_numpy(v) for k, v in _unwrap(state_dict).items()}
-    layout = detect_layout(sd)
-    key_fn, infer, family = _LAYOUTS[layout]
     model = registry[name](**builder_kwargs)
-    if type(model.config).__name__ != family:
+    family = _family(model.config)
+    layout = detect_layout(sd)
+    if layout.family != family:
         raise ValueError(
-            f"this state dict is in the {layout} layout, which holds "
-            f"{'PVT v1' if layout == 'lucid' else 'PVT v2'} weights; {name} is not that "
-            f"family. Build a {'pvt_*' if layout == 'lucid' else 'pvt_v2_*'} model instead."
+            f"this state dict is in the {layout.name} layout of PVT {layout.family}; "
+            f"{name} is a PVT {family} model. Build a "
+            f"{'pvt_*' if layout.family == 'v1' else 'pvt_v2_*'} model instead."
         )
     shapes = jax.eval_shape(model.init, jax.random.key(0))
-    expected = _expected(shapes, key_fn)
+    expected = _expected(shapes, layout)
+    if head == "reset":
+        head_keys = {k for k, v in expected.items() if v[0][0] == "head"}
+        checkpoint_head = {layout.key(("head", leaf))[0][0] for leaf in ("kernel", "bias")}
+        sd = {k: v for k, v in sd.items() if k not in checkpoint_head}
+        expected = {k: v for k, v in expected.items() if k not in head_keys}
+    if family == "v1":
+        _resize_checkpoint_pos_embeds(sd, expected, layout)
 
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
-    wrong_shape = [
-        (k, tuple(sd[k].shape), theirs)
-        for k, (_, _, theirs) in expected.items()
-        if k in sd and tuple(sd[k].shape) != tuple(theirs)
-    ]
+    wrong_shape = [(k, tuple(sd[k].shape), v[4]) for k, v in expected.items()
+                   if k in sd and tuple(sd[k].shape) != v[4]]
     if missing or unexpected or wrong_shape:
-        raise ValueError(
-            _mismatch_message(name, model.config, missing, unexpected, wrong_shape, infer(sd))
-        )
+        raise ValueError(_mismatch_message(name, model.config, missing, unexpected,
+                                           wrong_shape, infer_kwargs(sd, layout)))
 
-    by_path: dict[tuple, dict] = {}
-    for key, (path, j, _) in expected.items():
-        by_path.setdefault(path, {})[j] = _to_ours(sd[key], len(sd[key].shape), path[-1])
+    parts: dict[tuple, dict] = {}
+    for key, (path, j, part, _, _) in expected.items():
+        parts.setdefault(path, {}).setdefault(j, {})[part] = sd[key]
 
     def leaf(keypath, _):
         path = tuple(k.key for k in keypath)
-        parts = by_path[path]
-        array = np.stack([parts[j] for j in range(len(parts))]) if None not in parts else parts[None]
+        per_block = parts[path]
+
+        def one(j):
+            pieces = per_block[j]
+            whole = np.concatenate([pieces[p] for p in range(len(pieces))], axis=0)
+            return _from_torch_layout(whole, path[-1])
+
+        array = one(None) if None in per_block else np.stack([one(j) for j in
+                                                              range(len(per_block))])
         return jnp.asarray(array, jnp.float32)
 
+    if head == "reset":
+        fresh = model.init(jax.random.key(0) if rng is None else rng)
+        shapes = {k: v for k, v in shapes.items() if k != "head"}
+        params = jax.tree_util.tree_map_with_path(leaf, shapes)
+        if "head" in fresh:
+            params["head"] = fresh["head"]
+        return params
     return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+# ------------------------------------------------------------------------- export
+
+
+def to_state_dict(params, name: str, *, layout: str = "official", **builder_kwargs) -> dict:
+    """Our params -> a state dict of numpy arrays in PyTorch's layout and ``layout``'s key
+    names (v1: 'lucid', 'official', 'hf'; v2: 'timm', 'official')."""
+    model = registry[name](**builder_kwargs)
+    family = _family(model.config)
+    if (layout, family) not in LAYOUTS:
+        names = sorted(n for n, f in LAYOUTS if f == family)
+        raise ValueError(f"layout must be one of {names} for PVT {family} model {name}; "
+                         f"got {layout!r}")
+    lay = LAYOUTS[(layout, family)]
+    out = {}
+    for keypath, value in jax.tree_util.tree_flatten_with_path(params)[0]:
+        path = tuple(k.key for k in keypath)
+        templates, stacked = lay.key(path)
+        value = np.asarray(value)
+        for j in range(value.shape[0]) if stacked else [None]:
+            torch_value = _to_torch_layout(value[j] if stacked else value, path[-1])
+            for template, piece in zip(templates,
+                                       np.split(torch_value, len(templates), axis=0)):
+                out[template.format(j=j) if stacked else template] = np.ascontiguousarray(piece)
+    return out
+
+
+# -------------------------------------------------------------- files: our own format
+
+
+_META_MODEL, _META_KWARGS = "lucid_fn.model", "lucid_fn.builder_kwargs"
+
+
+def _jsonable_kwargs(kwargs: dict) -> str:
+    def encode(v):
+        if isinstance(v, (tuple, list)):
+            return [encode(x) for x in v]
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            return v
+        try:
+            return {"dtype": jnp.dtype(v).name}
+        except TypeError:
+            raise ValueError(f"builder argument {v!r} cannot be stored in a file") from None
+
+    return json.dumps({k: encode(v) for k, v in kwargs.items()})
+
+
+def _decode_kwargs(text: str) -> dict:
+    kw = json.loads(text)
+    return {k: jnp.dtype(v["dtype"]) if isinstance(v, dict) else v for k, v in kw.items()}
+
+
+def _flatten(params) -> dict:
+    return {".".join(str(k.key) for k in kp): np.asarray(v)
+            for kp, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _unflatten(flat: Mapping) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = jnp.asarray(value)
+    return tree
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``: a
+    reader sees the old file or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save(path, params, name: str, **builder_kwargs) -> None:
+    """Save params as safetensors, with the model name and builder arguments in the
+    metadata so that ``load`` rebuilds ``(init, apply)`` too. The write is atomic."""
+    from safetensors.numpy import save_file
+
+    model = registry[name](**builder_kwargs)  # fails early on a bad name or arguments
+    expected = jax.eval_shape(model.init, jax.random.key(0))
+    if jax.tree_util.tree_structure(expected) != jax.tree_util.tree_structure(params):
+        raise ValueError(f"params do not have the structure of {name}({builder_kwargs})")
+    metadata = {_META_MODEL: name, _META_KWARGS: _jsonable_kwargs(builder_kwargs)}
+    flat = {k: np.ascontiguousarray(v, np.float32) for k, v in _flatten(params).items()}
+    _atomic_write(os.fspath(path), lambda tmp: save_file(flat, tmp, metadata=metadata))
+
+
+def load(path):
+    """``(params, model)`` from a file written by ``save``; ``model`` unpacks as
+    ``(init, apply)``. A truncated or foreign file is a ValueError, never a partial tree."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            if _META_MODEL not in metadata:
+                raise ValueError(
+                    f"{path} is a safetensors file but not one lucid_fn.weights.save wrote "
+                    f"(no '{_META_MODEL}' metadata). For another layout use "
+                    f"load_torch_checkpoint(path, name, ...) or from_state_dict."
+                )
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be "
+                         f"truncated or of another format") from None
+    model = registry[metadata[_META_MODEL]](**_decode_kwargs(metadata[_META_KWARGS]))
+    params = _unflatten(flat)
+    expected = jax.eval_shape(model.init, jax.random.key(0))
+    if jax.tree_util.tree_structure(expected) != jax.tree_util.tree_structure(params) or any(
+            a.shape != b.shape for a, b in zip(jax.tree_util.tree_leaves(expected),
+                                               jax.tree_util.tree_leaves(params))):
+        raise ValueError(f"{path}: tensors do not fit {model.name} as its metadata describes")
+    return params, model
+
+
+def load_torch_checkpoint(path, name: str, **kwargs) -> dict:
+    """Params from a PyTorch checkpoint (``.pth``/``.pt``/``.bin``, read with torch) or a
+    ``.safetensors`` state dict (no torch needed), in any layout ``from_state_dict`` takes."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return from_state_dict(load_file(path), name, **kwargs)
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            f"reading {os.path.basename(path)} needs PyTorch, which is not installed: "
+            f"pip install torch (CPU is enough), or convert the checkpoint to .safetensors"
+        ) from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return from_state_dict(state, name, **kwargs)

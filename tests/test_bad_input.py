@@ -46,7 +46,7 @@ BAD_IMAGES = [
     (np.zeros((64, 64, 3), np.float32), r"shape \(64, 64, 3\).*x\[None\]"),
     (np.zeros((2, 3, 64, 64), np.float32), r"looks like NCHW.*x.transpose\(0, 2, 3, 1\)"),
     (np.zeros((2, 64, 64, 1), np.float32), r"in_channels=3.*1 channels.*in_channels=1"),
-    (np.zeros((2, 96, 96, 3), np.float32), r"built for 64x64 images and got 96x96.*img_size=96"),
+    (np.zeros((2, 70, 64, 3), np.float32), r"divisible by its total stride 32; got 70x64.*96x64"),
     (np.zeros((2, 64, 64, 3), np.uint8), r"floating-point images; got dtype uint8.*255"),
     (np.zeros((2, 64, 64, 3), np.int32), r"floating-point images; got dtype int32"),
 ]

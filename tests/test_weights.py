@@ -79,5 +79,183 @@ def test_wrong_architecture_lists_mismatches_and_the_fitting_build(lucid_fixture
 
 
 def test_unknown_layout_is_named(lucid_fixture):
-    with pytest.raises(ValueError, match="unrecognised state-dict layout.*Lucid"):
+    with pytest.raises(ValueError, match="unrecognised state-dict layout.*lucid PVT v1 .patch_emb1.proj.weight"):
         weights.from_state_dict({"encoder.weight": np.zeros(3)}, "pvt_tiny")
+
+
+# ------------------------------------------------------- other layouts and round trips
+
+
+def rename(sd, rules):
+    """Apply (regex, replacement) rules to every key: the test's own statement of a layout."""
+    import re
+
+    out = {}
+    for key, value in sd.items():
+        for pattern, repl in rules:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+OFFICIAL_V1 = [(r"^pos_emb(\d)", r"pos_embed\1"), (r"^patch_emb(\d)", r"patch_embed\1")]
+
+
+def test_official_v1_layout_reproduces_lucids_logits(lucid_fixture):
+    config, sd, x_nchw, logits = lucid_fixture
+    official = rename(sd, OFFICIAL_V1)
+    assert "pos_embed1" in official and "patch_embed4.proj.weight" in official
+    params = weights.from_state_dict(official, "pvt_tiny", **config)
+    _, apply = registry["pvt_tiny"](**config)
+    out = jax.jit(apply)(params, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(np.asarray(out, np.float64), logits, rtol=1e-5, atol=1e-5)
+
+
+ROUND_TRIPS = [
+    ("pvt_tiny", "lucid", dict(flavor="lucid")),
+    ("pvt_tiny", "official", dict(flavor="paper")),
+    ("pvt_tiny", "hf", dict(flavor="paper", qkv_bias=False)),
+    ("pvt_v2_b0", "timm", dict(linear=True)),
+    ("pvt_v2_b0", "official", dict()),
+    ("pvt_v2_b0", "hf", dict(linear=True)),
+]
+
+
+@pytest.mark.parametrize("name,layout,kw", ROUND_TRIPS)
+def test_ours_to_state_dict_and_back_is_exact(name, layout, kw):
+    kw = dict(kw, img_size=64, num_classes=7, embed_dims=[16, 32, 40, 64], depths=[1, 2, 1, 1])
+    params = registry[name](**kw).init(jax.random.key(3))
+    sd = weights.to_state_dict(params, name, layout=layout, **kw)
+    assert weights.detect_layout(sd).name == layout
+    back = weights.from_state_dict(sd, name, **kw)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_hf_layout_splits_kv_into_key_and_value():
+    kw = dict(img_size=64, num_classes=3, embed_dims=[16, 32, 40, 64], depths=[1, 1, 1, 1],
+              flavor="paper")
+    params = registry["pvt_tiny"](**kw).init(jax.random.key(0))
+    sd = weights.to_state_dict(params, "pvt_tiny", layout="hf", **kw)
+    kv = np.asarray(params["stage2"]["blocks"]["attn"]["kv"]["kernel"][0])  # (in, 2 * out)
+    np.testing.assert_array_equal(sd["pvt.encoder.block.1.0.attention.self.key.weight"],
+                                  kv[:, :32].T)
+    np.testing.assert_array_equal(sd["pvt.encoder.block.1.0.attention.self.value.weight"],
+                                  kv[:, 32:].T)
+    assert sd["pvt.encoder.patch_embeddings.0.projection.weight"].shape == (16, 3, 4, 4)
+
+
+def test_head_reset_for_fine_tuning_on_new_classes(lucid_fixture):
+    config, sd, _, _ = lucid_fixture
+    with pytest.raises(ValueError, match="head='reset'"):
+        weights.from_state_dict(sd, "pvt_tiny", **dict(config, num_classes=5))
+    params = weights.from_state_dict(sd, "pvt_tiny", head="reset", **dict(config, num_classes=5))
+    assert params["head"]["kernel"].shape == (64, 5)
+    np.testing.assert_array_equal(params["norm"]["scale"], sd["norm.weight"])
+    headless = weights.from_state_dict(sd, "pvt_tiny", head="reset",
+                                       **dict(config, num_classes=0))
+    assert "head" not in headless
+
+
+def test_checkpoint_for_another_img_size_gets_resized_position_embeddings(lucid_fixture):
+    config, sd, x_nchw, _ = lucid_fixture
+    params64 = weights.from_state_dict(sd, "pvt_tiny", **config)
+    params96 = weights.from_state_dict(sd, "pvt_tiny", **dict(config, img_size=96))
+    assert params96["stage1"]["pos_embed"].shape == (1, 24 * 24, 16)
+    assert params96["stage4"]["pos_embed"].shape == (1, 1 + 3 * 3, 64)
+    np.testing.assert_array_equal(params96["stage4"]["pos_embed"][:, 0], sd["pos_emb4"][:, 0])
+    # the 96 model with resized embeddings = the 64 model resizing them at apply time
+    x = jax.image.resize(jnp.asarray(x_nchw.transpose(0, 2, 3, 1)), (3, 96, 96, 3), "linear")
+    _, apply64 = registry["pvt_tiny"](**config)
+    _, apply96 = registry["pvt_tiny"](**dict(config, img_size=96))
+    np.testing.assert_allclose(jax.jit(apply96)(params96, x), jax.jit(apply64)(params64, x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_training_size_is_unchanged_by_interpolation_support(lucid_fixture):
+    config, sd, x_nchw, logits = lucid_fixture
+    params = weights.from_state_dict(sd, "pvt_tiny", **config)
+    pe = params["stage1"]["pos_embed"]
+    from lucid_fn import nn
+
+    assert nn.resize_pos_embed(pe, (16, 16), has_cls=False) is pe
+
+
+# ------------------------------------------------------------------ files
+
+
+@pytest.fixture
+def small_model():
+    kw = dict(img_size=64, num_classes=4, embed_dims=[16, 32, 40, 64], depths=[1, 1, 1, 1],
+              dtype=jnp.bfloat16)
+    return kw, registry["pvt_tiny"](**kw).init(jax.random.key(1))
+
+
+def test_save_and_load_rebuild_params_and_model(tmp_path, small_model):
+    kw, params = small_model
+    path = tmp_path / "model.safetensors"
+    weights.save(path, params, "pvt_tiny", **kw)
+    loaded, model = weights.load(path)
+    init, apply = model
+    assert model.name == "pvt_tiny" and model.config.dtype == jnp.bfloat16
+    assert model.config.num_classes == 4
+    for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp files
+
+
+def test_a_failed_save_leaves_the_previous_file_intact(tmp_path, small_model, monkeypatch):
+    import safetensors.numpy
+
+    kw, params = small_model
+    path = tmp_path / "model.safetensors"
+    weights.save(path, params, "pvt_tiny", **kw)
+    before = path.read_bytes()
+
+    def half_written(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        weights.save(path, params, "pvt_tiny", **kw)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_truncated_and_foreign_files_are_clear_errors(tmp_path, small_model):
+    from safetensors.numpy import save_file
+
+    kw, params = small_model
+    path = tmp_path / "model.safetensors"
+    weights.save(path, params, "pvt_tiny", **kw)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match="truncated.safetensors is not a readable safetensors"):
+        weights.load(truncated)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"PK\x03\x04 not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        weights.load(garbage)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": np.zeros(3, np.float32)}, str(foreign))
+    with pytest.raises(ValueError, match="not one lucid_fn.weights.save wrote.*load_torch"):
+        weights.load(foreign)
+
+
+def test_load_torch_checkpoint_reads_safetensors_without_torch(tmp_path, lucid_fixture,
+                                                               monkeypatch):
+    import sys
+
+    from safetensors.numpy import save_file
+
+    config, sd, _, _ = lucid_fixture
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    path = tmp_path / "lucid.safetensors"
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(path))
+    params = weights.load_torch_checkpoint(path, "pvt_tiny", **config)
+    np.testing.assert_array_equal(params["stage1"]["pos_embed"], sd["pos_emb1"])
+    with pytest.raises(ImportError, match="needs PyTorch.*pip install torch"):
+        weights.load_torch_checkpoint(tmp_path / "model.pth", "pvt_tiny", **config)

@@ -155,11 +155,19 @@ def check_heads(embed_dims: tuple, num_heads: tuple) -> None:
             )
 
 
-def check_images(x, *, in_channels: int, img_size: int | None, stride: int, model: str):
-    """Validate a batch of NHWC images against the model; returns it as a JAX-ready array.
+def check_sr_ratios(sr_ratios, h: int, w: int, first_stride: int) -> None:
+    """Each stage's token map must hold at least one spatial-reduction window."""
+    for i, r in enumerate(sr_ratios):
+        gh, gw = h // (first_stride * 2**i), w // (first_stride * 2**i)
+        if r > min(gh, gw):
+            raise ValueError(
+                f"sr_ratios[{i}]={r} is larger than stage {i + 1}'s {gh}x{gw} token map for "
+                f"{h}x{w} images; use larger images or sr_ratios[{i}] <= {min(gh, gw)}"
+            )
 
-    ``img_size=None`` means any size whose sides ``stride`` divides.
-    """
+
+def check_images(x, *, in_channels: int, stride: int, model: str):
+    """Validate a batch of NHWC images (any size whose sides ``stride`` divides)."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         x = np.asarray(x)
     shape, dtype = tuple(x.shape), x.dtype
@@ -187,13 +195,6 @@ def check_images(x, *, in_channels: int, img_size: int | None, stride: int, mode
             f"{shape[-1]} channels (shape {shape}). Build with in_channels={shape[-1]}."
         )
     h, w = shape[1:3]
-    if img_size is not None and (h, w) != (img_size, img_size):
-        raise ValueError(
-            f"{model} was built for {img_size}x{img_size} images and got {h}x{w}. PVT v1 "
-            f"learns one position embedding per token for the size it was built for, and "
-            f"resizing it to other sizes is not supported yet: build the model with "
-            f"img_size={h} (square inputs) or resize the images to {img_size}x{img_size}."
-        )
     if h % stride or w % stride:
         raise ValueError(
             f"{model} needs image sides divisible by its total stride {stride}; got {h}x{w}. "

@@ -96,12 +96,7 @@ def make_config(builder: str, **kwargs) -> PVTConfig:
             f"sr_ratios[3] must be 1: stage 4 carries the class token, so its tokens do not "
             f"form a map to reduce; got sr_ratios={list(cfg.sr_ratios)}"
         )
-    for i, r in enumerate(cfg.sr_ratios):
-        if r > cfg.grid(i):
-            raise ValueError(
-                f"sr_ratios[{i}]={r} is larger than stage {i + 1}'s {cfg.grid(i)}x"
-                f"{cfg.grid(i)} token map at img_size={cfg.img_size}; use at most {cfg.grid(i)}"
-            )
+    common.check_sr_ratios(cfg.sr_ratios, cfg.img_size, cfg.img_size, cfg.patch_size)
     return cfg
 
 
@@ -170,7 +165,10 @@ def stage_forward(p, x, rng, path_rates, *, cfg: PVTConfig, stage: int):
     if "cls_token" in p:
         cls = jnp.broadcast_to(p["cls_token"].astype(dtype), (b, 1, c))
         t = jnp.concatenate([cls, t], axis=1)
-    t = t + p["pos_embed"].astype(dtype)
+    # Learned for img_size; other sizes get it resized bilinearly, as the official
+    # detection code and HF do (a no-op at img_size).
+    pos = nn.resize_pos_embed(p["pos_embed"], (h, w), has_cls="cls_token" in p)
+    t = t + pos.astype(dtype)
     k_pos, k_blocks = (None, None) if rng is None else jax.random.split(rng)
     t = nn.dropout(t, cfg.drop_rate, k_pos)
     t = nn.run_blocks(block_fn(cfg, stage, (h, w)), p["blocks"], t, k_blocks, path_rates,
@@ -202,11 +200,12 @@ def make_apply(cfg: PVTConfig, name: str):
     def apply(params, x, *, train: bool = False, rng=None, features: bool = False):
         """Logits (B, num_classes) float32; the pooled class token when num_classes=0;
         with ``features=True`` the four stage maps, NHWC, strides 4/8/16/32 (class token
-        left out, before the final norm), in the compute dtype."""
-        x = common.check_images(
-            x, in_channels=cfg.in_channels, img_size=cfg.img_size, stride=cfg.total_stride,
-            model=name,
-        )
+        left out, before the final norm), in the compute dtype. Images of another size
+        than img_size (sides divisible by the total stride) use resized position
+        embeddings."""
+        x = common.check_images(x, in_channels=cfg.in_channels, stride=cfg.total_stride,
+                                model=name)
+        common.check_sr_ratios(cfg.sr_ratios, *x.shape[1:3], cfg.patch_size)
         rngs = common.stage_rngs(train, rng)
         x = jnp.asarray(x).astype(cfg.dtype)
         maps = []

@@ -94,18 +94,8 @@ def make_config(builder: str, **kwargs) -> PVTv2Config:
 
 
 def check_sr_ratios(cfg: PVTv2Config, h: int, w: int) -> None:
-    """Each stage's map must be at least one reduction window (the linear variant pools
-    to 7x7 instead and takes any size)."""
-    if cfg.linear:
-        return
-    for i, r in enumerate(cfg.sr_ratios):
-        side = min(h, w) // (4 * 2**i)
-        if r > side:
-            raise ValueError(
-                f"sr_ratios[{i}]={r} is larger than stage {i + 1}'s token map "
-                f"({h // (4 * 2**i)}x{w // (4 * 2**i)}) for {h}x{w} images; use larger "
-                f"images or sr_ratios[{i}] <= {side}"
-            )
+    if not cfg.linear:  # the linear variant pools to 7x7 and takes any map size
+        common.check_sr_ratios(cfg.sr_ratios, h, w, STRIDES[0])
 
 
 # ---------------------------------------------------------------------------- layers
@@ -199,8 +189,8 @@ def make_apply(cfg: PVTv2Config, name: str):
         """Logits (B, num_classes) float32; the pooled features when num_classes=0; with
         ``features=True`` the four stage maps (after each stage's norm), NHWC, strides
         4/8/16/32, in the compute dtype. Any image size whose sides 32 divides."""
-        x = common.check_images(x, in_channels=cfg.in_channels, img_size=None,
-                                stride=TOTAL_STRIDE, model=name)
+        x = common.check_images(x, in_channels=cfg.in_channels, stride=TOTAL_STRIDE,
+                                model=name)
         check_sr_ratios(cfg, *x.shape[1:3])
         rngs = common.stage_rngs(train, rng)
         x = jnp.asarray(x).astype(cfg.dtype)

@@ -18,6 +18,7 @@ from lucid_fn.nn.layers import (
     materialize,
     normal,
     patchify_conv,
+    resize_pos_embed,
     stack,
 )
 
@@ -39,6 +40,7 @@ __all__ = [
     "materialize",
     "normal",
     "patchify_conv",
+    "resize_pos_embed",
     "run_blocks",
     "sra",
     "stack",

@@ -194,3 +194,21 @@ def drop_path(x, rate, rng):
     keep = 1.0 - jnp.asarray(rate, jnp.float32)
     mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / keep.astype(x.dtype), 0).astype(x.dtype)
+
+
+def resize_pos_embed(pe, new_grid: tuple, has_cls: bool):
+    """Bilinear resize of a square (1, [1 +] S*S, C) position embedding to ``new_grid``
+    (h, w), keeping the class token's row, as PyTorch's ``interpolate(mode='bilinear',
+    align_corners=False)`` does (the PVT detection code, HF transformers). No-op at the
+    same size; works on NumPy and JAX arrays, inside jit too."""
+    cls, grid = (pe[:, :1], pe[:, 1:]) if has_cls else (None, pe)
+    side = math.isqrt(grid.shape[1])
+    if side * side != grid.shape[1]:
+        raise ValueError(f"position embedding of {grid.shape[1]} tokens is not a square grid")
+    if (side, side) == tuple(new_grid):
+        return pe
+    c = grid.shape[-1]
+    resized = jax.image.resize(jnp.asarray(grid).reshape(1, side, side, c),
+                               (1, *new_grid, c), method="linear", antialias=False)
+    resized = resized.reshape(1, new_grid[0] * new_grid[1], c).astype(grid.dtype)
+    return resized if cls is None else jnp.concatenate([jnp.asarray(cls), resized], axis=1)
