@@ -2,6 +2,7 @@
 
     lucid-fn list [PATTERN]                 registered models, with parameter counts
     lucid-fn summary NAME [--forward] ...   parameter groups, total, output shape
+    lucid-fn convert IN OUT --model NAME    a checkpoint of any known layout -> safetensors
 """
 
 from __future__ import annotations
@@ -73,6 +74,29 @@ def cmd_summary(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from lucid_fn import count_params, weights
+
+    kw = _builder_kwargs(args)
+    sd = weights.read_state_dict(args.input)
+    layout = weights.detect_layout(weights.unwrap(sd))
+    params = weights.from_state_dict(sd, args.model, head=args.head, **kw)
+    weights.save(args.output, params, args.model, **kw)
+    _, model = weights.load(args.output)
+    cfg = model.config
+    x = jax.random.uniform(jax.random.key(0), (2, cfg.img_size, cfg.img_size, cfg.in_channels))
+    out = jax.jit(model.apply)(params, x)
+    finite = bool(jnp.isfinite(out).all())
+    print(f"read {args.input}: {layout.name} layout of PVT {layout.family}")
+    print(f"wrote {args.output}: {args.model}, {count_params(params):,} parameters")
+    print(f"self-check: reloaded and ran a forward pass, output {tuple(out.shape)}, "
+          f"finite={finite}")
+    return 0 if finite else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lucid-fn", description="Pyramid Vision Transformers in JAX")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -92,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also initialise the model and run a jitted forward pass")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_summary)
+
+    p = sub.add_parser("convert", help="convert a checkpoint (Lucid, official, HF, timm "
+                       "layouts; .pth/.bin with torch, or .safetensors) to our safetensors")
+    p.add_argument("input")
+    p.add_argument("output", help="a .safetensors path; written atomically")
+    p.add_argument("--model", required=True, help="registered name, e.g. pvt_v2_b0")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--flavor", default=None, choices=["lucid", "paper"],
+                   help="PVT v1 only: 'lucid' (default) or 'paper'")
+    p.add_argument("--head", default="keep", choices=["keep", "reset"],
+                   help="'reset': drop the checkpoint's classifier, start a new one")
+    p.set_defaults(fn=cmd_convert)
     return ap
 
 
@@ -99,7 +136,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, ImportError, FileNotFoundError) as e:
         print(f"lucid-fn {args.command}: {e}", file=sys.stderr)
         return 2
 

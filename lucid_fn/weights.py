@@ -172,7 +172,7 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def _unwrap(state_dict: Mapping) -> Mapping:
+def unwrap(state_dict: Mapping) -> Mapping:
     """Training checkpoints often nest the weights under 'model' or 'state_dict'."""
     for key in ("model", "state_dict"):
         inner = state_dict.get(key) if isinstance(state_dict, Mapping) else None
@@ -305,7 +305,7 @@ def from_state_dict(state_dict: Mapping, name: str, *, head: str = "keep", rng=N
     """
     if head not in ("keep", "reset"):
         raise ValueError(f"head must be 'keep' or 'reset'; got {head!r}")
-    sd = {k: _to_numpy(v) for k, v in _unwrap(state_dict).items()}
+    sd = {k: _to_numpy(v) for k, v in unwrap(state_dict).items()}
     model = registry[name](**builder_kwargs)
     family = _family(model.config)
     layout = detect_layout(sd)
@@ -488,14 +488,20 @@ def load(path):
     return params, model
 
 
-def load_torch_checkpoint(path, name: str, **kwargs) -> dict:
-    """Params from a PyTorch checkpoint (``.pth``/``.pt``/``.bin``, read with torch) or a
-    ``.safetensors`` state dict (no torch needed), in any layout ``from_state_dict`` takes."""
+def read_state_dict(path) -> Mapping:
+    """The raw state dict of a PyTorch checkpoint (``.pth``/``.pt``/``.bin``, read with
+    torch, weights only) or of a ``.safetensors`` file (no torch needed)."""
     path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        return from_state_dict(load_file(path), name, **kwargs)
+        try:
+            return load_file(path)
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
     try:
         import torch
     except ImportError:
@@ -503,5 +509,10 @@ def load_torch_checkpoint(path, name: str, **kwargs) -> dict:
             f"reading {os.path.basename(path)} needs PyTorch, which is not installed: "
             f"pip install torch (CPU is enough), or convert the checkpoint to .safetensors"
         ) from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return from_state_dict(state, name, **kwargs)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_torch_checkpoint(path, name: str, **kwargs) -> dict:
+    """Params from a checkpoint file (see ``read_state_dict``) in any layout
+    ``from_state_dict`` takes; ``kwargs`` go to it (builder arguments, ``head=``)."""
+    return from_state_dict(read_state_dict(path), name, **kwargs)

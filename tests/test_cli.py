@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from lucid_fn import summary
+from lucid_fn import register_model, registry, summary
 from lucid_fn.cli import main
 
 
@@ -60,3 +60,41 @@ def test_cli_covers_pvt_v2(capsys):
     assert re.search(r"^total\s+3,412,330$", out, re.M)
     assert "stage1.norm" not in out and "norm.scale: (32,)" in out
     assert "output (1, 10) float32" in out
+
+
+def test_cli_convert_a_timm_checkpoint(tmp_path, fixtures_dir, capsys):
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from lucid_fn import weights
+
+    d = np.load(fixtures_dir / "timm_pvt_v2_b0like.npz")
+    sd = {k[3:]: np.ascontiguousarray(d[k]) for k in d.files if k.startswith("sd/")}
+    src = tmp_path / "timm.safetensors"
+    save_file(sd, str(src))
+    out = tmp_path / "ours.safetensors"
+    config = json.loads(str(d["config"]))
+    assert main(["convert", str(src), str(out), "--model", "pvt_v2_b0",
+                 "--num-classes", str(config["num_classes"])]) == 2  # widths differ
+    assert "embed_dims=[16, 32, 40, 64]" in capsys.readouterr().err
+    assert not out.exists()
+
+    @register_model  # a registered name for the fixture's narrow shape
+    def tiny_v2(img_size=64, num_classes=10, **kw):
+        return registry["pvt_v2_b0"](
+            img_size=img_size, num_classes=num_classes, embed_dims=[16, 32, 40, 64],
+            depths=[1, 2, 1, 1], norm_eps=1e-6, **kw)
+
+    try:
+        assert main(["convert", str(src), str(out), "--model", "tiny_v2"]) == 0
+        text = capsys.readouterr().out
+        assert "timm layout of PVT v2" in text and "finite=True" in text
+        params, model = weights.load(out)
+        np.testing.assert_array_equal(params["head"]["kernel"], sd["head.weight"].T)
+    finally:
+        registry.unregister("tiny_v2")
+    assert main(["convert", str(tmp_path / "missing.pth"), str(out), "--model",
+                 "pvt_v2_b0"]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err

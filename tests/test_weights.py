@@ -257,5 +257,9 @@ def test_load_torch_checkpoint_reads_safetensors_without_torch(tmp_path, lucid_f
     save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(path))
     params = weights.load_torch_checkpoint(path, "pvt_tiny", **config)
     np.testing.assert_array_equal(params["stage1"]["pos_embed"], sd["pos_emb1"])
+    pth = tmp_path / "model.pth"
+    pth.write_bytes(b"a torch pickle")
     with pytest.raises(ImportError, match="needs PyTorch.*pip install torch"):
-        weights.load_torch_checkpoint(tmp_path / "model.pth", "pvt_tiny", **config)
+        weights.load_torch_checkpoint(pth, "pvt_tiny", **config)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        weights.load_torch_checkpoint(tmp_path / "missing.pth", "pvt_tiny", **config)
