@@ -3,6 +3,8 @@
     lucid-fn list [PATTERN]                 registered models, with parameter counts
     lucid-fn summary NAME [--forward] ...   parameter groups, total, output shape
     lucid-fn convert IN OUT --model NAME    a checkpoint of any known layout -> safetensors
+    lucid-fn train [CONFIG] [--set k=v]     train (default: the embedded digits, ~2 min on CPU)
+    lucid-fn eval CHECKPOINT [--data ...]   test accuracy of a run or a .safetensors file
 """
 
 from __future__ import annotations
@@ -97,6 +99,55 @@ def cmd_convert(args) -> int:
     return 0 if finite else 1
 
 
+def _train_config(args):
+    from lucid_fn.train import config as config_lib
+    from lucid_fn.train import data as data_lib
+
+    overrides = list(args.set or [])
+    if args.data:
+        overrides += [f"data.{k}={config_lib._toml_value(v)}"
+                      for k, v in data_lib.parse_data_arg(args.data).items()]
+    for flag, key in (("workdir", "train.workdir"), ("steps", "train.steps"),
+                      ("model", "model.name")):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"{key}={config_lib._toml_value(getattr(args, flag))}")
+    return config_lib.load_config(args.config, overrides)
+
+
+def cmd_train(args) -> int:
+    from lucid_fn.train import Interrupted, NonFiniteLossError, fit
+
+    cfg = _train_config(args)
+    try:
+        result = fit(cfg, resume=args.resume, progress=not args.no_progress)
+    except Interrupted as e:
+        print(f"lucid-fn train: {e}", file=sys.stderr)
+        return 130
+    except NonFiniteLossError as e:
+        print(f"lucid-fn train: {e}", file=sys.stderr)
+        return 1
+    acc = result["test_accuracy"]
+    print(f"{cfg.model.name} on {cfg.data.name}: test accuracy {acc:.4f} after "
+          f"{result['steps']} steps in {result['seconds']:.1f} s "
+          f"(compile {result['compile_seconds']:.1f} s); outputs in {result['workdir']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lucid_fn.train import data as data_lib
+    from lucid_fn.train import evaluate_file
+    from lucid_fn.train.config import from_dict, DataConfig
+
+    data_cfg = None
+    if args.data:
+        data_cfg = from_dict(data_lib.parse_data_arg(args.data), DataConfig, "data")
+    out = evaluate_file(args.checkpoint, data_cfg, batch_size=args.batch_size)
+    step = "" if out["step"] is None else f" (step {out['step']})"
+    print(f"{out['model']}{step}: test accuracy {out['test_accuracy']:.4f} on "
+          f"{out['test_examples']} examples, loss {out['test_loss']:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lucid-fn", description="Pyramid Vision Transformers in JAX")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -129,6 +180,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", default="keep", choices=["keep", "reset"],
                    help="'reset': drop the checkpoint's classifier, start a new one")
     p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("train", help="train a model with optax (default: the embedded digits)")
+    p.add_argument("config", nargs="?", default=None,
+                   help="a TOML file (configs/*.toml); default: the built-in digits run, "
+                        "the same as configs/digits.toml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    p.add_argument("--data", default=None,
+                   help="digits | cifar10:PATH | cifar100:PATH | an image folder | a .npz file")
+    p.add_argument("--model", default=None, help="registered name (model.name)")
+    p.add_argument("--steps", type=int, default=None, help="train.steps")
+    p.add_argument("--workdir", default=None, help="train.workdir (default runs/digits)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in the workdir from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="test accuracy of a run's workdir or a .safetensors file")
+    p.add_argument("checkpoint", help="a run's workdir (latest checkpoint) or a .safetensors")
+    p.add_argument("--data", default=None, help="as for train; default: the run's data")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(fn=cmd_eval)
     return ap
 
 

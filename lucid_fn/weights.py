@@ -437,6 +437,10 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        # mkstemp creates the file 0600; give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -499,9 +503,10 @@ def read_state_dict(path) -> Mapping:
         from safetensors.numpy import load_file
 
         try:
-            return load_file(path)
+            sd = load_file(path)
         except SafetensorError as e:
             raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+        return _own_file_as_state_dict(path) if _is_own_file(path) else sd
     try:
         import torch
     except ImportError:
@@ -512,7 +517,26 @@ def read_state_dict(path) -> Mapping:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _is_own_file(path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        return _META_MODEL in (f.metadata() or {})
+
+
+def _own_file_as_state_dict(path) -> dict:
+    """A file ``save`` wrote, as a PyTorch-layout state dict (v1 lucid flavor: Lucid's
+    keys; otherwise the official ones), so that it goes through ``from_state_dict`` like
+    any checkpoint: checked, head kept or reset, v1 position embeddings resized."""
+    params, model = load(path)
+    cfg = model.config
+    kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    layout = "lucid" if getattr(cfg, "flavor", None) == "lucid" else "official"
+    return to_state_dict(params, model.name, layout=layout, **kwargs)
+
+
 def load_torch_checkpoint(path, name: str, **kwargs) -> dict:
-    """Params from a checkpoint file (see ``read_state_dict``) in any layout
+    """Params from a checkpoint file (see ``read_state_dict``; also a ``.safetensors``
+    that ``save`` wrote, e.g. a training run's model.safetensors) in any layout
     ``from_state_dict`` takes; ``kwargs`` go to it (builder arguments, ``head=``)."""
     return from_state_dict(read_state_dict(path), name, **kwargs)

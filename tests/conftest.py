@@ -1,4 +1,6 @@
+import os
 import pathlib
+import tempfile
 
 import jax
 import pytest
@@ -24,3 +26,12 @@ def fixtures_dir():
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the session (subprocesses included): the
+    training tests compile the same small train step many times over."""
+    cache = tempfile.mkdtemp(prefix="lucid_fn_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -1,0 +1,416 @@
+"""Datasets and input pipelines.
+
+Every dataset is two random-access sources (train, test) of ``(image uint8 HWC, label)``
+pairs at the model's ``img_size``; the input pipeline is grain's: a seeded shuffle that
+reshuffles every epoch, per-example augmentation with per-index seeds, batching, optional
+multi-process prefetch, and an iterator whose state is a small dict that goes into every
+checkpoint, so a resumed run sees exactly the batches the interrupted one would have.
+Images travel as uint8 and are normalised on the device (``normalize``).
+
+Sources: ``digits`` (embedded, 1,797 real 8x8 scans), ``cifar10`` / ``cifar100`` (the
+python-pickle folders), ``folder`` (one subfolder per class, decoded with Pillow), ``npz``
+(arrays). Everything that can be wrong with a dataset is found here, before training
+starts, and named: a missing path, an empty folder, an unreadable image, a label out of
+range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import pathlib
+import pickle
+from typing import Any, Sequence
+
+import numpy as np
+
+ASSETS = pathlib.Path(__file__).parent / "assets"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+class DataError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def resize_uint8(img: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of an HWC uint8 image to size x size (a no-op at that size)."""
+    if img.shape[0] == size and img.shape[1] == size:
+        return img
+    from PIL import Image
+
+    squeeze = img.shape[-1] == 1
+    pil = Image.fromarray(img[..., 0] if squeeze else img)
+    out = np.asarray(pil.resize((size, size), Image.BILINEAR))
+    return out[..., None] if squeeze else out
+
+
+def convert_channels(img: np.ndarray, channels: int) -> np.ndarray:
+    if not channels or img.shape[-1] == channels:
+        return img
+    if channels == 3:
+        return np.repeat(img, 3, axis=-1)
+    # ITU-R 601 luma, as Pillow's "L" conversion.
+    luma = img[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.clip(np.rint(luma), 0, 255).astype(np.uint8)[..., None]
+
+
+@dataclasses.dataclass
+class ArraySource:
+    """In-memory uint8 images (N, H, W, C) and int labels; resized per item if needed."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    img_size: int
+    channels: int = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        img = convert_channels(resize_uint8(self.images[i], self.img_size), self.channels)
+        return img, np.int32(self.labels[i])
+
+    def subset(self, idx):
+        return dataclasses.replace(self, images=self.images[idx], labels=self.labels[idx])
+
+
+@dataclasses.dataclass
+class FileSource:
+    """Image files decoded with Pillow: shorter side resized to img_size, centre crop."""
+
+    files: Sequence[str]
+    labels: np.ndarray
+    img_size: int
+    channels: int = 3
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            im = im.convert("L" if self.channels == 1 else "RGB")
+            w, h = im.size
+            s = self.img_size / min(w, h)
+            im = im.resize((max(self.img_size, round(w * s)), max(self.img_size, round(h * s))),
+                           Image.BILINEAR)
+            left = (im.size[0] - self.img_size) // 2
+            top = (im.size[1] - self.img_size) // 2
+            im = im.crop((left, top, left + self.img_size, top + self.img_size))
+            arr = np.asarray(im)
+        return (arr[..., None] if arr.ndim == 2 else arr), np.int32(self.labels[i])
+
+    def subset(self, idx):
+        return dataclasses.replace(self, files=[self.files[j] for j in idx],
+                                   labels=self.labels[idx])
+
+
+@dataclasses.dataclass
+class Dataset:
+    name: str
+    train: Any
+    test: Any
+    num_classes: int
+    channels: int
+    img_size: int
+    class_names: list
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int):
+    """Train and test indices with ``fraction`` of each class held out, reproducibly."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = max(1, int(round(len(idx) * fraction))) if len(idx) > 1 else 0
+        test.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def load_digits_arrays():
+    """The embedded digits as uint8 (1797, 8, 8, 1) images scaled to 0..255, and labels."""
+    with gzip.open(ASSETS / "digits.csv.gz", "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    images = (table[:, :64].reshape(-1, 8, 8, 1) * 255 + 8) // 16
+    return images.astype(np.uint8), table[:, 64].astype(np.int32)
+
+
+def _check_labels(labels, num_classes, where):
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{where}: labels must be a 1-D integer array, got shape "
+                        f"{labels.shape} dtype {labels.dtype}")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise DataError(f"{where}: label {labels[bad[0]]} at index {bad[0]} is out of range "
+                        f"[0, {num_classes}) ({bad.size} such labels); fix the labels or set "
+                        f"model.kwargs.num_classes")
+    return labels.astype(np.int32)
+
+
+def _check_images(images, where):
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise DataError(f"{where}: images must be (N, H, W), (N, H, W, 1) or (N, H, W, 3) "
+                        f"NHWC, got shape {images.shape}")
+    if images.dtype != np.uint8:
+        if not np.issubdtype(images.dtype, np.floating):
+            raise DataError(f"{where}: images must be uint8 0..255 or float 0..1, got "
+                            f"{images.dtype}")
+        if not np.isfinite(images).all():
+            raise DataError(f"{where}: images contain NaN or infinity")
+        images = np.clip(np.rint(images * 255), 0, 255).astype(np.uint8)
+    return images
+
+
+def load_cifar(path: str, classes: int):
+    root = pathlib.Path(path)
+    sub = {10: "cifar-10-batches-py", 100: "cifar-100-python"}[classes]
+    if (root / sub).is_dir():
+        root = root / sub
+    names = ({10: [f"data_batch_{i}" for i in range(1, 6)], 100: ["train"]}[classes],
+             {10: ["test_batch"], 100: ["test"]}[classes])
+    key = b"labels" if classes == 10 else b"fine_labels"
+    splits = []
+    for files in names:
+        xs, ys = [], []
+        for name in files:
+            f = root / name
+            if not f.is_file():
+                raise DataError(f"CIFAR-{classes} file {str(f)!r} is missing; data.path must "
+                                f"be the folder '{sub}' from the python version of CIFAR-{classes}")
+            try:
+                with open(f, "rb") as fh:
+                    d = pickle.load(fh, encoding="bytes")
+                x = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+                y = np.asarray(d[key])
+            except Exception as e:  # noqa: BLE001 (any unreadable pickle)
+                raise DataError(f"cannot read CIFAR-{classes} file {str(f)!r}: {e}") from None
+            xs.append(x)
+            ys.append(_check_labels(y, classes, str(f)))
+        splits.append((np.concatenate(xs), np.concatenate(ys)))
+    return splits
+
+
+def load_npz(path: str, num_classes: int | None):
+    f = pathlib.Path(path)
+    if not f.is_file():
+        raise DataError(f"npz file {str(f)!r} does not exist")
+    try:
+        z = dict(np.load(f, allow_pickle=False))
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"cannot read npz file {str(f)!r}: {e}") from None
+    if {"x_train", "y_train"} <= z.keys():
+        tr, te = ("x_train", "y_train"), ("x_test", "y_test")
+    elif {"images", "labels"} <= z.keys():
+        tr, te = ("images", "labels"), ("test_images", "test_labels")
+    else:
+        raise DataError(f"npz file {str(f)!r} has arrays {sorted(z)}; it needs x_train/y_train "
+                        f"(optionally x_test/y_test) or images/labels (optionally "
+                        f"test_images/test_labels)")
+    ys = [z[tr[1]]] + ([z[te[1]]] if te[1] in z else [])
+    k = num_classes or int(max(np.max(y) for y in ys if len(y))) + 1
+    out = []
+    for xk, yk in (tr, te):
+        if xk not in z:
+            continue
+        x, y = _check_images(z[xk], f"{f}:{xk}"), _check_labels(z[yk], k, f"{f}:{yk}")
+        if len(x) != len(y):
+            raise DataError(f"{f}: {xk} has {len(x)} images but {yk} has {len(y)} labels")
+        if not len(x):
+            raise DataError(f"{f}: {xk} is empty")
+        out.append((x, y))
+    return out, k
+
+
+def scan_folder(path: str):
+    """Files and labels of an image folder with one subfolder per class, each image checked."""
+    from PIL import Image
+
+    root = pathlib.Path(path)
+    if not root.is_dir():
+        raise DataError(f"image folder {str(root)!r} does not exist")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"image folder {str(root)!r} has no class subfolders; expected "
+                        f"{root}/<class>/<image>.jpg")
+    files, labels = [], []
+    for label, c in enumerate(classes):
+        found = sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise DataError(f"class folder {str(root / c)!r} has no images "
+                            f"({', '.join(IMAGE_SUFFIXES)})")
+        for p in found:
+            try:
+                with Image.open(p) as im:
+                    im.verify()
+            except Exception as e:  # noqa: BLE001 (Pillow raises many kinds)
+                raise DataError(f"unreadable image {str(p)!r}: {e}; remove or fix it") from None
+            files.append(str(p))
+            labels.append(label)
+    return files, np.asarray(labels, np.int32), classes
+
+
+def load(cfg, num_classes: int | None = None) -> Dataset:
+    """The dataset a ``DataConfig`` names, both splits, checked; ``num_classes`` (the
+    model's, when the config sets it) bounds the labels."""
+    size, ch = cfg.img_size, cfg.channels
+    if cfg.name == "digits":
+        images, labels = load_digits_arrays()
+        tr, te = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
+        src = ArraySource(images, labels, size, ch)
+        return Dataset("digits", src.subset(tr), src.subset(te), 10, ch or 1, size,
+                       [str(i) for i in range(10)])
+    if cfg.name in ("cifar10", "cifar100"):
+        k = int(cfg.name[5:])
+        (xtr, ytr), (xte, yte) = load_cifar(cfg.path, k)
+        return Dataset(cfg.name, ArraySource(xtr, ytr, size, ch), ArraySource(xte, yte, size, ch),
+                       k, ch or 3, size, [str(i) for i in range(k)])
+    if cfg.name == "npz":
+        splits, k = load_npz(cfg.path, num_classes)
+        if len(splits) == 2:
+            train, test = (ArraySource(x, y, size, ch) for x, y in splits)
+        else:
+            src = ArraySource(*splits[0], size, ch)
+            tr, te = stratified_split(src.labels, cfg.test_fraction, cfg.split_seed)
+            train, test = src.subset(tr), src.subset(te)
+        return Dataset("npz", train, test, k, ch or splits[0][0].shape[-1], size,
+                       [str(i) for i in range(k)])
+    if cfg.name == "folder":
+        files, labels, classes = scan_folder(cfg.path)
+        if num_classes is not None:
+            _check_labels(labels, num_classes, cfg.path)
+        src = FileSource(files, labels, size, ch or 3)
+        tr, te = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
+        return Dataset("folder", src.subset(tr), src.subset(te), len(classes), ch or 3, size,
+                       classes)
+    raise DataError(f"unknown dataset {cfg.name!r}")
+
+
+def parse_data_arg(arg: str) -> dict:
+    """``--data digits`` / ``--data cifar10:/data/cifar-10-batches-py`` /
+    ``--data /some/folder`` / ``--data arrays.npz`` -> data config fields."""
+    name, sep, path = arg.partition(":")
+    if sep and name in ("digits", "cifar10", "cifar100", "folder", "npz"):
+        return {"name": name, "path": path}
+    if arg in ("digits", "cifar10", "cifar100"):
+        return {"name": arg}
+    p = pathlib.Path(arg)
+    if p.suffix == ".npz":
+        return {"name": "npz", "path": arg}
+    for k, sub in ((10, "cifar-10-batches-py"), (100, "cifar-100-python")):
+        if p.name == sub or (p / sub).is_dir():
+            return {"name": f"cifar{k}", "path": arg}
+    return {"name": "folder", "path": arg}
+
+
+# ------------------------------------------------------------------ augmentation
+
+
+def augment_fn(cfg, img_size: int):
+    """Per-example augmentation ``(image, label), np.random.Generator -> same``."""
+    from PIL import Image
+
+    scale, pad, flip = cfg.crop_scale, cfg.pad_crop, cfg.hflip
+
+    def random_resized_crop(img, rng):
+        h, w = img.shape[:2]
+        for _ in range(10):
+            area = h * w * rng.uniform(*scale)
+            ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+            cw, ch = int(round(np.sqrt(area * ratio))), int(round(np.sqrt(area / ratio)))
+            if 0 < cw <= w and 0 < ch <= h:
+                top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+                break
+        else:
+            ch, cw, top, left = h, w, 0, 0
+        crop = img[top:top + ch, left:left + cw]
+        squeeze = crop.shape[-1] == 1
+        pil = Image.fromarray(crop[..., 0] if squeeze else crop)
+        out = np.asarray(pil.resize((img_size, img_size), Image.BILINEAR))
+        return out[..., None] if squeeze else out
+
+    def fn(example, rng):
+        img, label = example
+        if scale:
+            img = random_resized_crop(img, rng)
+        if pad:
+            padded = np.pad(img, ((pad, pad), (pad, pad), (0, 0)))
+            top, left = rng.integers(0, 2 * pad + 1, size=2)
+            img = padded[top:top + img_size, left:left + img_size]
+        if flip and rng.random() < 0.5:
+            img = img[:, ::-1]
+        return np.ascontiguousarray(img), label
+
+    return fn
+
+
+# ------------------------------------------------------------------- pipelines
+
+
+def train_iterator(source, *, batch_size: int, seed: int, augment=None, workers: int = 0,
+                   process_index: int = 0, process_count: int = 1):
+    """An endless iterator of ``(images uint8 (B, H, W, C), labels int32 (B,))`` batches,
+    reshuffled every epoch; ``.get_state()`` / ``.set_state()`` checkpoint it."""
+    import grain
+
+    if process_count > 1:  # each host reads its own shard of the examples
+        source = source.subset(np.arange(process_index, len(source), process_count))
+    if len(source) < batch_size:
+        raise DataError(f"the training split has {len(source)} examples, fewer than one batch "
+                        f"of {batch_size}; lower train.batch_size")
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+    if augment is not None:
+        ds = ds.random_map(augment)
+    ds = ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
+    if workers:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(ds)
+
+
+def eval_batches(source, batch_size: int, workers: int = 0):
+    """The whole split in order, as ``(images, labels, valid)`` batches of exactly
+    ``batch_size`` (the last one padded, ``valid`` marks real examples), so evaluation
+    compiles once."""
+    import grain
+
+    ds = grain.MapDataset.source(source).batch(batch_size, drop_remainder=False)
+    ds = ds.to_iter_dataset()
+    if workers:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    for images, labels in ds:
+        n = len(labels)
+        valid = np.zeros(batch_size, bool)
+        valid[:n] = True
+        if n < batch_size:
+            images = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:],
+                                                      images.dtype)])
+            labels = np.concatenate([labels, np.zeros(batch_size - n, labels.dtype)])
+        yield images, labels, valid
+
+
+def normalize(images, mean, std):
+    """uint8 NHWC -> float32 on the device: (x / 255 - mean) / std per channel."""
+    import jax.numpy as jnp
+
+    x = images.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def mean_std(cfg, channels: int):
+    mean = list(cfg.mean) or [0.5] * channels
+    std = list(cfg.std) or [0.5] * channels
+    if len(mean) != channels or len(std) != channels:
+        raise DataError(f"data.mean / data.std need {channels} values (one per channel), got "
+                        f"{mean} / {std}")
+    return mean, std

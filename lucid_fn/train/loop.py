@@ -1,0 +1,399 @@
+"""The training loop: ``fit(config)`` trains, evaluates, checkpoints, logs and plots.
+
+    from lucid_fn.train import fit, load_config
+    result = fit(load_config("configs/digits.toml", ["optim.lr=3e-4"]))
+
+Outputs in ``train.workdir``: ``config.toml`` (the resolved config), ``metrics.jsonl``
+(one JSON object per log step and per evaluation), ``checkpoints/<step>/`` (orbax),
+``model.safetensors`` (final params, EMA when on, loadable with ``lucid_fn.weights.load``)
+and ``curves.png``.
+
+The host never waits for the device inside the loop except every ``log_every`` steps,
+when the pending metrics are fetched in one transfer, and before each checkpoint, whose
+steps must all have had a finite loss before it is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lucid_fn import registry, weights
+from lucid_fn.train import config as config_lib
+from lucid_fn.train import data as data_lib
+from lucid_fn.train import step as step_lib
+from lucid_fn.train.checkpoint import Checkpointer
+
+# Config keys that may change when a run is resumed: they do not change what is computed.
+RESUMABLE_CHANGES = {"train.log_every", "train.eval_every", "train.eval_batch_size",
+                     "train.checkpoint_every", "train.keep_checkpoints", "data.workers",
+                     "train.workdir"}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Interrupted(KeyboardInterrupt):
+    pass
+
+
+# ------------------------------------------------------------------------ set-up
+
+
+def maybe_initialize_distributed() -> None:
+    """Multi-host runs: join the cluster when the environment describes one (an explicit
+    coordinator address, or a SLURM / Open MPI job of more than one task)."""
+    wants = (os.environ.get("JAX_COORDINATOR_ADDRESS")
+             or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+             or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+    if wants and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def model_kwargs(cfg, dataset) -> dict:
+    """Builder keywords: the config's, with num_classes / in_channels / img_size taken from
+    the data unless given, and checked against it when given."""
+    kw = dict(cfg.model.kwargs)
+    for key, value in (("num_classes", dataset.num_classes), ("in_channels", dataset.channels),
+                       ("img_size", dataset.img_size)):
+        if kw.setdefault(key, value) != value and key != "num_classes":
+            raise config_lib.ConfigError(
+                f"model.kwargs.{key}={kw[key]} does not match the data ({key} {value}); "
+                f"remove it from model.kwargs or set data.{'channels' if key == 'in_channels' else key}")
+    if kw["num_classes"] < dataset.num_classes:
+        raise config_lib.ConfigError(
+            f"model.kwargs.num_classes={kw['num_classes']} but the data has "
+            f"{dataset.num_classes} classes")
+    return kw
+
+
+def build_model(cfg, dataset):
+    kw = model_kwargs(cfg, dataset)
+    compute = dict(dtype=jnp.bfloat16) if cfg.train.dtype == "bfloat16" else {}
+    return registry[cfg.model.name](**kw, **compute), kw
+
+
+def initial_params(cfg, model, kw, key):
+    """Random init, or a checkpoint (fine-tuning) with its head kept or reset."""
+    if not cfg.model.init_from:
+        return jax.jit(model.init)(key)
+    path = cfg.model.init_from
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"model.init_from: {path!r} does not exist")
+    params = weights.load_torch_checkpoint(path, cfg.model.name, head=cfg.model.head,
+                                           rng=key, **kw)
+    return jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def check_resume(workdir: pathlib.Path, cfg, resume: bool, ckpt: Checkpointer) -> None:
+    saved = workdir / "config.toml"
+    if not resume:
+        if ckpt.latest_step() is not None:
+            raise config_lib.ConfigError(
+                f"{workdir} already holds checkpoints (step {ckpt.latest_step()}); pass "
+                f"--resume to continue that run, or choose another train.workdir")
+        return
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.directory}")
+    if saved.is_file():
+        old = config_lib.load_config(saved).to_dict()
+        new = cfg.to_dict()
+        changed = sorted(f"{s}.{k}" for s in new for k in new[s]
+                         if old[s][k] != new[s][k] and f"{s}.{k}" not in RESUMABLE_CHANGES)
+        if changed:
+            raise config_lib.ConfigError(
+                f"--resume: the config differs from the run in {workdir} in "
+                f"{', '.join(changed)}; resuming would not continue that run. Use its "
+                f"config ({saved}) or start a new workdir")
+
+
+# ------------------------------------------------------------------------ logging
+
+
+class MetricsLog:
+    """Appends JSON lines to workdir/metrics.jsonl (truncated to ``from_step`` on resume,
+    so the file always describes one run)."""
+
+    def __init__(self, path: pathlib.Path, from_step: int):
+        self.path = path
+        rows = read_metrics(path) if path.is_file() else []
+        kept = [r for r in rows if r["step"] <= from_step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
+        self.rows = kept
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path) -> list[dict]:
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
+
+
+def plot_curves(rows: list[dict], path) -> None:
+    """Loss and accuracy against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if "loss" in r]
+    test = [r for r in rows if "test_accuracy" in r]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if test:
+        ax1.plot([r["step"] for r in test], [r["test_loss"] for r in test], "o-",
+                 label="test loss")
+    ax1.set_xlabel("step"), ax1.set_ylabel("loss"), ax1.set_yscale("log"), ax1.legend()
+    ax2.plot([r["step"] for r in train], [r["accuracy"] for r in train], label="train")
+    if test:
+        ax2.plot([r["step"] for r in test], [r["test_accuracy"] for r in test], "o-",
+                 label="test")
+    ax2.set_xlabel("step"), ax2.set_ylabel("accuracy"), ax2.legend()
+    fig.tight_layout()
+    tmp = pathlib.Path(str(path) + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _progress(total, initial, enabled):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------ evaluation
+
+
+def run_eval(evaluate, params, source, batch: int, sharding, workers: int = 0) -> dict:
+    sums = None
+    for images, labels, valid in data_lib.eval_batches(source, batch, workers):
+        out = evaluate(params, *step_lib.put_batch((images, labels, valid), sharding))
+        sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
+    sums = jax.device_get(sums)
+    n = int(sums["count"])
+    return {"test_accuracy": float(sums["correct"]) / n, "test_loss": float(sums["loss"]) / n,
+            "test_examples": n}
+
+
+# ------------------------------------------------------------------------ the loop
+
+
+def _eval_batch(batch: int, n_devices: int) -> int:
+    return -(-batch // n_devices) * n_devices
+
+
+def fit(cfg, *, resume: bool = False, progress: bool = True, callbacks=(), mesh=None) -> dict:
+    """Train as ``cfg`` says. ``callbacks`` are called as ``fn(step, row)`` after each log
+    row. Returns a summary: final test accuracy, steps, seconds, workdir."""
+    maybe_initialize_distributed()
+    t_start = time.perf_counter()
+    mesh = mesh or step_lib.make_mesh()
+    n_dev, tc = mesh.devices.size, cfg.train
+    if tc.batch_size % (n_dev * cfg.optim.accum_steps):
+        raise config_lib.ConfigError(
+            f"train.batch_size={tc.batch_size} must be divisible by the {n_dev} devices times "
+            f"optim.accum_steps={cfg.optim.accum_steps}")
+    workdir = pathlib.Path(tc.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    dataset = data_lib.load(cfg.data, cfg.model.kwargs.get("num_classes"))
+    model, kw = build_model(cfg, dataset)
+    mean, std = data_lib.mean_std(cfg.data, dataset.channels)
+    tx, schedule = step_lib.make_optimizer(cfg.optim, tc.steps)
+    spec = step_lib.StepSpec(model.apply, tx, schedule, kw["num_classes"], tuple(mean),
+                             tuple(std), cfg.augment, cfg.optim.accum_steps,
+                             cfg.optim.ema_decay)
+    ckpt = Checkpointer(workdir / "checkpoints", tc.keep_checkpoints)
+    check_resume(workdir, cfg, resume, ckpt)
+
+    key = jax.random.key(tc.seed)
+    abstract = jax.eval_shape(lambda k: step_lib.init_state(spec, model.init(k), tc.seed), key)
+    img_shape = (dataset.img_size, dataset.img_size, dataset.channels)
+    eval_batch = _eval_batch(tc.eval_batch_size, n_dev)
+    train_step, evaluate, shardings, compile_s = step_lib.compile_steps(
+        spec, abstract, mesh, tc.param_sharding, tc.batch_size, eval_batch, img_shape)
+    data_sh = step_lib.batch_sharding(mesh)
+    abstract = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+    pc, pi = jax.process_count(), jax.process_index()
+    train_it = data_lib.train_iterator(
+        dataset.train, batch_size=tc.batch_size // pc, seed=tc.seed,
+        augment=data_lib.augment_fn(cfg.augment, dataset.img_size), workers=cfg.data.workers,
+        process_index=pi, process_count=pc)
+    if resume:
+        state, data_state = ckpt.restore(abstract)
+        train_it.set_state(data_state)
+    else:
+        params = initial_params(cfg, model, kw, jax.random.fold_in(key, 1))
+        state = jax.jit(lambda p: step_lib.init_state(spec, p, tc.seed),
+                        out_shardings=shardings)(params)
+    start = int(jax.device_get(state["step"]))
+    (workdir / "config.toml").write_text(config_lib.to_toml(cfg))
+    log = MetricsLog(workdir / "metrics.jsonl", start)
+    bar = _progress(tc.steps, start, progress and pi == 0)
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    handlers = {}
+    if threading_main():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, on_signal)
+
+    pending, window_start, window_steps = [], time.perf_counter(), 0
+    last_good = ckpt.latest_step()
+    eval_params = (lambda s: s["ema"]) if cfg.optim.ema_decay else (lambda s: s["params"])
+
+    def check_finite(step: int) -> list:
+        """Fetch the pending metrics (a host sync) and stop on a non-finite loss."""
+        fetched = jax.device_get(pending)  # arrays cache their host copy: fetched once
+        first_step = step - len(fetched) + 1
+        for i, m in enumerate(fetched):
+            if not math.isfinite(float(m["loss"])):
+                raise NonFiniteLossError(
+                    f"the loss became {float(m['loss'])} at step {first_step + i}; training "
+                    f"stopped. The last good checkpoint is step {last_good} in "
+                    f"{ckpt.directory} (untouched). Lower optim.lr, set optim.clip_norm, or "
+                    f"use train.dtype=float32, then continue with --resume")
+        return fetched
+
+    def flush(step: int) -> dict | None:
+        """One log row from the pending metrics, which it clears."""
+        nonlocal pending, window_start, window_steps
+        if not pending:
+            return None
+        fetched = check_finite(step)
+        elapsed = time.perf_counter() - window_start
+        images = window_steps * tc.batch_size
+        row = {"step": step,
+               "loss": float(np.mean([m["loss"] for m in fetched])),
+               "accuracy": float(sum(m["correct"] for m in fetched))
+               / (len(fetched) * tc.batch_size),
+               "lr": float(fetched[-1]["lr"]),
+               "grad_norm": float(fetched[-1]["grad_norm"]),
+               "img_per_s": images / elapsed if elapsed > 0 else 0.0,
+               "elapsed_s": time.perf_counter() - t_start}
+        pending, window_start, window_steps = [], time.perf_counter(), 0
+        return row
+
+    result = {}
+    try:
+        step = start
+        while step < tc.steps:
+            images, labels = next(train_it)
+            state, metrics = train_step(state, *step_lib.put_batch((images, labels), data_sh))
+            pending.append(metrics)
+            step += 1
+            window_steps += 1
+            last = step == tc.steps
+            row = None
+            if step % tc.log_every == 0 or last:
+                row = flush(step)
+                if bar is not None:
+                    bar.update(step - bar.n)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}",
+                                    img_s=f"{row['img_per_s']:.0f}")
+            if (tc.eval_every and step % tc.eval_every == 0) or last:
+                flush_row = flush(step)  # a finite check before trusting these params
+                row = row or flush_row
+                ev = run_eval(evaluate, eval_params(state), dataset.test, eval_batch, data_sh,
+                              cfg.data.workers)
+                row = {**(row or {"step": step}), **ev}
+                window_start = time.perf_counter()  # evaluation time is not training speed
+            if row is not None:
+                log.write(row)
+                for fn in callbacks:
+                    fn(step, row)
+            if step % tc.checkpoint_every == 0 or last or stop["signal"]:
+                check_finite(step)  # only states reached through finite losses are saved
+                ckpt.save(step, state, train_it.get_state())
+                last_good = step
+            if stop["signal"]:
+                ckpt.wait()
+                raise Interrupted(f"interrupted at step {step}; checkpoint saved in "
+                                  f"{ckpt.directory}; continue with --resume")
+        ckpt.wait()
+        final = log.rows[-1]
+        result = {"test_accuracy": final.get("test_accuracy"), "steps": tc.steps,
+                  "seconds": time.perf_counter() - t_start, "compile_seconds": compile_s,
+                  "workdir": str(workdir)}
+        if pi == 0:
+            export = jax.device_get(eval_params(state))
+            kw_save = {k: v for k, v in kw.items()}
+            weights.save(workdir / "model.safetensors", export, cfg.model.name, **kw_save)
+            plot_curves(log.rows, workdir / "curves.png")
+    finally:
+        if bar is not None:
+            bar.close()
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+        ckpt.close()
+    return result
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def evaluate_file(path, data_cfg, *, batch_size: int = 256, use_ema: bool = True) -> dict:
+    """Accuracy of a checkpoint on a dataset's test split. ``path``: a ``.safetensors``
+    written by ``lucid_fn.weights.save`` (e.g. a run's model.safetensors), or a run's
+    workdir (its latest orbax checkpoint, EMA params when the run kept them)."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        cfg = config_lib.load_config(path / "config.toml")
+        dataset = data_lib.load(data_cfg or cfg.data, cfg.model.kwargs.get("num_classes"))
+        model, kw = build_model(cfg, dataset)
+        mean, std = data_lib.mean_std(cfg.data, dataset.channels)
+        tx, schedule = step_lib.make_optimizer(cfg.optim, cfg.train.steps)
+        spec0 = step_lib.StepSpec(model.apply, tx, schedule, kw["num_classes"], tuple(mean),
+                                  tuple(std), cfg.augment, 1, cfg.optim.ema_decay)
+        abstract = jax.eval_shape(lambda k: step_lib.init_state(spec0, model.init(k), 0),
+                                  jax.random.key(0))
+        ckpt = Checkpointer(path / "checkpoints", cfg.train.keep_checkpoints)
+        try:
+            state, _ = ckpt.restore(abstract)
+        finally:
+            ckpt.close()
+        params = state["ema"] if use_ema and "ema" in state else state["params"]
+        step = int(state["step"])
+    else:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+        params, model = weights.load(path)
+        if data_cfg is None:
+            raise config_lib.ConfigError("evaluating a .safetensors file needs --data")
+        c = model.config
+        # The data is read at the model's size and converted to its channels.
+        data_cfg = dataclasses.replace(data_cfg, img_size=c.img_size, channels=c.in_channels)
+        dataset = data_lib.load(data_cfg, c.num_classes)
+        mean, std = data_lib.mean_std(data_cfg, dataset.channels)
+        step = None
+    mesh = step_lib.make_mesh()
+    batch = _eval_batch(batch_size, mesh.devices.size)
+    spec = step_lib.StepSpec(model.apply, None, None, 0, tuple(mean), tuple(std), None)
+    evaluate = jax.jit(lambda p, x, y, v: step_lib.eval_step(spec, p, x, y, v))
+    out = run_eval(evaluate, params, dataset.test, batch, step_lib.batch_sharding(mesh))
+    return {**out, "model": model.name, "step": step}

@@ -1,0 +1,174 @@
+"""Datasets and the grain pipeline: every source, its errors, augmentation, resumable order."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+from lucid_fn.train import DataError, load_config
+from lucid_fn.train import data
+
+
+def data_cfg(*overrides):
+    return load_config(None, list(overrides)).data
+
+
+def test_digits_are_real_and_split_reproducibly():
+    ds = data.load(data_cfg())
+    assert (len(ds.train), len(ds.test), ds.num_classes, ds.channels) == (1438, 359, 10, 1)
+    img, label = ds.train[0]
+    assert img.shape == (32, 32, 1) and img.dtype == np.uint8 and 0 <= label < 10
+    images, labels = data.load_digits_arrays()
+    assert images.shape == (1797, 8, 8, 1) and images.max() == 255
+    assert np.bincount(labels).min() >= 170  # ~180 per digit
+    again = data.load(data_cfg())
+    np.testing.assert_array_equal(ds.test.labels, again.test.labels)
+    other = data.load(data_cfg("data.split_seed=1"))
+    assert not np.array_equal(ds.test.labels, other.test.labels)
+    # Stratified: every class is in the test split in proportion.
+    assert np.bincount(ds.test.labels).min() >= 34
+
+
+def test_channels_conversion():
+    ds = data.load(data_cfg("data.channels=3", "data.img_size=16"))
+    img, _ = ds.test[0]
+    assert img.shape == (16, 16, 3) and ds.channels == 3
+    np.testing.assert_array_equal(img[..., 0], img[..., 2])
+
+
+def write_cifar(root, classes=10, n=20):
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    key = b"labels" if classes == 10 else b"fine_labels"
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if classes == 10 \
+        else ["train", "test"]
+    for name in names:
+        d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+             key: list(rng.integers(0, classes, n))}
+        with open(root / name, "wb") as f:
+            pickle.dump(d, f)
+    return root
+
+
+def test_cifar10_and_cifar100_pickle_folders(tmp_path):
+    root = write_cifar(tmp_path / "cifar-10-batches-py")
+    ds = data.load(data_cfg("data.name=cifar10", f'data.path="{tmp_path}"'))
+    assert (len(ds.train), len(ds.test), ds.num_classes, ds.channels) == (100, 20, 10, 3)
+    with open(root / "data_batch_1", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")[b"data"][0]
+    np.testing.assert_array_equal(ds.train[0][0], raw.reshape(3, 32, 32).transpose(1, 2, 0))
+    write_cifar(tmp_path / "c100" / "cifar-100-python", classes=100)
+    ds = data.load(data_cfg("data.name=cifar100", f'data.path="{tmp_path / "c100"}"'))
+    assert ds.num_classes == 100 and len(ds.train) == 20
+    assert data.parse_data_arg(str(root)) == {"name": "cifar10", "path": str(root)}
+
+
+def test_cifar_missing_file_is_named(tmp_path):
+    root = write_cifar(tmp_path / "cifar-10-batches-py")
+    (root / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="data_batch_3.*missing"):
+        data.load(data_cfg("data.name=cifar10", f'data.path="{root}"'))
+
+
+def write_folder(root, classes=("cat", "dog"), n=3, size=(40, 30)):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+    return root
+
+
+def test_image_folder(tmp_path):
+    write_folder(tmp_path / "imgs", n=5)
+    ds = data.load(data_cfg("data.name=folder", f'data.path="{tmp_path / "imgs"}"',
+                            "data.img_size=24"))
+    assert ds.class_names == ["cat", "dog"] and ds.num_classes == 2
+    assert len(ds.train) + len(ds.test) == 10 and set(ds.test.labels) == {0, 1}
+    img, _ = ds.train[0]
+    assert img.shape == (24, 24, 3) and img.dtype == np.uint8
+    assert data.parse_data_arg(str(tmp_path / "imgs"))["name"] == "folder"
+
+
+def test_image_folder_errors_name_the_problem(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        data.load(data_cfg("data.name=folder", f'data.path="{tmp_path / "nowhere"}"'))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class subfolders"):
+        data.load(data_cfg("data.name=folder", f'data.path="{tmp_path / "empty"}"'))
+    write_folder(tmp_path / "a")
+    (tmp_path / "a" / "bird").mkdir()
+    with pytest.raises(DataError, match="bird.*has no images"):
+        data.load(data_cfg("data.name=folder", f'data.path="{tmp_path / "a"}"'))
+    write_folder(tmp_path / "b")
+    (tmp_path / "b" / "dog" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(DataError, match="unreadable image.*broken.jpg"):
+        data.load(data_cfg("data.name=folder", f'data.path="{tmp_path / "b"}"'))
+
+
+def test_npz_arrays_and_their_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.random((30, 12, 12)), rng.integers(0, 3, 30)
+    np.savez(tmp_path / "a.npz", images=x, labels=y)
+    ds = data.load(data_cfg("data.name=npz", f'data.path="{tmp_path / "a.npz"}"',
+                            "data.img_size=12"))
+    assert ds.num_classes == 3 and ds.channels == 1 and len(ds.train) + len(ds.test) == 30
+    np.savez(tmp_path / "b.npz", x_train=(x * 255).astype(np.uint8), y_train=y,
+             x_test=(x[:5] * 255).astype(np.uint8), y_test=y[:5])
+    ds = data.load(data_cfg("data.name=npz", f'data.path="{tmp_path / "b.npz"}"'))
+    assert len(ds.train) == 30 and len(ds.test) == 5
+    cfg = data_cfg("data.name=npz", f'data.path="{tmp_path / "b.npz"}"')
+    with pytest.raises(DataError, match=r"b\.npz:y_train: label 2 .* out of range \[0, 2\)"):
+        data.load(cfg, num_classes=2)
+    np.savez(tmp_path / "c.npz", pixels=x)
+    with pytest.raises(DataError, match="c.npz.*x_train/y_train"):
+        data.load(data_cfg("data.name=npz", f'data.path="{tmp_path / "c.npz"}"'))
+    np.savez(tmp_path / "d.npz", images=x, labels=y[:10])
+    with pytest.raises(DataError, match="30 images but labels has 10"):
+        data.load(data_cfg("data.name=npz", f'data.path="{tmp_path / "d.npz"}"'))
+    with pytest.raises(DataError, match="does not exist"):
+        data.load(data_cfg("data.name=npz", f'data.path="{tmp_path / "none.npz"}"'))
+
+
+def test_iterator_state_restores_the_exact_order():
+    ds = data.load(data_cfg())
+    aug = data.augment_fn(load_config(None, ["augment.pad_crop=2", "augment.hflip=true"]).augment,
+                          32)
+    it = data.train_iterator(ds.train, batch_size=32, seed=0, augment=aug)
+    for _ in range(50):  # past the first epoch (1438 / 32 = 44 batches)
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(3)]
+    again = data.train_iterator(ds.train, batch_size=32, seed=0, augment=aug)
+    again.set_state(state)
+    for (xa, ya), (xb, yb) in zip(expected, (next(again) for _ in range(3))):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    # Every epoch is a new permutation: no batch of epoch 2 repeats epoch 1's order.
+    first = data.train_iterator(ds.train, batch_size=32, seed=0)
+    labels = np.concatenate([next(first)[1] for _ in range(88)])
+    assert not np.array_equal(labels[:1408], labels[1408:])
+
+
+def test_augmentation_keeps_shape_and_flips(tmp_path):
+    img = np.arange(32 * 32, dtype=np.uint8).reshape(32, 32, 1)
+    aug_cfg = load_config(None, ["augment.crop_scale=[0.3, 1.0]", "augment.hflip=true",
+                                 "augment.pad_crop=4"]).augment
+    fn = data.augment_fn(aug_cfg, 32)
+    rng = np.random.default_rng(0)
+    outs = [fn((img, 1), rng)[0] for _ in range(10)]
+    assert all(o.shape == (32, 32, 1) and o.dtype == np.uint8 for o in outs)
+    assert len({o.tobytes() for o in outs}) > 1
+    flip_only = data.augment_fn(load_config(None, ["augment.hflip=true"]).augment, 32)
+    seen = {flip_only((img, 1), np.random.default_rng(s))[0].tobytes() for s in range(10)}
+    assert seen == {img.tobytes(), img[:, ::-1].tobytes()}
+
+
+def test_eval_batches_pad_and_mark_the_last_batch():
+    ds = data.load(data_cfg())
+    batches = list(data.eval_batches(ds.test, 128))
+    assert [b[0].shape[0] for b in batches] == [128, 128, 128]
+    assert sum(int(b[2].sum()) for b in batches) == 359
