@@ -114,10 +114,27 @@ def _train_config(args):
     return config_lib.load_config(args.config, overrides)
 
 
+def _enable_compile_cache() -> None:
+    """Keep compiled steps on disk (XLA's persistent cache), so that running the same
+    config again starts in seconds. LUCID_FN_COMPILE_CACHE sets the folder; "off" turns
+    it off; a JAX_COMPILATION_CACHE_DIR the user set wins."""
+    import os
+
+    import jax
+
+    folder = os.environ.get("LUCID_FN_COMPILE_CACHE",
+                            os.path.join(os.path.expanduser("~"), ".cache", "lucid_fn", "xla"))
+    if folder == "off" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def cmd_train(args) -> int:
     from lucid_fn.train import Interrupted, NonFiniteLossError, fit
 
     cfg = _train_config(args)
+    _enable_compile_cache()
     try:
         result = fit(cfg, resume=args.resume, progress=not args.no_progress)
     except Interrupted as e:
