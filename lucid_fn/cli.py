@@ -136,17 +136,27 @@ def cmd_train(args) -> int:
     cfg = _train_config(args)
     _enable_compile_cache()
     try:
-        result = fit(cfg, resume=args.resume, progress=not args.no_progress)
+        # Without --resume, a workdir holding this run's checkpoints is continued (a
+        # finished run is just reported again); --new refuses to.
+        resume = True if args.resume else (False if args.new else "auto")
+        result = fit(cfg, resume=resume, progress=not args.no_progress)
     except Interrupted as e:
         print(f"lucid-fn train: {e}", file=sys.stderr)
         return 130
     except NonFiniteLossError as e:
         print(f"lucid-fn train: {e}", file=sys.stderr)
         return 1
-    acc = result["test_accuracy"]
+    acc, start = result["test_accuracy"], result["start_step"]
+    if start == result["steps"]:
+        print(f"{cfg.model.name} on {cfg.data.name}: this run had already finished "
+              f"({start} steps, checkpoint in {result['workdir']}): test accuracy {acc:.4f}. "
+              f"Use another --workdir (or --new) for a new run.")
+        return 0
+    resumed = f", continued from step {start}" if start else ""
     print(f"{cfg.model.name} on {cfg.data.name}: test accuracy {acc:.4f} after "
           f"{result['steps']} steps in {result['seconds']:.1f} s "
-          f"(compile {result['compile_seconds']:.1f} s); outputs in {result['workdir']}")
+          f"(compile {result['compile_seconds']:.1f} s{resumed}); outputs in "
+          f"{result['workdir']}")
     return 0
 
 
@@ -210,7 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="train.steps")
     p.add_argument("--workdir", default=None, help="train.workdir (default runs/digits)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in the workdir from its latest checkpoint")
+                   help="continue the run in the workdir from its latest checkpoint "
+                        "(default: continue if there is one, start if not)")
+    p.add_argument("--new", action="store_true",
+                   help="start a new run; an error if the workdir holds checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train)
 

@@ -313,6 +313,12 @@ def test_cli_train_and_eval(run_a, tmp_path, capsys):
     assert main(args) == 0
     assert "test accuracy" in capsys.readouterr().out
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    # Running the same command again reports the finished run instead of failing or
+    # overwriting it; --new refuses to touch it.
+    assert main(args) == 0
+    assert "already finished (2 steps" in capsys.readouterr().out
+    assert main(args + ["--new"]) == 2
+    assert "--resume" in capsys.readouterr().err
 
 
 SHARDED_SCRIPT = """

@@ -42,6 +42,10 @@ def run_blocks(fn, blocks, x, rng, path_rates, *, scan: bool, remat: bool):
     each block's activations in the backward pass instead of storing them.
     """
     depth = len(path_rates)
+    if not any(path_rates):
+        # No drop-path anywhere in the stage: a static 0 lets drop_path draw no masks,
+        # scanned or not (a traced rate of 0 would still draw them).
+        fn = functools.partial(lambda p, x, key, rate, f: f(p, x, key, 0.0), f=fn)
     if remat:
         # Under scan, CSE across iterations is impossible anyway; unrolled it must be
         # prevented or XLA may merge the recomputation back into the forward pass.

@@ -188,8 +188,9 @@ def drop_path(x, rate, rng):
     """Stochastic depth: drop the whole residual branch per sample.
 
     ``rate`` may be a traced scalar (blocks run under ``lax.scan`` carry their own rate).
+    A rate known to be 0 draws nothing: the mask would be all ones.
     """
-    if rng is None:
+    if rng is None or (isinstance(rate, (int, float, np.floating)) and rate == 0):
         return x
     keep = 1.0 - jnp.asarray(rate, jnp.float32)
     mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))

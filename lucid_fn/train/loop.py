@@ -95,14 +95,18 @@ def initial_params(cfg, model, kw, key):
     return jax.tree_util.tree_map(jnp.asarray, params)
 
 
-def check_resume(workdir: pathlib.Path, cfg, resume: bool, ckpt: Checkpointer) -> None:
+def check_resume(workdir: pathlib.Path, cfg, resume, ckpt: Checkpointer) -> bool:
+    """Whether to resume. ``resume``: True (there must be a checkpoint), False (there must
+    be none: a new run never overwrites an old one) or "auto" (resume if there is one)."""
     saved = workdir / "config.toml"
+    if resume == "auto":
+        resume = ckpt.latest_step() is not None
     if not resume:
         if ckpt.latest_step() is not None:
             raise config_lib.ConfigError(
                 f"{workdir} already holds checkpoints (step {ckpt.latest_step()}); pass "
                 f"--resume to continue that run, or choose another train.workdir")
-        return
+        return False
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.directory}")
     if saved.is_file():
@@ -115,6 +119,7 @@ def check_resume(workdir: pathlib.Path, cfg, resume: bool, ckpt: Checkpointer) -
                 f"--resume: the config differs from the run in {workdir} in "
                 f"{', '.join(changed)}; resuming would not continue that run. Use its "
                 f"config ({saved}) or start a new workdir")
+    return True
 
 
 # ------------------------------------------------------------------------ logging
@@ -199,9 +204,11 @@ def _eval_batch(batch: int, n_devices: int) -> int:
     return -(-batch // n_devices) * n_devices
 
 
-def fit(cfg, *, resume: bool = False, progress: bool = True, callbacks=(), mesh=None) -> dict:
-    """Train as ``cfg`` says. ``callbacks`` are called as ``fn(step, row)`` after each log
-    row. Returns a summary: final test accuracy, steps, seconds, workdir."""
+def fit(cfg, *, resume=False, progress: bool = True, callbacks=(), mesh=None) -> dict:
+    """Train as ``cfg`` says. ``resume``: False (new run; the workdir must hold no
+    checkpoints), True (continue from the latest checkpoint) or "auto" (either).
+    ``callbacks`` are called as ``fn(step, row)`` after each log row. Returns a summary:
+    final test accuracy, steps, seconds, workdir."""
     maybe_initialize_distributed()
     t_start = time.perf_counter()
     mesh = mesh or step_lib.make_mesh()
@@ -221,7 +228,7 @@ def fit(cfg, *, resume: bool = False, progress: bool = True, callbacks=(), mesh=
                              tuple(std), cfg.augment, cfg.optim.accum_steps,
                              cfg.optim.ema_decay)
     ckpt = Checkpointer(workdir / "checkpoints", tc.keep_checkpoints)
-    check_resume(workdir, cfg, resume, ckpt)
+    resume = check_resume(workdir, cfg, resume, ckpt)
 
     key = jax.random.key(tc.seed)
     abstract = jax.eval_shape(lambda k: step_lib.init_state(spec, model.init(k), tc.seed), key)
@@ -335,6 +342,7 @@ def fit(cfg, *, resume: bool = False, progress: bool = True, callbacks=(), mesh=
         ckpt.wait()
         final = log.rows[-1]
         result = {"test_accuracy": final.get("test_accuracy"), "steps": tc.steps,
+                  "start_step": start,
                   "seconds": time.perf_counter() - t_start, "compile_seconds": compile_s,
                   "workdir": str(workdir)}
         if pi == 0:
