@@ -162,7 +162,8 @@ def test_augmentation_keeps_shape_and_flips(tmp_path):
     outs = [fn((img, 1), rng)[0] for _ in range(10)]
     assert all(o.shape == (32, 32, 1) and o.dtype == np.uint8 for o in outs)
     assert len({o.tobytes() for o in outs}) > 1
-    flip_only = data.augment_fn(load_config(None, ["augment.hflip=true"]).augment, 32)
+    flip_only = data.augment_fn(
+        load_config(None, ["augment.hflip=true", "augment.pad_crop=0"]).augment, 32)
     seen = {flip_only((img, 1), np.random.default_rng(s))[0].tobytes() for s in range(10)}
     assert seen == {img.tobytes(), img[:, ::-1].tobytes()}
 
@@ -172,3 +173,23 @@ def test_eval_batches_pad_and_mark_the_last_batch():
     batches = list(data.eval_batches(ds.test, 128))
     assert [b[0].shape[0] for b in batches] == [128, 128, 128]
     assert sum(int(b[2].sum()) for b in batches) == 359
+
+
+def test_worker_processes_give_the_same_batches_and_resume():
+    ds = data.load(data_cfg())
+    aug = data.augment_fn(load_config(None).augment, 32)
+    plain = data.train_iterator(ds.train, batch_size=32, seed=0, augment=aug)
+    pooled = data.train_iterator(ds.train, batch_size=32, seed=0, augment=aug, workers=2)
+    try:
+        for _ in range(3):
+            np.testing.assert_array_equal(next(plain)[0], next(pooled)[0])
+        state = pooled.get_state()
+        expected = next(plain)
+    finally:
+        data.close(pooled)
+    again = data.train_iterator(ds.train, batch_size=32, seed=0, augment=aug, workers=2)
+    try:
+        again.set_state(state)
+        np.testing.assert_array_equal(next(again)[1], expected[1])
+    finally:
+        data.close(again)

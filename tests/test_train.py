@@ -268,6 +268,26 @@ def test_interrupted_run_resumes_exactly(run_a, tmp_path):
     assert (rows_a[2], rows_a[6]) == (rows_b[2], rows_b[6])
 
 
+def test_sigint_saves_a_checkpoint_and_resume_finishes_the_same(run_a, tmp_path):
+    """Ctrl-C: the loop finishes the current step, checkpoints it, and stops; resuming
+    gives the uninterrupted run's params."""
+    import signal
+
+    def ctrl_c(step, row):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    from lucid_fn.train import Interrupted
+
+    with pytest.raises(Interrupted, match="interrupted at step 2; checkpoint saved"):
+        fit(small_config(tmp_path), progress=False, callbacks=[ctrl_c])
+    assert (tmp_path / "checkpoints" / "2").is_dir()
+    fit(small_config(tmp_path), resume="auto", progress=False)
+    for a, b in zip(jax.tree_util.tree_leaves(final_params(run_a[0])),
+                    jax.tree_util.tree_leaves(final_params(tmp_path))):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path):
     cfg = small_config(tmp_path, "optim.lr=1e30", "train.log_every=1",
                        "train.checkpoint_every=1")
@@ -280,16 +300,26 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path):
 
 
 def test_fine_tune_from_a_run_with_a_new_head(run_a, tmp_path):
-    """model.init_from takes a run's model.safetensors; head="reset" fits a new class count."""
+    """model.init_from takes a run's model.safetensors; head="reset" re-initialises the
+    classifier (any class count) and keeps everything else."""
+    from lucid_fn.train import loop
+
     workdir_a, _ = run_a
-    cfg = small_config(tmp_path, f'model.init_from="{workdir_a / "model.safetensors"}"',
-                       "model.head=reset", "train.steps=2", "train.checkpoint_every=2")
-    cfg.model.kwargs["num_classes"] = 12
-    result = fit(cfg, progress=False)
-    params = final_params(tmp_path)
-    assert params["head"]["kernel"].shape == (64, 12)
+    source = final_params(workdir_a)
+    init_from = f'model.init_from="{workdir_a / "model.safetensors"}"'
+    for classes in (10, 12):
+        cfg = small_config(tmp_path, init_from, "model.head=reset")
+        cfg.model.kwargs["num_classes"] = classes
+        model, kw = loop.build_model(cfg, loop.data_lib.load(cfg.data))
+        params = loop.initial_params(cfg, model, kw, jax.random.key(5))
+        assert params["head"]["kernel"].shape == (64, classes)
+        assert not np.allclose(params["head"]["kernel"][:, :10], source["head"]["kernel"])
+        np.testing.assert_array_equal(params["stage2"]["blocks"]["mlp"]["fc1"]["kernel"],
+                                      source["stage2"]["blocks"]["mlp"]["fc1"]["kernel"])
+    # Through the loop (same shapes as run_a: its compiled step is reused).
+    result = fit(small_config(tmp_path, init_from, "model.head=reset"), progress=False)
     assert result["test_accuracy"] is not None
-    keep = small_config(tmp_path / "keep", f'model.init_from="{workdir_a / "model.safetensors"}"')
+    keep = small_config(tmp_path / "keep", init_from)
     keep.model.kwargs["num_classes"] = 12
     with pytest.raises(ValueError, match="head"):
         fit(keep, progress=False)
@@ -307,7 +337,13 @@ def test_cli_train_and_eval(run_a, tmp_path, capsys):
     assert main(["train", "--set", "optim.lr_max=1"]) == 2
     assert "optim.lr_max" in capsys.readouterr().err
     args = ["train", "--no-progress", "--workdir", str(tmp_path), "--steps", "2"]
-    for item in SMALL:
+    # Every training option at once, through the CLI: they compile and run together.
+    everything = ["augment.crop_scale=[0.5, 1.0]", "augment.hflip=true",
+                  "augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0",
+                  "augment.label_smoothing=0.1", "optim.warmup_steps=1",
+                  "optim.clip_norm=1.0", "optim.ema_decay=0.9", "optim.accum_steps=2",
+                  "train.dtype=bfloat16", "data.workers=1"]
+    for item in SMALL + everything:
         if not item.startswith("train.steps"):
             args += ["--set", item]
     assert main(args) == 0
@@ -343,9 +379,7 @@ print(json.dumps(out))
 def test_sharded_over_8_devices_matches_one_device(tmp_path):
     """Data parallel over 8 (CPU) devices, params replicated or FSDP-sharded, gives the
     loss trajectory of one device."""
-    overrides = ["model.kwargs={embed_dims=[32, 64, 96, 128], num_heads=[1, 2, 3, 4], "
-                 "depths=[1, 1, 1, 1]}", "train.steps=4", "train.batch_size=16",
-                 "train.log_every=1", "train.checkpoint_every=4", "train.eval_batch_size=64"]
+    overrides = SMALL + ["train.log_every=1"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, json.dumps(overrides),
@@ -353,7 +387,14 @@ def test_sharded_over_8_devices_matches_one_device(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(losses["one"]) == 4
+    assert len(losses["one"]) == 6
+    # FSDP really splits this model: its larger kernels are sharded 8 ways.
+    shapes = jax.eval_shape(registry["pvt_tiny"](
+        img_size=32, num_classes=10, in_channels=1, **small_config(tmp_path).model.kwargs).init,
+        jax.random.key(0))
+    sharded = [a.shape for a in jax.tree_util.tree_leaves(shapes)
+               if step_lib.fsdp_spec(a.shape, 8) != jax.sharding.PartitionSpec()]
+    assert len(sharded) >= 3, sharded
     np.testing.assert_allclose(losses["dp8"], losses["one"], rtol=2e-5)
     np.testing.assert_allclose(losses["fsdp8"], losses["one"], rtol=2e-5)
 

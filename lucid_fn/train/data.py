@@ -358,6 +358,15 @@ def augment_fn(cfg, img_size: int):
 # ------------------------------------------------------------------- pipelines
 
 
+def _absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags, which only an absl app parses; outside
+    one (our CLI, notebooks, pytest) mark them parsed so their defaults apply."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def train_iterator(source, *, batch_size: int, seed: int, augment=None, workers: int = 0,
                    process_index: int = 0, process_count: int = 1):
     """An endless iterator of ``(images uint8 (B, H, W, C), labels int32 (B,))`` batches,
@@ -375,6 +384,7 @@ def train_iterator(source, *, batch_size: int, seed: int, augment=None, workers:
     ds = ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
     if workers:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        _absl_flags_parsed()
     return iter(ds)
 
 
@@ -388,7 +398,22 @@ def eval_batches(source, batch_size: int, workers: int = 0):
     ds = ds.to_iter_dataset()
     if workers:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    for images, labels in ds:
+        _absl_flags_parsed()
+    it = iter(ds)
+    try:
+        yield from _padded(it, batch_size)
+    finally:
+        close(it)
+
+
+def close(iterator) -> None:
+    """Stop an iterator's worker processes now rather than at interpreter exit."""
+    if hasattr(iterator, "close"):
+        iterator.close()
+
+
+def _padded(it, batch_size):
+    for images, labels in it:
         n = len(labels)
         valid = np.zeros(batch_size, bool)
         valid[:n] = True

@@ -351,6 +351,7 @@ def fit(cfg, *, resume=False, progress: bool = True, callbacks=(), mesh=None) ->
             weights.save(workdir / "model.safetensors", export, cfg.model.name, **kw_save)
             plot_curves(log.rows, workdir / "curves.png")
     finally:
+        data_lib.close(train_it)
         if bar is not None:
             bar.close()
         for sig, h in handlers.items():
