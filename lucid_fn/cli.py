@@ -163,12 +163,10 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from lucid_fn.train import data as data_lib
     from lucid_fn.train import evaluate_file
-    from lucid_fn.train.config import from_dict, DataConfig
 
-    data_cfg = None
-    if args.data:
-        data_cfg = from_dict(data_lib.parse_data_arg(args.data), DataConfig, "data")
-    out = evaluate_file(args.checkpoint, data_cfg, batch_size=args.batch_size)
+    _enable_compile_cache()
+    data = data_lib.parse_data_arg(args.data) if args.data else None
+    out = evaluate_file(args.checkpoint, data, batch_size=args.batch_size)
     step = "" if out["step"] is None else f" (step {out['step']})"
     print(f"{out['model']}{step}: test accuracy {out['test_accuracy']:.4f} on "
           f"{out['test_examples']} examples, loss {out['test_loss']:.4f}")

@@ -334,6 +334,10 @@ def test_cli_train_and_eval(run_a, tmp_path, capsys):
     assert f"test accuracy {result['test_accuracy']:.4f}" in out and "step 6" in out
     assert main(["eval", str(workdir_a / "model.safetensors"), "--data", "digits"]) == 0
     assert f"test accuracy {result['test_accuracy']:.4f}" in capsys.readouterr().out
+    assert main(["eval", str(workdir_a / "model.safetensors")]) == 2
+    assert "needs a dataset" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "not a training workdir" in capsys.readouterr().err
     assert main(["train", "--set", "optim.lr_max=1"]) == 2
     assert "optim.lr_max" in capsys.readouterr().err
     args = ["train", "--no-progress", "--workdir", str(tmp_path), "--steps", "2"]

@@ -366,14 +366,20 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def evaluate_file(path, data_cfg, *, batch_size: int = 256, use_ema: bool = True) -> dict:
+def evaluate_file(path, data=None, *, batch_size: int = 256, use_ema: bool = True) -> dict:
     """Accuracy of a checkpoint on a dataset's test split. ``path``: a ``.safetensors``
     written by ``lucid_fn.weights.save`` (e.g. a run's model.safetensors), or a run's
-    workdir (its latest orbax checkpoint, EMA params when the run kept them)."""
+    workdir (its latest orbax checkpoint, EMA params when the run kept them). ``data``:
+    data config fields (at least ``name``, e.g. ``{"name": "npz", "path": ...}``); a
+    workdir defaults to its own data. Images are read at the model's size and channels."""
     path = pathlib.Path(path)
+    data = dict(data or {})
     if path.is_dir():
+        if not (path / "config.toml").is_file():
+            raise FileNotFoundError(f"{path} is not a training workdir (no config.toml)")
         cfg = config_lib.load_config(path / "config.toml")
-        dataset = data_lib.load(data_cfg or cfg.data, cfg.model.kwargs.get("num_classes"))
+        data_cfg = dataclasses.replace(cfg.data, **data)
+        dataset = data_lib.load(data_cfg, cfg.model.kwargs.get("num_classes"))
         model, kw = build_model(cfg, dataset)
         mean, std = data_lib.mean_std(cfg.data, dataset.channels)
         tx, schedule = step_lib.make_optimizer(cfg.optim, cfg.train.steps)
@@ -392,11 +398,13 @@ def evaluate_file(path, data_cfg, *, batch_size: int = 256, use_ema: bool = True
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
         params, model = weights.load(path)
-        if data_cfg is None:
-            raise config_lib.ConfigError("evaluating a .safetensors file needs --data")
+        if not data:
+            raise config_lib.ConfigError("evaluating a .safetensors file needs a dataset "
+                                         "(--data digits, --data /path/to/folder, ...)")
         c = model.config
-        # The data is read at the model's size and converted to its channels.
-        data_cfg = dataclasses.replace(data_cfg, img_size=c.img_size, channels=c.in_channels)
+        data_cfg = config_lib.from_dict(
+            {**data, "img_size": c.img_size, "channels": c.in_channels},
+            config_lib.DataConfig, "data")
         dataset = data_lib.load(data_cfg, c.num_classes)
         mean, std = data_lib.mean_std(data_cfg, dataset.channels)
         step = None
