@@ -57,14 +57,26 @@ def convert_channels(img: np.ndarray, channels: int) -> np.ndarray:
     return np.clip(np.rint(luma), 0, 255).astype(np.uint8)[..., None]
 
 
+# In-memory sets whose resized copy stays under this are resized once, up front.
+PRERESIZE_BYTES = 256 * 2**20
+
+
 @dataclasses.dataclass
 class ArraySource:
-    """In-memory uint8 images (N, H, W, C) and int labels; resized per item if needed."""
+    """In-memory uint8 images (N, H, W, C) and int labels, served at img_size: resized
+    once when the resized copy is small (the digits), else per item (CIFAR at 224)."""
 
     images: np.ndarray
     labels: np.ndarray
     img_size: int
     channels: int = 0
+
+    def __post_init__(self):
+        n, h, w, c = self.images.shape
+        if (h, w) != (self.img_size, self.img_size) and \
+                n * self.img_size**2 * max(c, self.channels) <= PRERESIZE_BYTES:
+            self.images = np.stack([convert_channels(resize_uint8(x, self.img_size),
+                                                     self.channels) for x in self.images])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -75,6 +87,14 @@ class ArraySource:
 
     def subset(self, idx):
         return dataclasses.replace(self, images=self.images[idx], labels=self.labels[idx])
+
+    def take(self, idx):
+        """A batch at once: one fancy-index when the images are already at img_size."""
+        if self.images.shape[1] == self.img_size and (
+                not self.channels or self.images.shape[-1] == self.channels):
+            return self.images[idx], self.labels[idx].astype(np.int32)
+        items = [self[i] for i in idx]
+        return np.stack([x for x, _ in items]), np.array([y for _, y in items], np.int32)
 
 
 @dataclasses.dataclass
@@ -340,8 +360,7 @@ def augment_fn(cfg, img_size: int):
         out = np.asarray(pil.resize((img_size, img_size), Image.BILINEAR))
         return out[..., None] if squeeze else out
 
-    def fn(example, rng):
-        img, label = example
+    def one(img, rng):
         if scale:
             img = random_resized_crop(img, rng)
         if pad:
@@ -350,7 +369,13 @@ def augment_fn(cfg, img_size: int):
             img = padded[top:top + img_size, left:left + img_size]
         if flip and rng.random() < 0.5:
             img = img[:, ::-1]
-        return np.ascontiguousarray(img), label
+        return np.ascontiguousarray(img)
+
+    def fn(example, rng):
+        img, label = example
+        if img.ndim == 4:  # a batch: one generator for all of it (grain seeds it per batch)
+            return np.stack([one(x, rng) for x in img]), label
+        return one(img, rng), label
 
     return fn
 
@@ -367,10 +392,45 @@ def _absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+@dataclasses.dataclass
+class EpochBatches:
+    """Random access to the batches of an endless sequence of epochs: batch ``i`` is a
+    slice of epoch ``i // per_epoch``'s permutation (each epoch drawn from ``(seed,
+    epoch)``, the last partial batch dropped). grain shuffles example by example, which
+    measured slower than the train step it feeds (README, Training); whole batches keep
+    grain's checkpointable iterator and worker processes at a fraction of the cost."""
+
+    source: Any
+    batch_size: int
+    seed: int
+
+    def __post_init__(self):
+        self.per_epoch = len(self.source) // self.batch_size
+        self._cached = (None, None)
+
+    def __len__(self) -> int:
+        return self.per_epoch * 10**9  # endless in practice: a billion epochs
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if self._cached[0] != epoch:
+            rng = np.random.default_rng((self.seed, epoch))
+            self._cached = (epoch, rng.permutation(len(self.source)))
+        return self._cached[1]
+
+    def __getitem__(self, i):
+        epoch, j = divmod(int(i), self.per_epoch)
+        idx = self.permutation(epoch)[j * self.batch_size:(j + 1) * self.batch_size]
+        if hasattr(self.source, "take"):
+            return self.source.take(idx)
+        items = [self.source[k] for k in idx]
+        return np.stack([x for x, _ in items]), np.array([y for _, y in items], np.int32)
+
+
 def train_iterator(source, *, batch_size: int, seed: int, augment=None, workers: int = 0,
                    process_index: int = 0, process_count: int = 1):
     """An endless iterator of ``(images uint8 (B, H, W, C), labels int32 (B,))`` batches,
-    reshuffled every epoch; ``.get_state()`` / ``.set_state()`` checkpoint it."""
+    reshuffled every epoch, augmented by ``augment(batch, rng)``; ``.get_state()`` /
+    ``.set_state()`` checkpoint it."""
     import grain
 
     if process_count > 1:  # each host reads its own shard of the examples
@@ -378,10 +438,11 @@ def train_iterator(source, *, batch_size: int, seed: int, augment=None, workers:
     if len(source) < batch_size:
         raise DataError(f"the training split has {len(source)} examples, fewer than one batch "
                         f"of {batch_size}; lower train.batch_size")
-    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+    ds = grain.MapDataset.source(EpochBatches(source, batch_size, seed))
     if augment is not None:
-        ds = ds.random_map(augment)
-    ds = ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
+        # Seeded per batch index: a resumed iterator redraws the same augmentation.
+        ds = ds.seed(seed).random_map(augment)
+    ds = ds.to_iter_dataset()
     if workers:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
         _absl_flags_parsed()
