@@ -37,7 +37,9 @@ patching ``lucid_fn.nn`` while the model is traced: ``gelu`` (``lib``: the libra
 ``xla``: ``jax.nn.gelu`` exact, ``tanh``: the approximation, not exact, a bound only),
 ``dwconv`` (``lib``, ``xla``: ``lax.conv_general_dilated``, ``shift``: 9 shifted
 multiply-adds) and ``attn`` (``lib``, ``bnhm``: another einsum layout, ``dpa``:
-``jax.nn.dot_product_attention``). Results go to ``<out>/<name>.json`` and ``.md``,
+``jax.nn.dot_product_attention``), ``mlp`` (``lib``: the fused Pallas MLP where it applies,
+``xla``: XLA ops only) and ``mlpblk=MxHxW[xr]`` (the fused MLP's row tile, hidden chunk,
+warps, and ``r``: erf's divide as an approximate reciprocal). Results go to ``<out>/<name>.json`` and ``.md``,
 rewritten after every measurement so a stopped run keeps what it measured.
 """
 
@@ -67,6 +69,7 @@ import lucid_fn  # noqa: E402
 from lucid_fn import nn as lnn  # noqa: E402
 from lucid_fn import registry  # noqa: E402
 from lucid_fn.nn import attention as lattention  # noqa: E402
+from lucid_fn.nn import fused as lfused  # noqa: E402
 from lucid_fn.nn import layers as llayers  # noqa: E402
 
 GIB = 2**30
@@ -144,6 +147,10 @@ def _conv_im2col(p, x, *, stride, padding, groups=1, dtype=None):
     return patches @ kernel + p["bias"].astype(dtype)
 
 
+def _mlp_xla(fc1, fc2, x, *, approximate, dtype=None):
+    return lfused.reference(fc1, fc2, x, approximate=approximate, dtype=dtype or x.dtype)
+
+
 def _sra_with(einsum_layout: str):
     """nn.attention.sra with the attention core swapped (same params, same function)."""
 
@@ -184,6 +191,7 @@ PATCHES = {
     "dwconv": {"lib": {}, "xla": {"conv": _conv_xla}, "shift": {"conv": _conv_shift}},
     "embed": {"lib": {}, "im2col": {"conv": _conv_im2col}},
     "patchify": {"lib": {}, "conv": {"patchify_conv": _patchify_conv_xla}},
+    "mlp": {"lib": {}, "xla": {"mlp_gelu": _mlp_xla}},
     "attn": {"lib": {}, "bnhm": {"sra": _sra_with("bnhm")}, "dpa": {"sra": _sra_with("dpa")},
              "bf16logits": {"sra": _sra_with("bf16logits")}},
 }
@@ -203,8 +211,13 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
             kwargs[key] = BUILDER_KEYS[key][value]
         elif key in PATCHES and value in PATCHES[key]:
             patches.update(PATCHES[key][value])
+        elif key == "mlpblk" and len(value.split("x")) in (3, 4):  # fused MLP: MxHxWARPS[xr]
+            m, h, w = (int(v) for v in value.split("x")[:3])
+            patches["BLOCKS"] = {"block_m": m, "block_h": h, "num_warps": w,
+                                 "approx_recip": value.endswith("xr")}
         else:
             allowed = [f"{k}={'|'.join(v)}" for k, v in {**BUILDER_KEYS, **PATCHES}.items()]
+            allowed.append("mlpblk=<rows>x<hidden chunk>x<warps>[xr: approximate reciprocal]")
             raise SystemExit(f"bad variant item {item!r} in {spec!r}; allowed: "
                              f"{', '.join(allowed)}")
     return kwargs, patches
@@ -214,7 +227,7 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
 def patched(patches: dict):
     """Swap functions in lucid_fn.nn (and the modules that call them) while tracing."""
     targets = {"gelu": [lnn, llayers], "conv": [lnn, llayers], "sra": [lnn, lattention],
-               "patchify_conv": [lnn, llayers]}
+               "patchify_conv": [lnn, llayers], "mlp_gelu": [lfused], "BLOCKS": [lfused]}
     saved = []
     try:
         for name, fn in patches.items():
@@ -791,11 +804,18 @@ def run(args) -> dict:
     result["meta"].update(peak_tflops=peak, peak_source=source)
 
     flops = {}
+    # Counted on XLA ops only: the fused MLP's kernel body is per tile, and the platform
+    # switch around it carries both forms.
+    os.environ["LUCID_FN_FUSED_MLP"], fused_env = "off", os.environ.get("LUCID_FN_FUSED_MLP")
     for name in args.models:
         m = build_ours(name, arch, {}, dtype)
         x = jax.ShapeDtypeStruct((1, args.img_size, args.img_size, 3), jnp.float32)
         params = jax.eval_shape(m.init, jax.random.key(0))
         flops[name] = count_flops(jax.make_jaxpr(m.apply)(params, x)) / 1e9
+    if fused_env is None:
+        del os.environ["LUCID_FN_FUSED_MLP"]
+    else:
+        os.environ["LUCID_FN_FUSED_MLP"] = fused_env
     result["meta"]["gflop_per_img_forward"] = {k: round(v, 4) for k, v in flops.items()}
 
     torch_ok = True

@@ -1,5 +1,6 @@
 """Functional building blocks shared by the model families."""
 
+from lucid_fn.nn import fused
 from lucid_fn.nn.attention import init_sra, sra
 from lucid_fn.nn.block import init_block, run_blocks
 from lucid_fn.nn.block import block as block
@@ -29,6 +30,7 @@ __all__ = [
     "conv",
     "drop_path",
     "dropout",
+    "fused",
     "gelu",
     "init_block",
     "init_conv",
