@@ -35,11 +35,13 @@ A variant is ``key=value[,key=value...]`` or ``default``: builder keywords ``sca
 (1/0/none) and ``remat`` (1/0), and implementation switches for experiments, applied by
 patching ``lucid_fn.nn`` while the model is traced: ``gelu`` (``lib``: the library's,
 ``xla``: ``jax.nn.gelu`` exact, ``tanh``: the approximation, not exact, a bound only),
-``dwconv`` (``lib``, ``xla``: ``lax.conv_general_dilated``, ``shift``: 9 shifted
-multiply-adds) and ``attn`` (``lib``, ``bnhm``: another einsum layout, ``dpa``:
-``jax.nn.dot_product_attention``), ``mlp`` (``lib``: the fused Pallas MLP where it applies,
-``xla``: XLA ops only) and ``mlpblk=MxHxW[xr]`` (the fused MLP's row tile, hidden chunk,
-warps, and ``r``: erf's divide as an approximate reciprocal). Results go to ``<out>/<name>.json`` and ``.md``,
+``dwconv`` (``lib``: ``lax.conv_general_dilated``, ``shift``: 9 shifted multiply-adds),
+``embed`` (``im2col``: small dense convs as one matmul), ``patchify`` (``conv``: through
+``lax.conv``), ``attn`` (``lib``, ``bnhm``: another einsum layout, ``dpa``:
+``jax.nn.dot_product_attention``, ``bf16logits``), ``mlp`` (``lib``: the fused Pallas MLP
+where it applies, ``xla``: XLA ops only) and ``mlpblk=MxHxW[xr]`` (the fused MLP's row
+tile, hidden chunk, warps, and ``r``: erf's divide as an approximate reciprocal). Results
+go to ``<out>/<name>.json`` and ``.md``,
 rewritten after every measurement so a stopped run keeps what it measured.
 """
 
@@ -90,15 +92,6 @@ def _gelu_tanh(x, approximate: bool):
     return jax.nn.gelu(x, approximate=True)
 
 
-def _conv_xla(p, x, *, stride, padding, groups=1, dtype=None):
-    dtype = dtype or x.dtype
-    y = jax.lax.conv_general_dilated(
-        x.astype(dtype), p["kernel"].astype(dtype), (stride, stride),
-        [(padding, padding), (padding, padding)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups)
-    return y + p["bias"].astype(dtype)
-
-
 def _conv_shift(p, x, *, stride, padding, groups=1, dtype=None):
     """Depthwise stride-1 conv as kh*kw shifted multiply-adds, accumulated in float32,
     padded in the input dtype (one loop fusion with the bias and what follows)."""
@@ -120,12 +113,7 @@ def _conv_shift(p, x, *, stride, padding, groups=1, dtype=None):
 def _patchify_conv_xla(p, x, dtype=None):
     """Kernel == stride convolution through lax.conv (cuDNN on GPU) instead of a
     reshape, transpose and matmul."""
-    dtype = dtype or x.dtype
-    kh, kw = p["kernel"].shape[:2]
-    y = jax.lax.conv_general_dilated(
-        x.astype(dtype), p["kernel"].astype(dtype), (kh, kw), "VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + p["bias"].astype(dtype)
+    return _ORIGINAL["conv"](p, x, stride=p["kernel"].shape[0], padding=0, dtype=dtype)
 
 
 def _conv_im2col(p, x, *, stride, padding, groups=1, dtype=None):
@@ -151,49 +139,36 @@ def _mlp_xla(fc1, fc2, x, *, approximate, dtype=None):
     return lfused.reference(fc1, fc2, x, approximate=approximate, dtype=dtype or x.dtype)
 
 
-def _sra_with(einsum_layout: str):
-    """nn.attention.sra with the attention core swapped (same params, same function)."""
+def _attend_with(layout: str):
+    """nn.attention.attend (the SRA core: probabilities times values) computed another
+    way; the same function of the same params."""
 
-    def sra(p, x, rngs, *, hw, heads, scale, dtype, attn_drop, drop, linear=False):
-        b, n, c = x.shape
-        d = c // heads
-        q = llayers.linear(p["q"], x, dtype).reshape(b, n, heads, d)
-        kv_in = lattention.reduce_tokens(p, x, hw, linear=linear, dtype=dtype)
-        kv = llayers.linear(p["kv"], kv_in, dtype).reshape(b, -1, 2, heads, d)
-        k, v = kv[:, :, 0], kv[:, :, 1]
-        s = scale or d**-0.5
-        if einsum_layout == "dpa":
-            out = jax.nn.dot_product_attention(q, k, v, scale=s).reshape(b, n, c)
-        elif einsum_layout == "bf16logits":  # logits in the compute dtype, softmax in f32
+    def attend(q, k, v, *, scale, dtype, attn_drop, rng):
+        s = scale or q.shape[-1] ** -0.5
+        if layout == "dpa":
+            return jax.nn.dot_product_attention(q, k, v, scale=s)
+        if layout == "bf16logits":  # logits in the compute dtype, softmax in f32
             logits = jnp.einsum("bnhd,bmhd->bhnm", q, k).astype(jnp.float32)
             attn = jax.nn.softmax(logits * s, axis=-1).astype(dtype)
-            attn = llayers.dropout(attn, attn_drop, rngs[0])
-            out = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, n, c)
-        else:
-            logits = jnp.einsum("bnhd,bmhd->bnhm", q, k, preferred_element_type=jnp.float32)
-            attn = jax.nn.softmax(logits * s, axis=-1).astype(dtype)
-            attn = llayers.dropout(attn, attn_drop, rngs[0])
-            out = jnp.einsum("bnhm,bmhd->bnhd", attn, v).reshape(b, n, c)
-        if "proj" in p:
-            out = llayers.linear(p["proj"], out, dtype)
-        else:
-            out = llayers.dropout(out, attn_drop, rngs[1])
-        return llayers.dropout(out, drop, rngs[2])
+            return jnp.einsum("bhnm,bmhd->bnhd", llayers.dropout(attn, attn_drop, rng), v)
+        logits = jnp.einsum("bnhd,bmhd->bnhm", q, k, preferred_element_type=jnp.float32)
+        attn = jax.nn.softmax(logits * s, axis=-1).astype(dtype)
+        return jnp.einsum("bnhm,bmhd->bnhd", llayers.dropout(attn, attn_drop, rng), v)
 
-    return sra
+    return attend
 
 
-_ORIGINAL = {"gelu": llayers.gelu, "conv": llayers.conv, "sra": lattention.sra,
-             "patchify_conv": llayers.patchify_conv}
+_ORIGINAL = {"conv": llayers.conv}
 PATCHES = {
     # switch -> value -> {name in lucid_fn.nn: replacement}
     "gelu": {"lib": {}, "xla": {"gelu": _gelu_xla}, "tanh": {"gelu": _gelu_tanh}},
-    "dwconv": {"lib": {}, "xla": {"conv": _conv_xla}, "shift": {"conv": _conv_shift}},
+    "dwconv": {"lib": {}, "shift": {"conv": _conv_shift}},
     "embed": {"lib": {}, "im2col": {"conv": _conv_im2col}},
     "patchify": {"lib": {}, "conv": {"patchify_conv": _patchify_conv_xla}},
     "mlp": {"lib": {}, "xla": {"mlp_gelu": _mlp_xla}},
-    "attn": {"lib": {}, "bnhm": {"sra": _sra_with("bnhm")}, "dpa": {"sra": _sra_with("dpa")},
-             "bf16logits": {"sra": _sra_with("bf16logits")}},
+    "attn": {"lib": {}, "bnhm": {"attend": _attend_with("bnhm")},
+             "dpa": {"attend": _attend_with("dpa")},
+             "bf16logits": {"attend": _attend_with("bf16logits")}},
 }
 BUILDER_KEYS = {"scan_blocks": {"1": True, "0": False, "none": None},
                 "remat": {"1": True, "0": False}}
@@ -226,7 +201,7 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
 @contextlib.contextmanager
 def patched(patches: dict):
     """Swap functions in lucid_fn.nn (and the modules that call them) while tracing."""
-    targets = {"gelu": [lnn, llayers], "conv": [lnn, llayers], "sra": [lnn, lattention],
+    targets = {"gelu": [lnn, llayers], "conv": [lnn, llayers], "attend": [lattention],
                "patchify_conv": [lnn, llayers], "mlp_gelu": [lfused], "BLOCKS": [lfused]}
     saved = []
     try:

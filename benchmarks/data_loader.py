@@ -31,8 +31,7 @@ def numpy_loader(source, batch, seed, augment):
     while True:
         order = rng.permutation(len(source))
         for i in range(0, len(order) - batch + 1, batch):
-            items = [augment(source[j], rng) for j in order[i:i + batch]]
-            yield np.stack([x for x, _ in items]), np.array([y for _, y in items])
+            yield data.stack_items(augment(source[j], rng) for j in order[i:i + batch])
 
 
 def main():

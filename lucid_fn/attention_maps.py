@@ -14,11 +14,11 @@ key 0) and every PVT v2 model (``linear=True`` too, whose keys come from a 7x7 p
 
 The model is not copied: blocks run through the family's own ``block_fn`` and
 ``nn.run_blocks``, v1's embedding through its ``stage_forward``, keys are reduced by
-``lucid_fn.nn.attention.reduce_tokens``. Written out here are v2's patch embedding and
-stage end (v2's ``stage_forward`` does not stop between them and the blocks) and the first
-half of SRA (queries, keys, softmax), because ``nn.sra`` returns the attention output, not
-the probabilities. ``tests/test_attention_maps.py`` rebuilds every stage from these
-probabilities and checks it against ``apply(..., features=True)``.
+``lucid_fn.nn.attention.reduce_tokens``, probabilities by the ``queries_keys_values`` and
+``attention_probs`` that ``nn.sra`` is made of. Written out here are v2's patch embedding
+and stage end (v2's ``stage_forward`` does not stop between them and the blocks).
+``tests/test_attention_maps.py`` rebuilds every stage from these probabilities and checks
+it against ``apply(..., features=True)``.
 """
 
 from __future__ import annotations
@@ -191,15 +191,10 @@ def _kv_hw(p_attn, hw, linear: bool) -> tuple:
 
 def sra_probs(p_attn, x, hw, *, heads: int, scale, dtype, linear: bool = False):
     """Softmax(q k^T * scale) of spatial-reduction attention over normed tokens ``x``
-    (B, N, C): (B, heads, N, N_kv) float32. The same steps as ``nn.sra`` up to its softmax."""
-    b, n, c = x.shape
-    d = c // heads
-    q = nn.linear(p_attn["q"], x, dtype).reshape(b, n, heads, d)
-    kv_in = sra_lib.reduce_tokens(p_attn, x, hw, linear=linear, dtype=dtype)
-    # kv's 2C outputs are [keys, values]; only the keys matter for the probabilities.
-    k = nn.linear(p_attn["kv"], kv_in, dtype)[..., :c].reshape(b, -1, heads, d)
-    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32)
-    return jax.nn.softmax(logits * (scale or d**-0.5), axis=-1)
+    (B, N, C): (B, heads, N, N_kv) float32, from the same pieces ``nn.sra`` uses."""
+    q, k, _ = sra_lib.queries_keys_values(p_attn, x, hw, heads=heads, dtype=dtype,
+                                          linear=linear)
+    return sra_lib.attention_probs(q, k, scale)
 
 
 _FAMILIES = {"v1": (pvt, _embed_v1, _stage_end_v1), "v2": (pvt_v2, _embed_v2, _stage_end_v2)}

@@ -105,12 +105,12 @@ def _train_config(args):
 
     overrides = list(args.set or [])
     if args.data:
-        overrides += [f"data.{k}={config_lib._toml_value(v)}"
+        overrides += [f"data.{k}={config_lib.toml_value(v)}"
                       for k, v in data_lib.parse_data_arg(args.data).items()]
     for flag, key in (("workdir", "train.workdir"), ("steps", "train.steps"),
                       ("model", "model.name")):
         if getattr(args, flag, None) is not None:
-            overrides.append(f"{key}={config_lib._toml_value(getattr(args, flag))}")
+            overrides.append(f"{key}={config_lib.toml_value(getattr(args, flag))}")
     return config_lib.load_config(args.config, overrides)
 
 

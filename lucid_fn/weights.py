@@ -503,10 +503,11 @@ def read_state_dict(path) -> Mapping:
         from safetensors.numpy import load_file
 
         try:
-            sd = load_file(path)
+            if not _is_own_file(path):  # read the header first: each file is read once
+                return load_file(path)
         except SafetensorError as e:
             raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
-        return _own_file_as_state_dict(path) if _is_own_file(path) else sd
+        return _own_file_as_state_dict(path)
     try:
         import torch
     except ImportError:

@@ -46,21 +46,40 @@ def reduce_tokens(p, x, hw, *, linear: bool, dtype):
     return layers.gelu(t, approximate=False) if linear else t
 
 
-def sra(p, x, rngs, *, hw, heads: int, scale: float | None, dtype, attn_drop: float,
-        drop: float, linear: bool = False):
-    """SRA over tokens ``x`` (B, N, C) laid out on an ``hw`` map (a class token, if any,
-    only where nothing is reduced). ``rngs``: 3 keys or Nones (attention, output x2)."""
+def queries_keys_values(p, x, hw, *, heads: int, dtype, linear: bool = False):
+    """Per-head queries (B, N, heads, d) from every token, keys and values (B, M, heads, d)
+    from the reduced map."""
     b, n, c = x.shape
     d = c // heads
     q = layers.linear(p["q"], x, dtype).reshape(b, n, heads, d)
     kv_in = reduce_tokens(p, x, hw, linear=linear, dtype=dtype)
     # The 2C axis of kv is [k heads..., v heads...] in every reference layout.
     kv = layers.linear(p["kv"], kv_in, dtype).reshape(b, -1, 2, heads, d)
-    k, v = kv[:, :, 0], kv[:, :, 1]
+    return q, kv[:, :, 0], kv[:, :, 1]
+
+
+def attention_probs(q, k, scale: float | None):
+    """softmax(q k^T * scale) over the keys, (B, heads, N, M), logits and softmax in
+    float32 whatever the compute dtype; ``scale`` None: d ** -0.5."""
     logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32)
-    attn = jax.nn.softmax(logits * (scale or d**-0.5), axis=-1).astype(dtype)
-    attn = layers.dropout(attn, attn_drop, rngs[0])
-    out = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, n, c)
+    return jax.nn.softmax(logits * (scale or q.shape[-1] ** -0.5), axis=-1)
+
+
+def attend(q, k, v, *, scale: float | None, dtype, attn_drop: float, rng):
+    """The attention core: probabilities (cast to ``dtype``, dropped out) times values,
+    (B, N, heads, d)."""
+    attn = layers.dropout(attention_probs(q, k, scale).astype(dtype), attn_drop, rng)
+    return jnp.einsum("bhnm,bmhd->bnhd", attn, v)
+
+
+def sra(p, x, rngs, *, hw, heads: int, scale: float | None, dtype, attn_drop: float,
+        drop: float, linear: bool = False):
+    """SRA over tokens ``x`` (B, N, C) laid out on an ``hw`` map (a class token, if any,
+    only where nothing is reduced). ``rngs``: 3 keys or Nones (attention, output x2)."""
+    b, n, c = x.shape
+    q, k, v = queries_keys_values(p, x, hw, heads=heads, dtype=dtype, linear=linear)
+    out = attend(q, k, v, scale=scale, dtype=dtype, attn_drop=attn_drop,
+                 rng=rngs[0]).reshape(b, n, c)
     if "proj" in p:
         out = layers.linear(p["proj"], out, dtype)
     else:

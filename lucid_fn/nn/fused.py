@@ -23,6 +23,7 @@ import os
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 from lucid_fn.nn import layers
 
@@ -54,8 +55,7 @@ def supported(fc1, fc2, x, dtype) -> bool:
 
 
 def _rcp_approx(v):
-    from jax.experimental.pallas import triton as plt
-
+    """1 / v as the hardware's rcp.approx (about 1 ulp) instead of an IEEE division."""
     return plt.elementwise_inline_asm(
         "rcp.approx.ftz.f32 $0, $1;", args=[v], constraints="=r,r", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.float32)])[0]
@@ -64,16 +64,7 @@ def _rcp_approx(v):
 def _gelu_f32(h, approximate: bool, fast_recip: bool = False):
     if approximate:
         return jax.nn.gelu(h, approximate=True)
-    if fast_recip:
-        # erf's rational form with the divide as a hardware reciprocal (rcp.approx: about
-        # 1 ulp) times the numerator, instead of an IEEE division
-        z = jnp.clip(h * layers._SQRT_HALF, -layers._ERF_CLAMP, layers._ERF_CLAMP)
-        z2 = z * z
-        erf = (z * layers._polynomial(z2, layers._ERF_P)
-               * _rcp_approx(layers._polynomial(z2, layers._ERF_Q)))
-        cdf = jnp.where(z <= -layers._ERF_CLAMP, 0.0, 0.5 + 0.5 * erf)
-        return h * cdf
-    return h * layers._gelu_cdf(h)
+    return h * layers.gelu_cdf_f32(h, _rcp_approx if fast_recip else None)
 
 
 def _kernel(x_ref, w1_ref, b1_ref, w2_ref, b2_ref, o_ref, *, block_h, approximate,
@@ -95,8 +86,6 @@ def _kernel(x_ref, w1_ref, b1_ref, w2_ref, b2_ref, o_ref, *, block_h, approximat
 
 def pallas_mlp(fc1, fc2, x, *, approximate: bool, dtype, interpret: bool = False):
     """The kernel on (..., C) tokens. ``interpret=True`` runs it anywhere (tests)."""
-    from jax.experimental.pallas import triton as plt
-
     bm, bh = BLOCKS["block_m"], BLOCKS["block_h"]
     lead, c_in = x.shape[:-1], x.shape[-1]
     hidden, c_out = fc1["kernel"].shape[1], fc2["kernel"].shape[1]

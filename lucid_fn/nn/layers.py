@@ -174,10 +174,10 @@ def adaptive_avg_pool(x, out_hw):
 # Exact GELU, x * Phi(x), with erf as XLA's own float32 rational approximation
 # (xla/hlo/builder/lib/math.cc, ErfImpl32: x P(x^2) / Q(x^2), |error| < 4e-7 against the
 # true erf, as lax.erf) written in plain multiply-adds and one divide. jax.nn.gelu's exact
-# form goes through erfc, two polynomial branches, exp and selects that XLA on GPU runs as
-# two separate, compute-bound fusions (37% of pvt_small's bf16 inference on an H100,
-# benchmarks/NOTES.md); this one fuses with its neighbours. Computed in float32 whatever
-# the input dtype, rounded once at the end.
+# form goes through erfc, two polynomial branches, exp and selects, which XLA on GPU does
+# not fuse as well: on an H100, pvt_small's bf16 inference took 25.9 ms of device time per
+# step with it and 19.4 ms with this one (benchmarks/NOTES.md). Computed in float32
+# whatever the input dtype, rounded once at the end.
 _ERF_P = (0.00022905065861350646, 0.0034082910107109506, 0.050955695062380861,
           0.18520832239976145, 1.128379143519084)
 _ERF_Q = (-1.1791602954361697e-7, 0.000023547966471313185, 0.0010179625278914885,
@@ -194,19 +194,22 @@ def _polynomial(x, coeffs):
     return r
 
 
-def erf_f32(x):
+def erf_f32(x, reciprocal=None):
     """erf in float32 from multiply-adds and one divide; within float32 rounding of
-    ``lax.erf`` (the same approximation XLA uses for it)."""
+    ``lax.erf`` (the same approximation XLA uses for it). ``reciprocal``: how the divide
+    is done, an exact division by default (the fused GPU kernel passes a hardware one)."""
     z = jnp.clip(x.astype(jnp.float32), -_ERF_CLAMP, _ERF_CLAMP)
     z2 = z * z
-    return z * _polynomial(z2, _ERF_P) / _polynomial(z2, _ERF_Q)
+    num, den = z * _polynomial(z2, _ERF_P), _polynomial(z2, _ERF_Q)
+    return num / den if reciprocal is None else num * reciprocal(den)
 
 
-def _gelu_cdf(x32):
-    # Below -clamp * sqrt(2) the approximation leaves Phi at 3e-8 rather than 0 (as
-    # PyTorch's float32 erf gives); the select makes the far negative tail exact zeros.
+def gelu_cdf_f32(x32, reciprocal=None):
+    """Phi(x) for float32 ``x32``, the GELU gate (``reciprocal`` as for ``erf_f32``)."""
+    # Clamped, the approximation would hold Phi at its value at the clamp (about 6e-8)
+    # however far below -clamp * sqrt(2) x goes; the select makes that tail exact zeros.
     z = x32 * _SQRT_HALF
-    return jnp.where(z < -_ERF_CLAMP, 0.0, 0.5 + 0.5 * erf_f32(z))
+    return jnp.where(z < -_ERF_CLAMP, 0.0, 0.5 + 0.5 * erf_f32(z, reciprocal))
 
 
 @jax.custom_jvp
@@ -214,7 +217,7 @@ def gelu_exact(x):
     """``x * Phi(x)`` (PyTorch's ``nn.GELU()``), computed in float32, returned in x's dtype."""
     x = jnp.asarray(x)
     x32 = x.astype(jnp.float32)
-    return (x32 * _gelu_cdf(x32)).astype(x.dtype)
+    return (x32 * gelu_cdf_f32(x32)).astype(x.dtype)
 
 
 @jax.checkpoint
@@ -224,7 +227,7 @@ def _gelu_exact_tangent(x, t):
     # fusion, rather than writing a slope tensor the size of the MLP's hidden layer.
     x, t = jnp.asarray(x), jnp.asarray(t)
     x32 = x.astype(jnp.float32)
-    slope = _gelu_cdf(x32) + x32 * jnp.exp(-0.5 * x32 * x32) * _INV_SQRT_2PI
+    slope = gelu_cdf_f32(x32) + x32 * jnp.exp(-0.5 * x32 * x32) * _INV_SQRT_2PI
     return (t.astype(jnp.float32) * slope).astype(t.dtype)
 
 

@@ -1,8 +1,8 @@
 """Datasets and input pipelines.
 
 Every dataset is two random-access sources (train, test) of ``(image uint8 HWC, label)``
-pairs at the model's ``img_size``; the input pipeline is grain's: a seeded shuffle that
-reshuffles every epoch, per-example augmentation with per-index seeds, batching, optional
+pairs at the model's ``img_size``; the input pipeline is grain's over whole batches: each
+epoch a fresh seeded permutation, augmentation seeded by batch index, optional
 multi-process prefetch, and an iterator whose state is a small dict that goes into every
 checkpoint, so a resumed run sees exactly the batches the interrupted one would have.
 Images travel as uint8 and are normalised on the device (``normalize``).
@@ -93,8 +93,13 @@ class ArraySource:
         if self.images.shape[1] == self.img_size and (
                 not self.channels or self.images.shape[-1] == self.channels):
             return self.images[idx], self.labels[idx].astype(np.int32)
-        items = [self[i] for i in idx]
-        return np.stack([x for x, _ in items]), np.array([y for _, y in items], np.int32)
+        return stack_items(self[i] for i in idx)
+
+
+def stack_items(items):
+    """``(image, label)`` pairs -> (images (B, H, W, C), labels int32 (B,))."""
+    images, labels = zip(*items)
+    return np.stack(images), np.array(labels, np.int32)
 
 
 @dataclasses.dataclass
@@ -338,9 +343,7 @@ def parse_data_arg(arg: str) -> dict:
 
 
 def augment_fn(cfg, img_size: int):
-    """Per-example augmentation ``(image, label), np.random.Generator -> same``."""
-    from PIL import Image
-
+    """Augmentation ``(image or batch, label(s)), np.random.Generator -> same``."""
     scale, pad, flip = cfg.crop_scale, cfg.pad_crop, cfg.hflip
 
     def random_resized_crop(img, rng):
@@ -354,11 +357,7 @@ def augment_fn(cfg, img_size: int):
                 break
         else:
             ch, cw, top, left = h, w, 0, 0
-        crop = img[top:top + ch, left:left + cw]
-        squeeze = crop.shape[-1] == 1
-        pil = Image.fromarray(crop[..., 0] if squeeze else crop)
-        out = np.asarray(pil.resize((img_size, img_size), Image.BILINEAR))
-        return out[..., None] if squeeze else out
+        return resize_uint8(img[top:top + ch, left:left + cw], img_size)
 
     def one(img, rng):
         if scale:
@@ -381,6 +380,16 @@ def augment_fn(cfg, img_size: int):
 
 
 # ------------------------------------------------------------------- pipelines
+
+
+def _prefetch(ds, workers: int):
+    """``workers`` processes prepare elements ahead of the consumer (none: in process)."""
+    if not workers:
+        return ds
+    import grain
+
+    _absl_flags_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
 
 
 def _absl_flags_parsed() -> None:
@@ -422,8 +431,7 @@ class EpochBatches:
         idx = self.permutation(epoch)[j * self.batch_size:(j + 1) * self.batch_size]
         if hasattr(self.source, "take"):
             return self.source.take(idx)
-        items = [self.source[k] for k in idx]
-        return np.stack([x for x, _ in items]), np.array([y for _, y in items], np.int32)
+        return stack_items(self.source[k] for k in idx)
 
 
 def train_iterator(source, *, batch_size: int, seed: int, augment=None, workers: int = 0,
@@ -442,11 +450,7 @@ def train_iterator(source, *, batch_size: int, seed: int, augment=None, workers:
     if augment is not None:
         # Seeded per batch index: a resumed iterator redraws the same augmentation.
         ds = ds.seed(seed).random_map(augment)
-    ds = ds.to_iter_dataset()
-    if workers:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-        _absl_flags_parsed()
-    return iter(ds)
+    return iter(_prefetch(ds.to_iter_dataset(), workers))
 
 
 def eval_batches(source, batch_size: int, workers: int = 0):
@@ -456,11 +460,7 @@ def eval_batches(source, batch_size: int, workers: int = 0):
     import grain
 
     ds = grain.MapDataset.source(source).batch(batch_size, drop_remainder=False)
-    ds = ds.to_iter_dataset()
-    if workers:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-        _absl_flags_parsed()
-    it = iter(ds)
+    it = iter(_prefetch(ds.to_iter_dataset(), workers))
     try:
         yield from _padded(it, batch_size)
     finally:

@@ -83,6 +83,16 @@ def build_model(cfg, dataset):
     return registry[cfg.model.name](**kw, **compute), kw
 
 
+def step_spec(cfg, model, kw, dataset) -> step_lib.StepSpec:
+    """What the compiled steps of a run close over: model, optimizer, normalisation,
+    augmentation."""
+    mean, std = data_lib.mean_std(cfg.data, dataset.channels)
+    tx, schedule = step_lib.make_optimizer(cfg.optim, cfg.train.steps)
+    return step_lib.StepSpec(model.apply, tx, schedule, kw["num_classes"], tuple(mean),
+                             tuple(std), cfg.augment, cfg.optim.accum_steps,
+                             cfg.optim.ema_decay)
+
+
 def initial_params(cfg, model, kw, key):
     """Random init, or a checkpoint (fine-tuning) with its head kept or reset."""
     if not cfg.model.init_from:
@@ -222,11 +232,7 @@ def fit(cfg, *, resume=False, progress: bool = True, callbacks=(), mesh=None) ->
 
     dataset = data_lib.load(cfg.data, cfg.model.kwargs.get("num_classes"))
     model, kw = build_model(cfg, dataset)
-    mean, std = data_lib.mean_std(cfg.data, dataset.channels)
-    tx, schedule = step_lib.make_optimizer(cfg.optim, tc.steps)
-    spec = step_lib.StepSpec(model.apply, tx, schedule, kw["num_classes"], tuple(mean),
-                             tuple(std), cfg.augment, cfg.optim.accum_steps,
-                             cfg.optim.ema_decay)
+    spec = step_spec(cfg, model, kw, dataset)
     ckpt = Checkpointer(workdir / "checkpoints", tc.keep_checkpoints)
     resume = check_resume(workdir, cfg, resume, ckpt)
 
@@ -347,8 +353,7 @@ def fit(cfg, *, resume=False, progress: bool = True, callbacks=(), mesh=None) ->
                   "workdir": str(workdir)}
         if pi == 0:
             export = jax.device_get(eval_params(state))
-            kw_save = {k: v for k, v in kw.items()}
-            weights.save(workdir / "model.safetensors", export, cfg.model.name, **kw_save)
+            weights.save(workdir / "model.safetensors", export, cfg.model.name, **kw)
             plot_curves(log.rows, workdir / "curves.png")
     finally:
         data_lib.close(train_it)
@@ -381,11 +386,8 @@ def evaluate_file(path, data=None, *, batch_size: int = 256, use_ema: bool = Tru
         data_cfg = dataclasses.replace(cfg.data, **data)
         dataset = data_lib.load(data_cfg, cfg.model.kwargs.get("num_classes"))
         model, kw = build_model(cfg, dataset)
-        mean, std = data_lib.mean_std(cfg.data, dataset.channels)
-        tx, schedule = step_lib.make_optimizer(cfg.optim, cfg.train.steps)
-        spec0 = step_lib.StepSpec(model.apply, tx, schedule, kw["num_classes"], tuple(mean),
-                                  tuple(std), cfg.augment, 1, cfg.optim.ema_decay)
-        abstract = jax.eval_shape(lambda k: step_lib.init_state(spec0, model.init(k), 0),
+        spec = step_spec(cfg, model, kw, dataset)
+        abstract = jax.eval_shape(lambda k: step_lib.init_state(spec, model.init(k), 0),
                                   jax.random.key(0))
         ckpt = Checkpointer(path / "checkpoints", cfg.train.keep_checkpoints)
         try:
@@ -407,10 +409,10 @@ def evaluate_file(path, data=None, *, batch_size: int = 256, use_ema: bool = Tru
             config_lib.DataConfig, "data")
         dataset = data_lib.load(data_cfg, c.num_classes)
         mean, std = data_lib.mean_std(data_cfg, dataset.channels)
+        spec = step_lib.StepSpec(model.apply, None, None, 0, tuple(mean), tuple(std), None)
         step = None
     mesh = step_lib.make_mesh()
     batch = _eval_batch(batch_size, mesh.devices.size)
-    spec = step_lib.StepSpec(model.apply, None, None, 0, tuple(mean), tuple(std), None)
     evaluate = jax.jit(lambda p, x, y, v: step_lib.eval_step(spec, p, x, y, v))
     out = run_eval(evaluate, params, dataset.test, batch, step_lib.batch_sharding(mesh))
     return {**out, "model": model.name, "step": step}
