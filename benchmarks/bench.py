@@ -38,9 +38,11 @@ patching ``lucid_fn.nn`` while the model is traced: ``gelu`` (``lib``: the libra
 ``dwconv`` (``lib``: ``lax.conv_general_dilated``, ``shift``: 9 shifted multiply-adds),
 ``embed`` (``im2col``: small dense convs as one matmul), ``patchify`` (``conv``: through
 ``lax.conv``), ``attn`` (``lib``, ``bnhm``: another einsum layout, ``dpa``:
-``jax.nn.dot_product_attention``, ``bf16logits``), ``mlp`` (``lib``: the fused Pallas MLP
-where it applies, ``xla``: XLA ops only) and ``mlpblk=MxHxW[xr]`` (the fused MLP's row
-tile, hidden chunk, warps, and ``r``: erf's divide as an approximate reciprocal). Results
+``jax.nn.dot_product_attention``, ``bf16logits``), ``mlp`` (``lib``: the fused Pallas MLPs
+where they apply, ``xla``: XLA ops only), ``mlpblk=MxHxW[xr]`` (the v1 fused MLP's row
+tile, hidden chunk, warps, and ``r``: erf's divide as an approximate reciprocal) and
+``convblk=MxHxW[xb]`` (the v2 conv-GELU kernel's row tile, channel tile, warps, and
+``b``: fc1's bias added per tap instead of through the edge-class table). Results
 go to ``<out>/<name>.json`` and ``.md``,
 rewritten after every measurement so a stopped run keeps what it measured.
 """
@@ -139,6 +141,11 @@ def _mlp_xla(fc1, fc2, x, *, approximate, dtype=None):
     return lfused.reference(fc1, fc2, x, approximate=approximate, dtype=dtype or x.dtype)
 
 
+def _conv_mlp_xla(fc1, dwconv, fc2, x, *, hw, relu=False, dtype=None):
+    return lfused.reference_conv_mlp(fc1, dwconv, fc2, x, hw=hw, relu=relu,
+                                     dtype=dtype or x.dtype)
+
+
 def _attend_with(layout: str):
     """nn.attention.attend (the SRA core: probabilities times values) computed another
     way; the same function of the same params."""
@@ -165,7 +172,7 @@ PATCHES = {
     "dwconv": {"lib": {}, "shift": {"conv": _conv_shift}},
     "embed": {"lib": {}, "im2col": {"conv": _conv_im2col}},
     "patchify": {"lib": {}, "conv": {"patchify_conv": _patchify_conv_xla}},
-    "mlp": {"lib": {}, "xla": {"mlp_gelu": _mlp_xla}},
+    "mlp": {"lib": {}, "xla": {"mlp_gelu": _mlp_xla, "conv_mlp": _conv_mlp_xla}},
     "attn": {"lib": {}, "bnhm": {"attend": _attend_with("bnhm")},
              "dpa": {"attend": _attend_with("dpa")},
              "bf16logits": {"attend": _attend_with("bf16logits")}},
@@ -190,9 +197,14 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
             m, h, w = (int(v) for v in value.split("x")[:3])
             patches["BLOCKS"] = {"block_m": m, "block_h": h, "num_warps": w,
                                  "approx_recip": value.endswith("xr")}
+        elif key == "convblk" and len(value.split("x")) in (3, 4):  # v2: MxHxWARPS[xb]
+            m, h, w = (int(v) for v in value.split("x")[:3])
+            patches["CONV_BLOCKS"] = {"block_m": m, "block_h": h, "num_warps": w,
+                                      "edge_bias": not value.endswith("xb")}
         else:
             allowed = [f"{k}={'|'.join(v)}" for k, v in {**BUILDER_KEYS, **PATCHES}.items()]
             allowed.append("mlpblk=<rows>x<hidden chunk>x<warps>[xr: approximate reciprocal]")
+            allowed.append("convblk=<rows>x<channels>x<warps>[xb: fc1 bias per tap]")
             raise SystemExit(f"bad variant item {item!r} in {spec!r}; allowed: "
                              f"{', '.join(allowed)}")
     return kwargs, patches
@@ -202,7 +214,8 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
 def patched(patches: dict):
     """Swap functions in lucid_fn.nn (and the modules that call them) while tracing."""
     targets = {"gelu": [lnn, llayers], "conv": [lnn, llayers], "attend": [lattention],
-               "patchify_conv": [lnn, llayers], "mlp_gelu": [lfused], "BLOCKS": [lfused]}
+               "patchify_conv": [lnn, llayers], "mlp_gelu": [lfused], "BLOCKS": [lfused],
+               "conv_mlp": [lfused], "CONV_BLOCKS": [lfused]}
     saved = []
     try:
         for name, fn in patches.items():

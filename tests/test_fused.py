@@ -83,3 +83,99 @@ def test_pvt_v1_inference_uses_the_kernel_on_cuda_in_bf16_only(monkeypatch):
     assert "xla.gpu.triton" not in _cuda_hlo(registry["pvt_small"](**arch))
     monkeypatch.setenv("LUCID_FN_FUSED_MLP", "off")
     assert "xla.gpu.triton" not in _cuda_hlo(registry["pvt_small"](dtype=jnp.bfloat16, **arch))
+
+
+# ------------------------------------------------------------ PVT v2: conv MLP
+
+
+def _conv_params(c, hidden, seed=0):
+    """Biases far from zero, so a misplaced fc1 bias at the map's edges shows."""
+    k = jax.random.split(jax.random.key(seed), 6)
+    fc1 = {"kernel": jax.random.normal(k[0], (c, hidden)) * c**-0.5,
+           "bias": jax.random.normal(k[1], (hidden,)) * 0.5}
+    dwconv = {"kernel": jax.random.normal(k[2], (3, 3, 1, hidden)) / 3,
+              "bias": jax.random.normal(k[3], (hidden,)) * 0.2}
+    fc2 = {"kernel": jax.random.normal(k[4], (hidden, c)) * hidden**-0.5,
+           "bias": jax.random.normal(k[5], (c,)) * 0.1}
+    return fc1, dwconv, fc2
+
+
+@pytest.mark.parametrize("edge_bias", [True, False])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("b,hw,c,hidden", [
+    (2, (7, 9), 32, 128),   # 126 rows: not a multiple of the row tile; not square
+    (1, (4, 4), 16, 64),    # a map smaller than a tile: every token is at an edge
+])
+def test_conv_kernel_matches_xla(monkeypatch, edge_bias, relu, b, hw, c, hidden):
+    monkeypatch.setitem(fused.CONV_BLOCKS, "edge_bias", edge_bias)
+    fc1, dwconv, fc2 = _conv_params(c, hidden)
+    x = jax.random.normal(jax.random.key(5), (b, hw[0] * hw[1], c))
+    kw = dict(hw=hw, relu=relu)
+    ref32 = fused.reference_conv_mlp(fc1, dwconv, fc2, x, dtype=jnp.float32, **kw)
+    ref16 = fused.reference_conv_mlp(fc1, dwconv, fc2, x, dtype=jnp.bfloat16, **kw)
+    out = fused.pallas_conv_mlp(fc1, dwconv, fc2, x, dtype=jnp.bfloat16, interpret=True, **kw)
+    assert out.shape == x.shape and out.dtype == jnp.bfloat16
+    err = float(jnp.abs(out.astype(jnp.float32) - ref32).max())
+    err16 = float(jnp.abs(ref16.astype(jnp.float32) - ref32).max())
+    # conv and GELU in float32 on chip: no worse than XLA's bf16 path
+    assert err <= err16 * 1.1, (err, err16)
+
+
+def test_edge_bias_table_is_the_bias_through_a_zero_padded_conv():
+    fc1, dwconv, _ = _conv_params(8, 16)
+    taps = dwconv["kernel"].reshape(9, 16)
+    table = fused.edge_bias_table(fc1["bias"], taps, dwconv["bias"])
+    # conv of a constant map (fc1's bias everywhere), zero-padded, plus the conv's bias
+    const = jnp.broadcast_to(fc1["bias"], (1, 4, 4, 16))
+    want = fused.layers.conv(dwconv, const, stride=1, padding=1, groups=16)[0]
+    for y, x in [(0, 0), (0, 1), (0, 3), (1, 0), (1, 1), (3, 3), (3, 1), (2, 3)]:
+        edge = (2 * (y == 0) + (y == 3)) * 4 + 2 * (x == 0) + (x == 3)
+        np.testing.assert_allclose(table[edge], want[y, x], rtol=1e-5, atol=1e-6)
+
+
+def test_conv_mlp_supported_only_in_bf16_for_whole_channel_tiles():
+    fc1, dwconv, fc2 = _conv_params(32, 256)
+    x = jnp.zeros((1, 16, 32))
+    assert fused.supported_conv_mlp(fc1, dwconv, fc2, x, jnp.bfloat16)
+    assert not fused.supported_conv_mlp(fc1, dwconv, fc2, x, jnp.float32)
+    fc1, dwconv, fc2 = _conv_params(32, 96)    # 96 channels: not a whole tile of 64
+    assert not fused.supported_conv_mlp(fc1, dwconv, fc2, x, jnp.bfloat16)
+
+
+def test_conv_mlp_off_gpu_is_the_xla_path_with_its_gradient():
+    fc1, dwconv, fc2 = _conv_params(32, 128)
+    x = jax.random.normal(jax.random.key(3), (2, 20, 32))
+
+    def loss(fn, *a):
+        return fn(*a, hw=(4, 5), relu=False, dtype=jnp.bfloat16).astype(jnp.float32).sum()
+
+    args = (fc1, dwconv, fc2, x)
+    out = jax.jit(lambda *a: loss(fused.conv_mlp, *a))(*args)
+    ref = jax.jit(lambda *a: loss(fused.reference_conv_mlp, *a))(*args)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    g = jax.jit(jax.grad(lambda *a: loss(fused.conv_mlp, *a), argnums=(0, 1, 2, 3)))(*args)
+    g_ref = jax.jit(jax.grad(lambda *a: loss(fused.reference_conv_mlp, *a),
+                             argnums=(0, 1, 2, 3)))(*args)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def _cuda_hlo_v2(model, **apply_kw):
+    params = jax.eval_shape(model.init, jax.random.key(0))
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    f = jax.jit(lambda p, v: model.apply(p, v, **apply_kw))
+    return f.trace(params, x).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("name", ["pvt_v2_b0", "pvt_v2_b2_li"])
+def test_pvt_v2_inference_uses_the_conv_kernel_on_cuda_in_bf16_only(monkeypatch, name):
+    arch = dict(img_size=64, num_classes=10, depths=(1, 1, 1, 1))
+    hlo = _cuda_hlo_v2(registry[name](dtype=jnp.bfloat16, **arch))
+    assert hlo.count("lucid_fn_fused_conv_gelu") >= 4  # one per stage
+    assert "lucid_fn_fused_conv_gelu" not in _cuda_hlo_v2(registry[name](**arch))
+    train = _cuda_hlo_v2(registry[name](dtype=jnp.bfloat16, **arch), train=True,
+                         rng=jax.random.key(1))
+    assert "lucid_fn_fused_conv_gelu" not in train  # dropout lives between conv and fc2
+    monkeypatch.setenv("LUCID_FN_FUSED_MLP", "off")
+    assert "lucid_fn_fused_conv_gelu" not in _cuda_hlo_v2(
+        registry[name](dtype=jnp.bfloat16, **arch))

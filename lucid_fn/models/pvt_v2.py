@@ -117,6 +117,9 @@ def init_mlp(cfg: PVTv2Config, stage: int) -> dict:
 
 
 def mlp(p, x, rngs, *, hw, cfg: PVTv2Config):
+    if rngs[0] is None:  # inference: conv, bias, GELU (and fc2) in one kernel (nn.fused)
+        return nn.fused.conv_mlp(p["fc1"], p["dwconv"], p["fc2"], x, hw=hw, relu=cfg.linear,
+                                 dtype=cfg.dtype)
     b, n, _ = x.shape
     h = nn.linear(p["fc1"], x, cfg.dtype)
     if cfg.linear:

@@ -1,18 +1,26 @@
-"""A fused two-layer MLP (fc1, GELU, fc2) for GPUs: one Pallas (Triton) kernel per call.
+"""Fused MLPs for GPUs: one Pallas (Triton) kernel per call, for PVT inference.
 
 Why: in PVT's first two stages the MLP is 8x wider than the tokens (64 -> 512 -> 64 on
 3136 tokens per image) and its matmuls are tiny in K and N, so the time goes to memory,
 not math. Through XLA, fc1 writes the hidden activations, a separate fusion reads them,
 applies GELU and writes them again, and fc2 reads them once more: on an H100, at bf16 and
 batch 256, those three passes were ~1.4 ms per stage-1 block of pvt_small's 19.4 ms
-forward (benchmarks/NOTES.md). Here each program takes a tile of rows, walks the hidden
-axis in chunks (fc1 chunk -> GELU in float32 -> accumulate fc2) and writes only the
-output: the hidden activations never leave the chip.
+forward (benchmarks/NOTES.md).
 
-It is used only where it pays and is exact to the XLA path up to rounding: on CUDA, in
-bfloat16, for widths the Triton tiles take (input/output 16..128, hidden a multiple of the
-chunk). Everywhere else, and for gradients (a custom VJP recomputes the XLA form), the
-plain ``fc2(gelu(fc1(x)))`` runs. ``LUCID_FN_FUSED_MLP=off`` turns it off.
+- :func:`mlp_gelu` (PVT v1, ``fc2(gelu(fc1(x)))``): each program takes a tile of rows,
+  walks the hidden axis in chunks (fc1 chunk -> GELU in float32 -> accumulate fc2) and
+  writes only the output: the hidden activations never leave the chip.
+- :func:`conv_mlp` (PVT v2, ``fc2(gelu(dwconv3x3(fc1(x))))``): XLA runs fc1 (a plain,
+  compute-friendly matmul) and fc2; between them one kernel reads the hidden map once,
+  adds fc1's bias, applies the depthwise 3x3 conv as nine shifted loads (the neighbours'
+  rows come from L1/L2), its bias and GELU in float32, and writes the activated map.
+  Through XLA that part was cuDNN's depthwise conv, a bias fusion and a GELU fusion, each
+  a full pass over the hidden map (pvt_v2_b2: 16% of the forward in the conv alone).
+
+They are used only where they pay and are exact to the XLA path up to rounding: on CUDA,
+in bfloat16, for the widths the Triton tiles take. Everywhere else, and for gradients (a
+custom VJP recomputes the XLA form), the plain XLA ops run. ``LUCID_FN_FUSED_MLP=off``
+turns both off.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
@@ -138,3 +147,148 @@ def mlp_gelu(fc1, fc2, x, *, approximate: bool, dtype=None):
     if enabled() and supported(fc1, fc2, x, dtype):
         return _fused(fc1, fc2, x, approximate, jnp.dtype(dtype))
     return reference(fc1, fc2, x, approximate=approximate, dtype=dtype)
+
+
+# ------------------------------------------------------------ PVT v2: conv MLP
+
+# Rows per program, hidden channels per program, warps (NOTES.md has the sweep);
+# edge_bias: fc1's and the conv's biases as one gathered (row class, channel) table.
+CONV_BLOCKS = {"block_m": 32, "block_h": 64, "num_warps": 4, "edge_bias": True}
+_TAPS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))  # HWIO kernel order
+# Which of the offsets -1, 0, +1 stay inside the map, for a position's edge class
+# 2 * (first row/column) + (last row/column).
+_VALID_OFFSETS = np.array([[1, 1, 1], [1, 1, 0], [0, 1, 1], [0, 1, 0]], np.float32)
+
+
+def reference_conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype):
+    """PVT v2's MLP as XLA ops: fc1, [ReLU], depthwise 3x3 conv (padding 1), exact GELU,
+    fc2 on (B, N, C) tokens laid out on an ``hw`` map."""
+    b, n, _ = x.shape
+    h = layers.linear(fc1, x, dtype)
+    if relu:
+        h = jax.nn.relu(h)
+    hidden = h.shape[-1]
+    h = layers.conv(dwconv, h.reshape(b, *hw, hidden), stride=1, padding=1, groups=hidden,
+                    dtype=dtype).reshape(b, n, hidden)
+    return layers.linear(fc2, layers.gelu(h, approximate=False), dtype)
+
+
+def supported_conv_mlp(fc1, dwconv, fc2, x, dtype) -> bool:
+    hidden = fc1["kernel"].shape[1]
+    return (jnp.dtype(dtype) == jnp.bfloat16 and dwconv["kernel"].shape == (3, 3, 1, hidden)
+            and hidden % CONV_BLOCKS["block_h"] == 0)
+
+
+def edge_bias_table(b1, taps, conv_bias):
+    """(16, hidden) float32: conv_bias + b1 * (the sum of the taps inside the map), for
+    each edge class 4 * row class + column class. Adding fc1's bias before a zero-padded
+    conv is adding this after it; with no ReLU between them the kernel adds it once per
+    element instead of once per tap."""
+    w = taps.astype(jnp.float32).reshape(3, 3, -1)
+    inside = jnp.einsum("ya,xb,abc->yxc", _VALID_OFFSETS, _VALID_OFFSETS, w)
+    return (conv_bias.astype(jnp.float32) + b1.astype(jnp.float32) * inside).reshape(16, -1)
+
+
+def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, pad, relu,
+                      fast_recip):
+    """GELU(dwconv3x3(h + b1) + conv bias) for one (rows, channels) tile, where ``h`` is
+    fc1's matmul (its bias is added here, not in a pass of its own).
+
+    ``h_ref`` holds the hidden rows of all images back to back, with ``pad`` (>= W + 1)
+    rows before and after, so every shifted load stays inside the array; a tap outside
+    its image (the conv's zero padding) loads 0 (with ``edge_bias``, whose table accounts
+    for the missing bias) or -b1, which adding b1 makes an exact 0."""
+    bm, block_h = o_ref.shape
+    hh, ww = hw
+    t0 = pl.program_id(0) * bm
+    cols = pl.ds(pl.multiple_of(pl.program_id(1) * block_h, block_h), block_h)
+    t = t0 + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+    r = t % (hh * ww)
+    y, xq = r // ww, r % ww
+    shape = (bm, block_h)
+    table = bias_ref.shape[0] == 16
+    if table:
+        edge = (2 * (y == 0) + (y == hh - 1)) * 4 + 2 * (xq == 0) + (xq == ww - 1)
+        acc = bias_ref[edge.reshape(bm), cols].astype(jnp.float32)
+        outside, b1 = 0.0, None
+    else:
+        acc = jnp.broadcast_to(bias_ref[cols].astype(jnp.float32)[None, :], shape)
+        b1 = b1_ref[cols]
+        outside = jnp.broadcast_to(-b1[None, :], shape)
+        b1 = b1.astype(jnp.float32)[None, :]
+    for k, (dy, dx) in enumerate(_TAPS):
+        inside = (y + dy >= 0) & (y + dy < hh) & (xq + dx >= 0) & (xq + dx < ww)
+        v = plt.load(h_ref.at[pl.ds(t0 + pad + dy * ww + dx, bm), cols],
+                     mask=jnp.broadcast_to(inside, shape), other=outside)
+        v = v.astype(jnp.float32)
+        if b1 is not None:
+            v = v + b1
+        if relu:
+            v = jnp.maximum(v, 0.0)
+        acc = acc + v * taps_ref[k, cols].astype(jnp.float32)[None, :]
+    o_ref[...] = _gelu_f32(acc, False, fast_recip).astype(o_ref.dtype)
+
+
+def pallas_conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype, interpret: bool = False):
+    """The v2 MLP with fc1's bias, the conv, its bias and GELU in one kernel between XLA's
+    fc1 and fc2 matmuls, on (B, N, C) tokens of an ``hw`` map. ``interpret=True`` runs it
+    anywhere."""
+    b, n, c_in = x.shape
+    hidden = fc1["kernel"].shape[1]
+    bm, bh = CONV_BLOCKS["block_m"], CONV_BLOCKS["block_h"]
+    rows = b * n
+    padded = -(-rows // bm) * bm
+    pad = hw[1] + 1
+    # Zero token rows around (and after) the batch, which the kernel's masks never read:
+    # every shifted window is in bounds.
+    x_rows = jnp.pad(x.reshape(rows, c_in).astype(dtype), ((pad, pad + padded - rows), (0, 0)))
+    h = jnp.matmul(x_rows, fc1["kernel"].astype(dtype))
+    b1 = (fc1["bias"] if "bias" in fc1 else jnp.zeros((hidden,))).astype(dtype)
+    taps = dwconv["kernel"].reshape(9, hidden).astype(dtype)
+    if CONV_BLOCKS["edge_bias"] and not relu:  # ReLU sits between fc1's bias and the conv
+        bias = edge_bias_table(b1, taps, dwconv["bias"].astype(dtype))
+    else:
+        bias = dwconv["bias"].astype(dtype)
+    whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)  # noqa: E731
+    g = pl.pallas_call(
+        functools.partial(_conv_gelu_kernel, hw=tuple(hw), pad=pad, relu=relu,
+                          fast_recip=bool(BLOCKS.get("approx_recip")) and not interpret),
+        out_shape=jax.ShapeDtypeStruct((padded, hidden), dtype),
+        grid=(padded // bm, hidden // bh),
+        in_specs=[whole(h), whole(b1), whole(taps), whole(bias)],
+        out_specs=pl.BlockSpec((bm, bh), lambda i, j: (i, j)),
+        compiler_params=plt.CompilerParams(num_warps=CONV_BLOCKS["num_warps"], num_stages=1),
+        interpret=interpret, name="lucid_fn_fused_conv_gelu",
+    )(h, b1, taps, bias)
+    return layers.linear(fc2, g[:rows], dtype).reshape(b, n, fc2["kernel"].shape[1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_conv(fc1, dwconv, fc2, x, hw, relu, dtype):
+    kw = dict(hw=hw, relu=relu, dtype=dtype)
+    return jax.lax.platform_dependent(
+        fc1, dwconv, fc2, x,
+        cuda=functools.partial(pallas_conv_mlp, **kw),
+        default=functools.partial(reference_conv_mlp, **kw))
+
+
+def _fused_conv_fwd(fc1, dwconv, fc2, x, hw, relu, dtype):
+    return _fused_conv(fc1, dwconv, fc2, x, hw, relu, dtype), (fc1, dwconv, fc2, x)
+
+
+def _fused_conv_bwd(hw, relu, dtype, res, g):
+    _, vjp = jax.vjp(functools.partial(reference_conv_mlp, hw=hw, relu=relu, dtype=dtype),
+                     *res)
+    return vjp(g)
+
+
+_fused_conv.defvjp(_fused_conv_fwd, _fused_conv_bwd)
+
+
+def conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool = False, dtype=None):
+    """PVT v2's ``fc2(gelu(dwconv(fc1(x))))`` (ReLU after fc1 when ``relu``): the fused
+    kernel where :func:`supported_conv_mlp`, else XLA ops."""
+    dtype = dtype or x.dtype
+    if enabled() and supported_conv_mlp(fc1, dwconv, fc2, x, dtype):
+        return _fused_conv(fc1, dwconv, fc2, x, tuple(hw), relu, jnp.dtype(dtype))
+    return reference_conv_mlp(fc1, dwconv, fc2, x, hw=hw, relu=relu, dtype=dtype)
