@@ -146,6 +146,10 @@ def _conv_mlp_xla(fc1, dwconv, fc2, x, *, hw, relu=False, dtype=None):
                                      dtype=dtype or x.dtype)
 
 
+def _dwconv_xla(p, h, *, hw, dtype=None):
+    return lfused.reference_dwconv(p, h, hw=hw, dtype=dtype or h.dtype)
+
+
 def _attend_with(layout: str):
     """nn.attention.attend (the SRA core: probabilities times values) computed another
     way; the same function of the same params."""
@@ -172,7 +176,8 @@ PATCHES = {
     "dwconv": {"lib": {}, "shift": {"conv": _conv_shift}},
     "embed": {"lib": {}, "im2col": {"conv": _conv_im2col}},
     "patchify": {"lib": {}, "conv": {"patchify_conv": _patchify_conv_xla}},
-    "mlp": {"lib": {}, "xla": {"mlp_gelu": _mlp_xla, "conv_mlp": _conv_mlp_xla}},
+    "mlp": {"lib": {}, "xla": {"mlp_gelu": _mlp_xla, "conv_mlp": _conv_mlp_xla,
+                                "dwconv3x3": _dwconv_xla}},
     "attn": {"lib": {}, "bnhm": {"attend": _attend_with("bnhm")},
              "dpa": {"attend": _attend_with("dpa")},
              "bf16logits": {"attend": _attend_with("bf16logits")}},
@@ -201,10 +206,15 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
             m, h, w = (int(v) for v in value.split("x")[:3])
             patches["CONV_BLOCKS"] = {"block_m": m, "block_h": h, "num_warps": w,
                                       "edge_bias": not value.endswith("xb")}
+        elif key == "wgradblk" and len(value.split("x")) == 4:  # v2 training: MxHxWxP
+            m, h, w, n = (int(v) for v in value.split("x"))
+            patches["WGRAD_BLOCKS"] = {"block_m": m, "block_h": h, "num_warps": w,
+                                       "programs": n}
         else:
             allowed = [f"{k}={'|'.join(v)}" for k, v in {**BUILDER_KEYS, **PATCHES}.items()]
             allowed.append("mlpblk=<rows>x<hidden chunk>x<warps>[xr: approximate reciprocal]")
             allowed.append("convblk=<rows>x<channels>x<warps>[xb: fc1 bias per tap]")
+            allowed.append("wgradblk=<rows>x<channels>x<warps>x<programs>")
             raise SystemExit(f"bad variant item {item!r} in {spec!r}; allowed: "
                              f"{', '.join(allowed)}")
     return kwargs, patches
@@ -215,7 +225,8 @@ def patched(patches: dict):
     """Swap functions in lucid_fn.nn (and the modules that call them) while tracing."""
     targets = {"gelu": [lnn, llayers], "conv": [lnn, llayers], "attend": [lattention],
                "patchify_conv": [lnn, llayers], "mlp_gelu": [lfused], "BLOCKS": [lfused],
-               "conv_mlp": [lfused], "CONV_BLOCKS": [lfused]}
+               "conv_mlp": [lfused], "CONV_BLOCKS": [lfused],
+               "dwconv3x3": [lfused], "WGRAD_BLOCKS": [lfused]}
     saved = []
     try:
         for name, fn in patches.items():

@@ -120,13 +120,10 @@ def mlp(p, x, rngs, *, hw, cfg: PVTv2Config):
     if rngs[0] is None:  # inference: conv, bias, GELU (and fc2) in one kernel (nn.fused)
         return nn.fused.conv_mlp(p["fc1"], p["dwconv"], p["fc2"], x, hw=hw, relu=cfg.linear,
                                  dtype=cfg.dtype)
-    b, n, _ = x.shape
     h = nn.linear(p["fc1"], x, cfg.dtype)
     if cfg.linear:
         h = jax.nn.relu(h)
-    hidden = h.shape[-1]
-    h = nn.conv(p["dwconv"], h.reshape(b, *hw, hidden), stride=1, padding=1, groups=hidden,
-                dtype=cfg.dtype).reshape(b, n, hidden)
+    h = nn.fused.dwconv3x3(p["dwconv"], h, hw=hw, dtype=cfg.dtype)
     h = nn.dropout(nn.gelu(h, approximate=False), cfg.drop_rate, rngs[0])
     return nn.dropout(nn.linear(p["fc2"], h, cfg.dtype), cfg.drop_rate, rngs[1])
 
