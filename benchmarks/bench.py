@@ -41,8 +41,9 @@ patching ``lucid_fn.nn`` while the model is traced: ``gelu`` (``lib``: the libra
 ``jax.nn.dot_product_attention``, ``bf16logits``), ``mlp`` (``lib``: the fused Pallas MLPs
 where they apply, ``xla``: XLA ops only), ``mlpblk=MxHxW[xr]`` (the v1 fused MLP's row
 tile, hidden chunk, warps, and ``r``: erf's divide as an approximate reciprocal) and
-``convblk=MxHxW[xb]`` (the v2 conv-GELU kernel's row tile, channel tile, warps, and
-``b``: fc1's bias added per tap instead of through the edge-class table). Results
+``convblk=MxHxW[xb][xf]`` (the v2 conv-GELU kernel's row tile, channel tile, warps,
+``b``: fc1's bias added per tap instead of through the edge-class table, ``f``: fc2
+accumulated in the kernel). Results
 go to ``<out>/<name>.json`` and ``.md``,
 rewritten after every measurement so a stopped run keeps what it measured.
 """
@@ -146,10 +147,6 @@ def _conv_mlp_xla(fc1, dwconv, fc2, x, *, hw, relu=False, dtype=None):
                                      dtype=dtype or x.dtype)
 
 
-def _dwconv_xla(p, h, *, hw, dtype=None):
-    return lfused.reference_dwconv(p, h, hw=hw, dtype=dtype or h.dtype)
-
-
 def _attend_with(layout: str):
     """nn.attention.attend (the SRA core: probabilities times values) computed another
     way; the same function of the same params."""
@@ -176,8 +173,7 @@ PATCHES = {
     "dwconv": {"lib": {}, "shift": {"conv": _conv_shift}},
     "embed": {"lib": {}, "im2col": {"conv": _conv_im2col}},
     "patchify": {"lib": {}, "conv": {"patchify_conv": _patchify_conv_xla}},
-    "mlp": {"lib": {}, "xla": {"mlp_gelu": _mlp_xla, "conv_mlp": _conv_mlp_xla,
-                                "dwconv3x3": _dwconv_xla}},
+    "mlp": {"lib": {}, "xla": {"mlp_gelu": _mlp_xla, "conv_mlp": _conv_mlp_xla}},
     "attn": {"lib": {}, "bnhm": {"attend": _attend_with("bnhm")},
              "dpa": {"attend": _attend_with("dpa")},
              "bf16logits": {"attend": _attend_with("bf16logits")}},
@@ -202,19 +198,16 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
             m, h, w = (int(v) for v in value.split("x")[:3])
             patches["BLOCKS"] = {"block_m": m, "block_h": h, "num_warps": w,
                                  "approx_recip": value.endswith("xr")}
-        elif key == "convblk" and len(value.split("x")) in (3, 4):  # v2: MxHxWARPS[xb]
+        elif key == "convblk" and 3 <= len(value.split("x")) <= 5:  # v2: MxHxWARPS[xb][xf]
             m, h, w = (int(v) for v in value.split("x")[:3])
+            flags = value.split("x")[3:]
             patches["CONV_BLOCKS"] = {"block_m": m, "block_h": h, "num_warps": w,
-                                      "edge_bias": not value.endswith("xb")}
-        elif key == "wgradblk" and len(value.split("x")) == 4:  # v2 training: MxHxWxP
-            m, h, w, n = (int(v) for v in value.split("x"))
-            patches["WGRAD_BLOCKS"] = {"block_m": m, "block_h": h, "num_warps": w,
-                                       "programs": n}
+                                      "edge_bias": "b" not in flags, "fc2": "f" in flags}
         else:
             allowed = [f"{k}={'|'.join(v)}" for k, v in {**BUILDER_KEYS, **PATCHES}.items()]
             allowed.append("mlpblk=<rows>x<hidden chunk>x<warps>[xr: approximate reciprocal]")
-            allowed.append("convblk=<rows>x<channels>x<warps>[xb: fc1 bias per tap]")
-            allowed.append("wgradblk=<rows>x<channels>x<warps>x<programs>")
+            allowed.append("convblk=<rows>x<channels>x<warps>[xb: fc1 bias per tap]"
+                           "[xf: fc2 in the kernel]")
             raise SystemExit(f"bad variant item {item!r} in {spec!r}; allowed: "
                              f"{', '.join(allowed)}")
     return kwargs, patches
@@ -225,8 +218,7 @@ def patched(patches: dict):
     """Swap functions in lucid_fn.nn (and the modules that call them) while tracing."""
     targets = {"gelu": [lnn, llayers], "conv": [lnn, llayers], "attend": [lattention],
                "patchify_conv": [lnn, llayers], "mlp_gelu": [lfused], "BLOCKS": [lfused],
-               "conv_mlp": [lfused], "CONV_BLOCKS": [lfused],
-               "dwconv3x3": [lfused], "WGRAD_BLOCKS": [lfused]}
+               "conv_mlp": [lfused], "CONV_BLOCKS": [lfused]}
     saved = []
     try:
         for name, fn in patches.items():

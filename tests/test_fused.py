@@ -100,14 +100,17 @@ def _conv_params(c, hidden, seed=0):
     return fc1, dwconv, fc2
 
 
+@pytest.mark.parametrize("fc2_on_chip", [False, True])
 @pytest.mark.parametrize("edge_bias", [True, False])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("b,hw,c,hidden", [
     (2, (7, 9), 32, 128),   # 126 rows: not a multiple of the row tile; not square
     (1, (4, 4), 16, 64),    # a map smaller than a tile: every token is at an edge
 ])
-def test_conv_kernel_matches_xla(monkeypatch, edge_bias, relu, b, hw, c, hidden):
+def test_conv_kernel_matches_xla(monkeypatch, fc2_on_chip, edge_bias, relu, b, hw, c,
+                                 hidden):
     monkeypatch.setitem(fused.CONV_BLOCKS, "edge_bias", edge_bias)
+    monkeypatch.setitem(fused.CONV_BLOCKS, "fc2", fc2_on_chip)
     fc1, dwconv, fc2 = _conv_params(c, hidden)
     x = jax.random.normal(jax.random.key(5), (b, hw[0] * hw[1], c))
     kw = dict(hw=hw, relu=relu)
@@ -171,67 +174,13 @@ def _cuda_hlo_v2(model, **apply_kw):
 def test_pvt_v2_inference_uses_the_conv_kernel_on_cuda_in_bf16_only(monkeypatch, name):
     arch = dict(img_size=64, num_classes=10, depths=(1, 1, 1, 1))
     hlo = _cuda_hlo_v2(registry[name](dtype=jnp.bfloat16, **arch))
-    assert hlo.count("lucid_fn_fused_conv_gelu") >= 4  # one per stage
-    assert "lucid_fn_fused_conv_gelu" not in _cuda_hlo_v2(registry[name](**arch))
+    kernels = hlo.count("lucid_fn_fused_conv_gelu") + hlo.count("lucid_fn_fused_conv_mlp")
+    assert kernels >= 4  # one per stage
+    assert "lucid_fn_fused_conv" not in _cuda_hlo_v2(registry[name](**arch))
     train = _cuda_hlo_v2(registry[name](dtype=jnp.bfloat16, **arch), train=True,
                          rng=jax.random.key(1))
-    assert "lucid_fn_fused_conv_gelu" not in train  # dropout lives between conv and fc2
+    assert "lucid_fn_fused_conv" not in train  # dropout lives between conv and fc2
     monkeypatch.setenv("LUCID_FN_FUSED_MLP", "off")
-    assert "lucid_fn_fused_conv_gelu" not in _cuda_hlo_v2(
+    assert "lucid_fn_fused_conv" not in _cuda_hlo_v2(
         registry[name](dtype=jnp.bfloat16, **arch))
 
-
-# ------------------------------------------- PVT v2 training: the conv's weight gradient
-
-
-@pytest.mark.parametrize("programs", [2048, 1])  # 1: each program walks many row tiles
-@pytest.mark.parametrize("b,hw,c", [(2, (7, 9), 128), (1, (4, 4), 64), (3, (5, 6), 64)])
-def test_wgrad_kernel_matches_xla(monkeypatch, programs, b, hw, c):
-    monkeypatch.setitem(fused.WGRAD_BLOCKS, "programs", programs)
-    k = jax.random.split(jax.random.key(b), 3)
-    h = jax.random.normal(k[0], (b, hw[0] * hw[1], c))
-    g = jax.random.normal(k[1], (b, hw[0] * hw[1], c))
-    p = {"kernel": jax.random.normal(k[2], (3, 3, 1, c)), "bias": jnp.zeros((c,))}
-    _, vjp = jax.vjp(lambda q: fused.reference_dwconv(q, h, hw=hw, dtype=jnp.float32), p)
-    (want,) = vjp(g)
-    dk, db = fused.pallas_dwconv_wgrad(h, g, hw=hw, interpret=True)
-    assert dk.shape == (3, 3, 1, c) and db.shape == (c,)
-    scale = float(jnp.abs(want["kernel"]).max())
-    np.testing.assert_allclose(dk, want["kernel"], atol=1e-5 * scale)
-    np.testing.assert_allclose(db, want["bias"], atol=1e-5 * scale)
-
-
-def test_dwconv3x3_off_gpu_is_the_xla_conv_with_its_gradient():
-    k = jax.random.split(jax.random.key(0), 3)
-    h = jax.random.normal(k[0], (2, 30, 64))
-    p = {"kernel": jax.random.normal(k[1], (3, 3, 1, 64)),
-         "bias": jax.random.normal(k[2], (64,))}
-
-    def loss(fn, q, v):
-        return fn(q, v, hw=(5, 6), dtype=jnp.bfloat16).astype(jnp.float32).sum()
-
-    grad = lambda fn: jax.jit(jax.grad(lambda q, v: loss(fn, q, v), argnums=(0, 1)))  # noqa: E731
-    g, g_ref = grad(fused.dwconv3x3)(p, h), grad(fused.reference_dwconv)(p, h)
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-
-
-def test_pvt_v2_train_step_uses_the_wgrad_kernel_on_cuda_in_bf16_only(monkeypatch):
-    arch = dict(img_size=64, num_classes=10, depths=(1, 1, 1, 1))
-
-    def hlo(model):
-        params = jax.eval_shape(model.init, jax.random.key(0))
-        x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
-
-        def loss(p, v):
-            return model.apply(p, v, train=True, rng=jax.random.key(1)).sum()
-
-        return jax.jit(jax.grad(loss)).trace(params, x).lower(
-            lowering_platforms=("cuda",)).as_text()
-
-    assert hlo(registry["pvt_v2_b0"](dtype=jnp.bfloat16, **arch)).count(
-        "lucid_fn_dwconv_wgrad") >= 4  # one per stage
-    assert "lucid_fn_dwconv_wgrad" not in hlo(registry["pvt_v2_b0"](**arch))
-    monkeypatch.setenv("LUCID_FN_FUSED_MLP", "off")
-    assert "lucid_fn_dwconv_wgrad" not in hlo(registry["pvt_v2_b0"](dtype=jnp.bfloat16, **arch))

@@ -153,7 +153,8 @@ def mlp_gelu(fc1, fc2, x, *, approximate: bool, dtype=None):
 
 # Rows per program, hidden channels per program, warps (NOTES.md has the sweep);
 # edge_bias: fc1's and the conv's biases as one gathered (row class, channel) table.
-CONV_BLOCKS = {"block_m": 32, "block_h": 64, "num_warps": 4, "edge_bias": True}
+# fc2: fc2 accumulated in the kernel (outputs up to MAX_WIDTH) rather than by XLA.
+CONV_BLOCKS = {"block_m": 32, "block_h": 64, "num_warps": 4, "edge_bias": True, "fc2": False}
 _TAPS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))  # HWIO kernel order
 # Which of the offsets -1, 0, +1 stay inside the map, for a position's edge class
 # 2 * (first row/column) + (last row/column).
@@ -206,23 +207,21 @@ def _tap(h_ref, t, y, xq, dy, dx, *, hw, rows, cols):
     return jnp.where(inside, h_ref[idx, cols].astype(jnp.float32), 0.0)
 
 
-def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, rows, relu,
-                      fast_recip):
-    """GELU(dwconv3x3(h + b1) + conv bias) for one (rows, channels) tile, where ``h`` is
-    fc1's matmul (its bias is added here, not in a pass of its own): with a 16-row
-    ``bias_ref`` (no ReLU) through the edge-class table, else per tap, inside the image
-    only."""
-    bm, block_h = o_ref.shape
+def _conv_gelu_tile(h_ref, b1_ref, taps_ref, bias_ref, t, cols, *, hw, rows, relu,
+                    fast_recip):
+    """GELU(dwconv3x3(h + b1) + conv bias), float32, for token rows ``t`` (bm, 1) and
+    channels ``cols``, where ``h`` is fc1's matmul (its bias is added here, not in a pass
+    of its own): with a 16-row ``bias_ref`` (no ReLU) through the edge-class table, else
+    per tap, inside the image only."""
     hh, ww = hw
-    cols = pl.ds(pl.multiple_of(pl.program_id(1) * block_h, block_h), block_h)
-    t = pl.program_id(0) * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+    bm = t.shape[0]
     y, xq = _token_positions(t, hw)
     if bias_ref.shape[0] == 16:
         edge = (2 * (y == 0) + (y == hh - 1)) * 4 + 2 * (xq == 0) + (xq == ww - 1)
         acc = bias_ref[edge.reshape(bm), cols].astype(jnp.float32)
         b1 = None
     else:
-        acc = jnp.broadcast_to(bias_ref[cols].astype(jnp.float32)[None, :], (bm, block_h))
+        acc = bias_ref[cols].astype(jnp.float32)[None, :]
         b1 = b1_ref[cols].astype(jnp.float32)[None, :]
     for k, (dy, dx) in enumerate(_TAPS):
         v = _tap(h_ref, t, y, xq, dy, dx, hw=hw, rows=rows, cols=cols)
@@ -233,19 +232,53 @@ def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, rows, rel
             inside = (y + dy >= 0) & (y + dy < hh) & (xq + dx >= 0) & (xq + dx < ww)
             v = jnp.where(inside, v, 0.0)
         acc = acc + v * taps_ref[k, cols].astype(jnp.float32)[None, :]
-    o_ref[...] = _gelu_f32(acc, False, fast_recip).astype(o_ref.dtype)
+    return _gelu_f32(acc, False, fast_recip)
+
+
+def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, **kw):
+    """One (rows, channels) tile of the activated hidden map."""
+    bm, block_h = o_ref.shape
+    cols = pl.ds(pl.multiple_of(pl.program_id(1) * block_h, block_h), block_h)
+    t = pl.program_id(0) * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+    o_ref[...] = _conv_gelu_tile(h_ref, b1_ref, taps_ref, bias_ref, t, cols,
+                                 **kw).astype(o_ref.dtype)
+
+
+def _conv_mlp_kernel(h_ref, b1_ref, taps_ref, bias_ref, w2_ref, b2_ref, o_ref, *, block_h,
+                     **kw):
+    """One tile of rows through all hidden channels, chunk by chunk, with fc2 accumulated
+    on chip: the activated hidden map is never written."""
+    bm = o_ref.shape[0]
+    t = pl.program_id(0) * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+
+    def chunk(j, acc):
+        cols = pl.ds(pl.multiple_of(j * block_h, block_h), block_h)
+        a = _conv_gelu_tile(h_ref, b1_ref, taps_ref, bias_ref, t, cols, **kw)
+        return acc + jnp.dot(a.astype(w2_ref.dtype), w2_ref[cols, :],
+                             preferred_element_type=jnp.float32)
+
+    acc = jnp.zeros(o_ref.shape, jnp.float32)
+    acc = jax.lax.fori_loop(0, w2_ref.shape[0] // block_h, chunk, acc)
+    o_ref[...] = (acc + b2_ref[...].astype(jnp.float32)[None, :]).astype(o_ref.dtype)
 
 
 def _whole(a):
     return pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
 
 
+def _fc2_on_chip(fc2) -> bool:
+    c_out = fc2["kernel"].shape[1]
+    return (CONV_BLOCKS.get("fc2", False) and "bias" in fc2 and _is_pow2(c_out)
+            and 16 <= c_out <= MAX_WIDTH)
+
+
 def pallas_conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype, interpret: bool = False):
-    """The v2 MLP with fc1's bias, the conv, its bias and GELU in one kernel between XLA's
-    fc1 and fc2 matmuls, on (B, N, C) tokens of an ``hw`` map. ``interpret=True`` runs it
-    anywhere."""
+    """The v2 MLP with fc1's bias, the conv, its bias and GELU in one kernel after XLA's
+    fc1 matmul, and fc2 either in that kernel too (``CONV_BLOCKS["fc2"]``, outputs up to
+    128 wide) or as XLA's matmul; on (B, N, C) tokens of an ``hw`` map.
+    ``interpret=True`` runs it anywhere."""
     b, n, c_in = x.shape
-    hidden = fc1["kernel"].shape[1]
+    hidden, c_out = fc1["kernel"].shape[1], fc2["kernel"].shape[1]
     bm, bh = CONV_BLOCKS["block_m"], CONV_BLOCKS["block_h"]
     rows = b * n
     h = jnp.matmul(x.reshape(rows, c_in).astype(dtype), fc1["kernel"].astype(dtype))
@@ -256,19 +289,31 @@ def pallas_conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype, interpret: bo
     else:
         bias = dwconv["bias"].astype(dtype)
     padded = -(-rows // bm) * bm
+    kw = dict(hw=tuple(hw), rows=rows, relu=relu,
+              fast_recip=bool(BLOCKS.get("approx_recip")) and not interpret)
+    params = plt.CompilerParams(num_warps=CONV_BLOCKS["num_warps"], num_stages=1)
+    args = (h, b1, taps, bias)
+    if _fc2_on_chip(fc2):
+        args += (fc2["kernel"].astype(dtype), fc2["bias"].astype(dtype))
+        out = pl.pallas_call(
+            functools.partial(_conv_mlp_kernel, block_h=bh, **kw),
+            out_shape=jax.ShapeDtypeStruct((padded, c_out), dtype), grid=(padded // bm,),
+            in_specs=[_whole(a) for a in args],
+            out_specs=pl.BlockSpec((bm, c_out), lambda i: (i, 0)),
+            compiler_params=params, interpret=interpret, name="lucid_fn_fused_conv_mlp",
+        )(*args)
+        return out[:rows].reshape(b, n, c_out)
     g = pl.pallas_call(
-        functools.partial(_conv_gelu_kernel, hw=tuple(hw), rows=rows, relu=relu,
-                          fast_recip=bool(BLOCKS.get("approx_recip")) and not interpret),
+        functools.partial(_conv_gelu_kernel, **kw),
         out_shape=jax.ShapeDtypeStruct((padded, hidden), dtype),
         grid=(padded // bm, hidden // bh),
-        in_specs=[_whole(h), _whole(b1), _whole(taps), _whole(bias)],
+        in_specs=[_whole(a) for a in args],
         out_specs=pl.BlockSpec((bm, bh), lambda i, j: (i, j)),
-        compiler_params=plt.CompilerParams(num_warps=CONV_BLOCKS["num_warps"], num_stages=1),
-        interpret=interpret, name="lucid_fn_fused_conv_gelu",
-    )(h, b1, taps, bias)
+        compiler_params=params, interpret=interpret, name="lucid_fn_fused_conv_gelu",
+    )(*args)
     if padded != rows:
         g = g[:rows]
-    return layers.linear(fc2, g, dtype).reshape(b, n, fc2["kernel"].shape[1])
+    return layers.linear(fc2, g, dtype).reshape(b, n, c_out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -301,114 +346,3 @@ def conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool = False, dtype=None):
         return _fused_conv(fc1, dwconv, fc2, x, tuple(hw), relu, jnp.dtype(dtype))
     return reference_conv_mlp(fc1, dwconv, fc2, x, hw=hw, relu=relu, dtype=dtype)
 
-
-# ------------------------------------------- PVT v2 training: the conv's weight gradient
-
-# Rows per step, channels per program, warps, and how many programs to aim for (each
-# walks its rows in steps, with nine float32 accumulators per element of its tile).
-WGRAD_BLOCKS = {"block_m": 16, "block_h": 64, "num_warps": 4, "programs": 2048}
-_WGRAD_ROWS = 16  # output rows per program: 9 taps, the bias, padding to a power of 2
-
-
-def reference_dwconv(p, h, *, hw, dtype):
-    """Depthwise 3x3 conv (padding 1) with bias on (B, N, C) tokens of an ``hw`` map."""
-    b, n, c = h.shape
-    return layers.conv(p, h.reshape(b, *hw, c), stride=1, padding=1, groups=c,
-                       dtype=dtype).reshape(b, n, c)
-
-
-def _wgrad_kernel(h_ref, g_ref, o_ref, *, hw, rows, steps, block_m):
-    """Partial sums over this program's rows of g * (h at each tap's offset), and of g
-    (the bias gradient), for one channel tile: rows 0..8 and 9 of a 16-row output."""
-    block_h = o_ref.shape[-1]
-    cols = pl.ds(pl.multiple_of(pl.program_id(1) * block_h, block_h), block_h)
-    first = pl.program_id(0) * steps * block_m
-
-    def step(s, accs):
-        t = first + s * block_m + jax.lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)
-        y, xq = _token_positions(t, hw)
-        idx = jnp.clip(t, 0, rows - 1).reshape(block_m)
-        g = jnp.where(t < rows, g_ref[idx, cols].astype(jnp.float32), 0.0)
-        taps = [a + g * _tap(h_ref, t, y, xq, dy, dx, hw=hw, rows=rows, cols=cols)
-                for a, (dy, dx) in zip(accs[:9], _TAPS)]
-        return (*taps, accs[9] + g)
-
-    zeros = jnp.zeros((block_m, block_h), jnp.float32)
-    accs = jax.lax.fori_loop(0, steps, step, (zeros,) * 10)
-    for k, a in enumerate(accs):
-        o_ref[k, :] = jnp.sum(a, axis=0)
-
-
-def pallas_dwconv_wgrad(h, g, *, hw, interpret: bool = False):
-    """(kernel (3, 3, 1, C), bias (C,)) gradients, float32, of the depthwise 3x3 conv of
-    tokens ``h`` (B, N, C) given the output's cotangent ``g``: one pass over both, the
-    nine shifted views of ``h`` gathered on chip, instead of cuDNN's weight-gradient
-    kernel (17% of pvt_v2_b2's train step, benchmarks/NOTES.md)."""
-    b, n, c = h.shape
-    rows = b * n
-    bm, bh = WGRAD_BLOCKS["block_m"], WGRAD_BLOCKS["block_h"]
-    tiles = -(-rows // bm)
-    steps = max(1, min(tiles, tiles * (c // bh) // WGRAD_BLOCKS["programs"]))
-    chunks = -(-tiles // steps)
-    h2, g2 = h.reshape(rows, c), g.reshape(rows, c)
-    part = pl.pallas_call(
-        functools.partial(_wgrad_kernel, hw=tuple(hw), rows=rows, steps=steps, block_m=bm),
-        out_shape=jax.ShapeDtypeStruct((chunks * _WGRAD_ROWS, c), jnp.float32),
-        grid=(chunks, c // bh),
-        in_specs=[_whole(h2), _whole(g2)],
-        out_specs=pl.BlockSpec((_WGRAD_ROWS, bh), lambda i, j: (i, j)),
-        compiler_params=plt.CompilerParams(num_warps=WGRAD_BLOCKS["num_warps"], num_stages=1),
-        interpret=interpret, name="lucid_fn_dwconv_wgrad",
-    )(h2, g2)
-    sums = jnp.sum(part.reshape(chunks, _WGRAD_ROWS, c)[:, :10], axis=0)
-    return sums[:9].reshape(3, 3, 1, c), sums[9]
-
-
-def _xla_dwconv_wgrad(h, g, *, hw, dtype, param_dtypes):
-    p = {"kernel": jnp.zeros((3, 3, 1, h.shape[-1]), param_dtypes[0]),
-         "bias": jnp.zeros((h.shape[-1],), param_dtypes[1])}
-    _, vjp = jax.vjp(lambda q: reference_dwconv(q, h, hw=hw, dtype=dtype), p)
-    (d,) = vjp(g)
-    return d["kernel"], d["bias"]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _dwconv(p, h, hw, dtype):
-    return reference_dwconv(p, h, hw=hw, dtype=dtype)
-
-
-def _dwconv_fwd(p, h, hw, dtype):
-    return reference_dwconv(p, h, hw=hw, dtype=dtype), (p, h)
-
-
-def _dwconv_bwd(hw, dtype, res, g):
-    p, h = res
-    # The input's gradient stays cuDNN's (a conv with the flipped taps, as fast as the
-    # forward); only the weight gradient changes hands.
-    _, vjp_h = jax.vjp(lambda v: reference_dwconv(p, v, hw=hw, dtype=dtype), h)
-    (dh,) = vjp_h(g)
-    h_c = h.astype(dtype)
-    dk, db = jax.lax.platform_dependent(
-        h_c, g,
-        cuda=functools.partial(pallas_dwconv_wgrad, hw=hw),
-        default=functools.partial(_xla_dwconv_wgrad, hw=hw, dtype=dtype,
-                                  param_dtypes=(jnp.float32, jnp.float32)))
-    return {"kernel": dk.astype(p["kernel"].dtype), "bias": db.astype(p["bias"].dtype)}, dh
-
-
-_dwconv.defvjp(_dwconv_fwd, _dwconv_bwd)
-
-
-def supported_dwconv(p, h, dtype) -> bool:
-    c = h.shape[-1]
-    return (jnp.dtype(dtype) == jnp.bfloat16 and p["kernel"].shape == (3, 3, 1, c)
-            and c % WGRAD_BLOCKS["block_h"] == 0)
-
-
-def dwconv3x3(p, h, *, hw, dtype=None):
-    """Depthwise 3x3 conv with bias on (B, N, C) tokens of an ``hw`` map, as XLA computes
-    it; its weight gradient from :func:`pallas_dwconv_wgrad` on CUDA in bfloat16."""
-    dtype = dtype or h.dtype
-    if enabled() and supported_dwconv(p, h, dtype):
-        return _dwconv(p, h, tuple(hw), jnp.dtype(dtype))
-    return reference_dwconv(p, h, hw=hw, dtype=dtype)
