@@ -41,9 +41,8 @@ patching ``lucid_fn.nn`` while the model is traced: ``gelu`` (``lib``: the libra
 ``jax.nn.dot_product_attention``, ``bf16logits``), ``mlp`` (``lib``: the fused Pallas MLPs
 where they apply, ``xla``: XLA ops only), ``mlpblk=MxHxW[xr]`` (the v1 fused MLP's row
 tile, hidden chunk, warps, and ``r``: erf's divide as an approximate reciprocal) and
-``convblk=MxHxW[xb][xf]`` (the v2 conv-GELU kernel's row tile, channel tile, warps,
-``b``: fc1's bias added per tap instead of through the edge-class table, ``f``: fc2
-accumulated in the kernel). Results
+``convblk=MxHxW[xb]`` (the v2 conv-GELU kernel's row tile, channel tile, warps, and
+``b``: fc1's bias added per tap instead of through the edge-class table). Results
 go to ``<out>/<name>.json`` and ``.md``,
 rewritten after every measurement so a stopped run keeps what it measured.
 """
@@ -198,16 +197,14 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
             m, h, w = (int(v) for v in value.split("x")[:3])
             patches["BLOCKS"] = {"block_m": m, "block_h": h, "num_warps": w,
                                  "approx_recip": value.endswith("xr")}
-        elif key == "convblk" and 3 <= len(value.split("x")) <= 5:  # v2: MxHxWARPS[xb][xf]
+        elif key == "convblk" and len(value.split("x")) in (3, 4):  # v2: MxHxWARPS[xb]
             m, h, w = (int(v) for v in value.split("x")[:3])
-            flags = value.split("x")[3:]
             patches["CONV_BLOCKS"] = {"block_m": m, "block_h": h, "num_warps": w,
-                                      "edge_bias": "b" not in flags, "fc2": "f" in flags}
+                                      "edge_bias": not value.endswith("xb")}
         else:
             allowed = [f"{k}={'|'.join(v)}" for k, v in {**BUILDER_KEYS, **PATCHES}.items()]
             allowed.append("mlpblk=<rows>x<hidden chunk>x<warps>[xr: approximate reciprocal]")
-            allowed.append("convblk=<rows>x<channels>x<warps>[xb: fc1 bias per tap]"
-                           "[xf: fc2 in the kernel]")
+            allowed.append("convblk=<rows>x<channels>x<warps>[xb: fc1 bias per tap]")
             raise SystemExit(f"bad variant item {item!r} in {spec!r}; allowed: "
                              f"{', '.join(allowed)}")
     return kwargs, patches

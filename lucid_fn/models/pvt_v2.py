@@ -117,7 +117,7 @@ def init_mlp(cfg: PVTv2Config, stage: int) -> dict:
 
 
 def mlp(p, x, rngs, *, hw, cfg: PVTv2Config):
-    if rngs[0] is None:  # inference: conv, bias, GELU (and fc2) in one kernel (nn.fused)
+    if rngs[0] is None:  # inference: fc1 bias, conv, bias and GELU in one kernel (nn.fused)
         return nn.fused.conv_mlp(p["fc1"], p["dwconv"], p["fc2"], x, hw=hw, relu=cfg.linear,
                                  dtype=cfg.dtype)
     h = nn.linear(p["fc1"], x, cfg.dtype)

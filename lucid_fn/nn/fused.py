@@ -153,8 +153,7 @@ def mlp_gelu(fc1, fc2, x, *, approximate: bool, dtype=None):
 
 # Rows per program, hidden channels per program, warps (NOTES.md has the sweep);
 # edge_bias: fc1's and the conv's biases as one gathered (row class, channel) table.
-# fc2: fc2 accumulated in the kernel (outputs up to MAX_WIDTH) rather than by XLA.
-CONV_BLOCKS = {"block_m": 32, "block_h": 64, "num_warps": 4, "edge_bias": True, "fc2": False}
+CONV_BLOCKS = {"block_m": 32, "block_h": 64, "num_warps": 4, "edge_bias": True}
 _TAPS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))  # HWIO kernel order
 # Which of the offsets -1, 0, +1 stay inside the map, for a position's edge class
 # 2 * (first row/column) + (last row/column).
@@ -244,39 +243,15 @@ def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, **kw):
                                  **kw).astype(o_ref.dtype)
 
 
-def _conv_mlp_kernel(h_ref, b1_ref, taps_ref, bias_ref, w2_ref, b2_ref, o_ref, *, block_h,
-                     **kw):
-    """One tile of rows through all hidden channels, chunk by chunk, with fc2 accumulated
-    on chip: the activated hidden map is never written."""
-    bm = o_ref.shape[0]
-    t = pl.program_id(0) * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
-
-    def chunk(j, acc):
-        cols = pl.ds(pl.multiple_of(j * block_h, block_h), block_h)
-        a = _conv_gelu_tile(h_ref, b1_ref, taps_ref, bias_ref, t, cols, **kw)
-        return acc + jnp.dot(a.astype(w2_ref.dtype), w2_ref[cols, :],
-                             preferred_element_type=jnp.float32)
-
-    acc = jnp.zeros(o_ref.shape, jnp.float32)
-    acc = jax.lax.fori_loop(0, w2_ref.shape[0] // block_h, chunk, acc)
-    o_ref[...] = (acc + b2_ref[...].astype(jnp.float32)[None, :]).astype(o_ref.dtype)
-
-
 def _whole(a):
     return pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
 
 
-def _fc2_on_chip(fc2) -> bool:
-    c_out = fc2["kernel"].shape[1]
-    return (CONV_BLOCKS.get("fc2", False) and "bias" in fc2 and _is_pow2(c_out)
-            and 16 <= c_out <= MAX_WIDTH)
-
-
 def pallas_conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype, interpret: bool = False):
-    """The v2 MLP with fc1's bias, the conv, its bias and GELU in one kernel after XLA's
-    fc1 matmul, and fc2 either in that kernel too (``CONV_BLOCKS["fc2"]``, outputs up to
-    128 wide) or as XLA's matmul; on (B, N, C) tokens of an ``hw`` map.
-    ``interpret=True`` runs it anywhere."""
+    """The v2 MLP with fc1's bias, the conv, its bias and GELU in one kernel between XLA's
+    fc1 and fc2 matmuls, on (B, N, C) tokens of an ``hw`` map. (fc2 accumulated in the
+    kernel, as the v1 kernel does, was slower: benchmarks/NOTES.md.) ``interpret=True``
+    runs it anywhere."""
     b, n, c_in = x.shape
     hidden, c_out = fc1["kernel"].shape[1], fc2["kernel"].shape[1]
     bm, bh = CONV_BLOCKS["block_m"], CONV_BLOCKS["block_h"]
@@ -293,16 +268,6 @@ def pallas_conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype, interpret: bo
               fast_recip=bool(BLOCKS.get("approx_recip")) and not interpret)
     params = plt.CompilerParams(num_warps=CONV_BLOCKS["num_warps"], num_stages=1)
     args = (h, b1, taps, bias)
-    if _fc2_on_chip(fc2):
-        args += (fc2["kernel"].astype(dtype), fc2["bias"].astype(dtype))
-        out = pl.pallas_call(
-            functools.partial(_conv_mlp_kernel, block_h=bh, **kw),
-            out_shape=jax.ShapeDtypeStruct((padded, c_out), dtype), grid=(padded // bm,),
-            in_specs=[_whole(a) for a in args],
-            out_specs=pl.BlockSpec((bm, c_out), lambda i: (i, 0)),
-            compiler_params=params, interpret=interpret, name="lucid_fn_fused_conv_mlp",
-        )(*args)
-        return out[:rows].reshape(b, n, c_out)
     g = pl.pallas_call(
         functools.partial(_conv_gelu_kernel, **kw),
         out_shape=jax.ShapeDtypeStruct((padded, hidden), dtype),
