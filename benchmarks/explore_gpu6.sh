@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Ran at commit a902e59 (the wgrad kernel and check_dwconv_gpu.py were removed after it).
 # Sixth exploration call (benchmarks/NOTES.md): the depthwise conv's weight-gradient
 # kernel against cuDNN's (numerics and time per stage shape), then pvt_v2_b2 training with
 # it against XLA ops, and inference after the kernel's loads became clamped gathers (no

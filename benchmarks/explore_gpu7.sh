@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Ran at commit 8c3cd2a (the convblk "xf" fc2-on-chip option was removed after it).
 # Seventh call (benchmarks/NOTES.md): the v2 kernel with fc2 accumulated on chip, its
 # numerics, then pvt_v2_b2 and pvt_v2_b0 inference against torch eager and compiled in
 # the same run.   bash benchmarks/explore_gpu7.sh OUT
