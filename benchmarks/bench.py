@@ -42,7 +42,9 @@ patching ``lucid_fn.nn`` while the model is traced: ``gelu`` (``lib``: the libra
 where they apply, ``xla``: XLA ops only), ``mlpblk=MxHxW[xr]`` (the v1 fused MLP's row
 tile, hidden chunk, warps, and ``r``: erf's divide as an approximate reciprocal) and
 ``convblk=MxHxW[xb]`` (the v2 conv-GELU kernel's row tile, channel tile, warps, and
-``b``: fc1's bias added per tap instead of through the edge-class table). Results
+``b``: fc1's bias added per tap instead of through the edge-class table). ``convdiag``
+(``nogelu``: the conv kernel without its GELU, ``onetap``: with one tap instead of nine)
+computes another function, to see where that kernel's time goes. Results
 go to ``<out>/<name>.json`` and ``.md``,
 rewritten after every measurement so a stopped run keeps what it measured.
 """
@@ -176,6 +178,9 @@ PATCHES = {
     "attn": {"lib": {}, "bnhm": {"attend": _attend_with("bnhm")},
              "dpa": {"attend": _attend_with("dpa")},
              "bf16logits": {"attend": _attend_with("bf16logits")}},
+    # Diagnostics only, not the same function: where the v2 conv kernel's time goes.
+    "convdiag": {"lib": {}, "nogelu": {"_gelu_f32": lambda h, *a: h},
+                 "onetap": {"_TAPS": ((0, 0),)}},
 }
 BUILDER_KEYS = {"scan_blocks": {"1": True, "0": False, "none": None},
                 "remat": {"1": True, "0": False}}
@@ -215,7 +220,8 @@ def patched(patches: dict):
     """Swap functions in lucid_fn.nn (and the modules that call them) while tracing."""
     targets = {"gelu": [lnn, llayers], "conv": [lnn, llayers], "attend": [lattention],
                "patchify_conv": [lnn, llayers], "mlp_gelu": [lfused], "BLOCKS": [lfused],
-               "conv_mlp": [lfused], "CONV_BLOCKS": [lfused]}
+               "conv_mlp": [lfused], "CONV_BLOCKS": [lfused], "_gelu_f32": [lfused],
+               "_TAPS": [lfused]}
     saved = []
     try:
         for name, fn in patches.items():
