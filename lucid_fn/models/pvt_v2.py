@@ -123,9 +123,7 @@ def mlp(p, x, rngs, *, hw, cfg: PVTv2Config):
     h = nn.linear(p["fc1"], x, cfg.dtype)
     if cfg.linear:
         h = jax.nn.relu(h)
-    b, n, hidden = h.shape
-    h = nn.conv(p["dwconv"], h.reshape(b, *hw, hidden), stride=1, padding=1, groups=hidden,
-                dtype=cfg.dtype).reshape(b, n, hidden)
+    h = nn.depthwise_conv3x3(p["dwconv"], h, hw, cfg.dtype)
     h = nn.dropout(nn.gelu(h, approximate=False), cfg.drop_rate, rngs[0])
     return nn.dropout(nn.linear(p["fc2"], h, cfg.dtype), cfg.drop_rate, rngs[1])
 

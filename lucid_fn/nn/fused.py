@@ -45,6 +45,23 @@ def enabled() -> bool:
     return os.environ.get("LUCID_FN_FUSED_MLP", "on").lower() not in ("off", "0", "false")
 
 
+def kernel_with_xla_grad(kernel, reference, *args):
+    """``kernel(*args)`` on CUDA, ``reference(*args)`` elsewhere, the gradient always the
+    reference's (recomputed from the inputs): the kernels are forward-only."""
+    @jax.custom_vjp
+    def f(*a):
+        return jax.lax.platform_dependent(*a, cuda=kernel, default=reference)
+
+    def f_fwd(*a):
+        return f(*a), a
+
+    def f_bwd(res, g):
+        return jax.vjp(reference, *res)[1](g)
+
+    f.defvjp(f_fwd, f_bwd)
+    return f(*args)
+
+
 def reference(fc1, fc2, x, *, approximate: bool, dtype):
     """What the kernel computes, as XLA ops (also its gradient and its CPU/TPU path)."""
     h = layers.gelu(layers.linear(fc1, x, dtype), approximate=approximate)
@@ -120,33 +137,14 @@ def pallas_mlp(fc1, fc2, x, *, approximate: bool, dtype, interpret: bool = False
     return out[:n].reshape(*lead, c_out)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fused(fc1, fc2, x, approximate, dtype):
-    return jax.lax.platform_dependent(
-        fc1, fc2, x,
-        cuda=functools.partial(pallas_mlp, approximate=approximate, dtype=dtype),
-        default=functools.partial(reference, approximate=approximate, dtype=dtype))
-
-
-def _fused_fwd(fc1, fc2, x, approximate, dtype):
-    return _fused(fc1, fc2, x, approximate, dtype), (fc1, fc2, x)
-
-
-def _fused_bwd(approximate, dtype, res, g):
-    _, vjp = jax.vjp(functools.partial(reference, approximate=approximate, dtype=dtype),
-                     *res)
-    return vjp(g)
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)
-
-
 def mlp_gelu(fc1, fc2, x, *, approximate: bool, dtype=None):
     """``fc2(gelu(fc1(x)))``: the fused kernel where :func:`supported`, else XLA ops."""
     dtype = dtype or x.dtype
+    kw = dict(approximate=approximate, dtype=dtype)
     if enabled() and supported(fc1, fc2, x, dtype):
-        return _fused(fc1, fc2, x, approximate, jnp.dtype(dtype))
-    return reference(fc1, fc2, x, approximate=approximate, dtype=dtype)
+        return kernel_with_xla_grad(functools.partial(pallas_mlp, **kw),
+                                    functools.partial(reference, **kw), fc1, fc2, x)
+    return reference(fc1, fc2, x, **kw)
 
 
 # ------------------------------------------------------------ PVT v2: conv MLP
@@ -163,13 +161,10 @@ _VALID_OFFSETS = np.array([[1, 1, 1], [1, 1, 0], [0, 1, 1], [0, 1, 0]], np.float
 def reference_conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype):
     """PVT v2's MLP as XLA ops: fc1, [ReLU], depthwise 3x3 conv (padding 1), exact GELU,
     fc2 on (B, N, C) tokens laid out on an ``hw`` map."""
-    b, n, _ = x.shape
     h = layers.linear(fc1, x, dtype)
     if relu:
         h = jax.nn.relu(h)
-    hidden = h.shape[-1]
-    h = layers.conv(dwconv, h.reshape(b, *hw, hidden), stride=1, padding=1, groups=hidden,
-                    dtype=dtype).reshape(b, n, hidden)
+    h = layers.depthwise_conv3x3(dwconv, h, hw, dtype)
     return layers.linear(fc2, layers.gelu(h, approximate=False), dtype)
 
 
@@ -195,15 +190,19 @@ def _token_positions(t, hw):
     return r // hw[1], r % hw[1]
 
 
-def _tap(h_ref, t, y, xq, dy, dx, *, hw, rows, cols):
-    """The hidden rows at offset (dy, dx) from tokens ``t`` (bm, 1), in float32, 0 where
-    that neighbour is outside the image (the conv's zero padding) or ``t`` past the last
-    row. Gathered by clamped row indices, so no address leaves the array and no padded
-    copy of the map is needed; the channel axis stays contiguous (vector loads)."""
+def _neighbour_inside(t, y, xq, dy, dx, *, hw, rows):
+    """Whether the neighbour at offset (dy, dx) of token rows ``t`` is inside their image
+    (outside it is the conv's zero padding), and ``t`` is a real row, not tile padding."""
     hh, ww = hw
-    inside = (t < rows) & (y + dy >= 0) & (y + dy < hh) & (xq + dx >= 0) & (xq + dx < ww)
-    idx = jnp.clip(t + dy * ww + dx, 0, rows - 1).reshape(t.shape[0])
-    return jnp.where(inside, h_ref[idx, cols].astype(jnp.float32), 0.0)
+    return (t < rows) & (y + dy >= 0) & (y + dy < hh) & (xq + dx >= 0) & (xq + dx < ww)
+
+
+def _gather_rows(h_ref, t, rows, cols):
+    """Rows ``t`` (bm, 1) of ``h_ref`` in float32, by indices clamped into the array, so no
+    address leaves it and no padded copy of the map is needed (the caller masks what the
+    clamp changed); the channel axis stays contiguous (vector loads)."""
+    idx = jnp.clip(t, 0, rows - 1).reshape(t.shape[0])
+    return h_ref[idx, cols].astype(jnp.float32)
 
 
 def _conv_gelu_tile(h_ref, b1_ref, taps_ref, bias_ref, t, cols, *, hw, rows, relu,
@@ -211,7 +210,7 @@ def _conv_gelu_tile(h_ref, b1_ref, taps_ref, bias_ref, t, cols, *, hw, rows, rel
     """GELU(dwconv3x3(h + b1) + conv bias), float32, for token rows ``t`` (bm, 1) and
     channels ``cols``, where ``h`` is fc1's matmul (its bias is added here, not in a pass
     of its own): with a 16-row ``bias_ref`` (no ReLU) through the edge-class table, else
-    per tap, inside the image only."""
+    per tap."""
     hh, ww = hw
     bm = t.shape[0]
     y, xq = _token_positions(t, hw)
@@ -223,13 +222,12 @@ def _conv_gelu_tile(h_ref, b1_ref, taps_ref, bias_ref, t, cols, *, hw, rows, rel
         acc = bias_ref[cols].astype(jnp.float32)[None, :]
         b1 = b1_ref[cols].astype(jnp.float32)[None, :]
     for k, (dy, dx) in enumerate(_TAPS):
-        v = _tap(h_ref, t, y, xq, dy, dx, hw=hw, rows=rows, cols=cols)
+        v = _gather_rows(h_ref, t + dy * ww + dx, rows, cols)
         if b1 is not None:
             v = v + b1
             if relu:
                 v = jnp.maximum(v, 0.0)
-            inside = (y + dy >= 0) & (y + dy < hh) & (xq + dx >= 0) & (xq + dx < ww)
-            v = jnp.where(inside, v, 0.0)
+        v = jnp.where(_neighbour_inside(t, y, xq, dy, dx, hw=hw, rows=rows), v, 0.0)
         acc = acc + v * taps_ref[k, cols].astype(jnp.float32)[None, :]
     return _gelu_f32(acc, False, fast_recip)
 
@@ -281,33 +279,13 @@ def pallas_conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype, interpret: bo
     return layers.linear(fc2, g, dtype).reshape(b, n, c_out)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _fused_conv(fc1, dwconv, fc2, x, hw, relu, dtype):
-    kw = dict(hw=hw, relu=relu, dtype=dtype)
-    return jax.lax.platform_dependent(
-        fc1, dwconv, fc2, x,
-        cuda=functools.partial(pallas_conv_mlp, **kw),
-        default=functools.partial(reference_conv_mlp, **kw))
-
-
-def _fused_conv_fwd(fc1, dwconv, fc2, x, hw, relu, dtype):
-    return _fused_conv(fc1, dwconv, fc2, x, hw, relu, dtype), (fc1, dwconv, fc2, x)
-
-
-def _fused_conv_bwd(hw, relu, dtype, res, g):
-    _, vjp = jax.vjp(functools.partial(reference_conv_mlp, hw=hw, relu=relu, dtype=dtype),
-                     *res)
-    return vjp(g)
-
-
-_fused_conv.defvjp(_fused_conv_fwd, _fused_conv_bwd)
-
-
 def conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool = False, dtype=None):
     """PVT v2's ``fc2(gelu(dwconv(fc1(x))))`` (ReLU after fc1 when ``relu``): the fused
     kernel where :func:`supported_conv_mlp`, else XLA ops."""
     dtype = dtype or x.dtype
+    kw = dict(hw=tuple(hw), relu=relu, dtype=dtype)
     if enabled() and supported_conv_mlp(fc1, dwconv, fc2, x, dtype):
-        return _fused_conv(fc1, dwconv, fc2, x, tuple(hw), relu, jnp.dtype(dtype))
-    return reference_conv_mlp(fc1, dwconv, fc2, x, hw=hw, relu=relu, dtype=dtype)
-
+        return kernel_with_xla_grad(functools.partial(pallas_conv_mlp, **kw),
+                                    functools.partial(reference_conv_mlp, **kw),
+                                    fc1, dwconv, fc2, x)
+    return reference_conv_mlp(fc1, dwconv, fc2, x, **kw)

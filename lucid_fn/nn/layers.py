@@ -155,6 +155,14 @@ def conv(p: Params, x, *, stride: int, padding: int, groups: int = 1, dtype=None
     return y + p["bias"].astype(dtype)
 
 
+def depthwise_conv3x3(p: Params, x, hw, dtype=None):
+    """PVT v2's depthwise 3x3 conv (padding 1, bias) on (B, N, C) tokens laid out on an
+    ``hw`` map; tokens in, tokens out."""
+    b, n, c = x.shape
+    return conv(p, x.reshape(b, *hw, c), stride=1, padding=1, groups=c,
+                dtype=dtype).reshape(b, n, c)
+
+
 def _pool_matrix(n_in: int, n_out: int) -> np.ndarray:
     """Rows average the bins of PyTorch's adaptive pooling: [floor(i n/o), ceil((i+1) n/o))."""
     m = np.zeros((n_out, n_in), np.float32)
