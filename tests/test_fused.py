@@ -81,7 +81,7 @@ def test_pvt_v1_inference_uses_the_kernel_on_cuda_in_bf16_only(monkeypatch):
     # stages 1 and 2 (64 and 128 wide); 320 and 512 stay with XLA
     assert hlo.count("lucid_fn_fused_mlp") >= 2 and "xla.gpu.triton" in hlo
     assert "xla.gpu.triton" not in _cuda_hlo(registry["pvt_small"](**arch))
-    monkeypatch.setenv("LUCID_FN_FUSED_MLP", "off")
+    monkeypatch.setenv("LUCID_FN_FUSED", "off")
     assert "xla.gpu.triton" not in _cuda_hlo(registry["pvt_small"](dtype=jnp.bfloat16, **arch))
 
 
@@ -176,7 +176,91 @@ def test_pvt_v2_inference_uses_the_conv_kernel_on_cuda_in_bf16_only(monkeypatch,
     train = _cuda_hlo_v2(registry[name](dtype=jnp.bfloat16, **arch), train=True,
                          rng=jax.random.key(1))
     assert "lucid_fn_fused_conv" not in train  # dropout lives between conv and fc2
-    monkeypatch.setenv("LUCID_FN_FUSED_MLP", "off")
+    monkeypatch.setenv("LUCID_FN_FUSED", "off")
     assert "lucid_fn_fused_conv" not in _cuda_hlo_v2(
         registry[name](dtype=jnp.bfloat16, **arch))
 
+
+
+# ------------------------------------------------------------ SRA attention core
+
+
+def _qkv(b, n, m, heads, d, seed=0):
+    k = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(k[0], (b, n, heads, d)) * 2,   # peaked softmax rows too
+            jax.random.normal(k[1], (b, m, heads, d)),
+            jax.random.normal(k[2], (b, m, heads, d)))
+
+
+@pytest.mark.parametrize("b,n,m,heads,d,scale", [
+    (2, 200, 49, 2, 32, None),  # 200 queries: the last tile of 128 is partial
+    (1, 64, 7, 1, 64, 0.3),     # few keys (padded to 16 in the kernel), an explicit scale
+    (2, 50, 50, 4, 16, None),   # PVT v1's last stage: class token, nothing reduced
+])
+def test_attention_kernel_matches_xla(b, n, m, heads, d, scale):
+    from lucid_fn.nn import attention
+    q, k, v = _bf16(*_qkv(b, n, m, heads, d))
+    out = fused.pallas_attention(q, k, v, scale=scale, dtype=jnp.bfloat16, interpret=True)
+    assert out.shape == (b, n, heads, d) and out.dtype == jnp.bfloat16
+    ref32 = attention.attend_xla(*(a.astype(jnp.float32) for a in (q, k, v)), scale=scale,
+                                 dtype=jnp.float32)
+    ref16 = attention.attend_xla(q, k, v, scale=scale, dtype=jnp.bfloat16)
+    err = float(jnp.abs(out.astype(jnp.float32) - ref32).max())
+    err16 = float(jnp.abs(ref16.astype(jnp.float32) - ref32).max())
+    assert err <= err16 * 1.1, (err, err16)  # no worse than XLA's bf16 path
+    # every head read from and written to its own slice: a wrong head is far off
+    assert err < 0.05 * float(jnp.abs(ref32).max())
+
+
+def _bf16(*arrays):
+    return tuple(a.astype(jnp.bfloat16) for a in arrays)
+
+
+def test_attention_supported_only_in_bf16_for_small_key_sets():
+    bf16 = jnp.bfloat16
+    qkv = _qkv(1, 8, 49, 2, 32)
+    assert fused.supported_attention(*_bf16(*qkv), bf16)
+    assert not fused.supported_attention(*_bf16(*qkv), jnp.float32)
+    assert not fused.supported_attention(*qkv, bf16)                        # f32 inputs
+    assert not fused.supported_attention(*_bf16(*_qkv(1, 8, 196, 2, 32)), bf16)  # keys
+    assert not fused.supported_attention(*_bf16(*_qkv(1, 8, 49, 2, 40)), bf16)   # d
+
+
+def test_attention_off_gpu_is_the_xla_path_with_its_gradient():
+    from lucid_fn.nn import attention
+    args = _bf16(*_qkv(2, 30, 9, 2, 32))
+
+    def loss(fn, *a):
+        return fn(*a).astype(jnp.float32).sum()
+
+    fused_fn = lambda *a: attention.attend(*a, scale=None, dtype=jnp.bfloat16,  # noqa: E731
+                                           attn_drop=0.0, rng=None)
+    xla_fn = lambda *a: attention.attend_xla(*a, scale=None, dtype=jnp.bfloat16)  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(jax.jit(fused_fn)(*args), np.float32),
+                                  np.asarray(jax.jit(xla_fn)(*args), np.float32))
+    g = jax.jit(jax.grad(lambda *a: loss(fused_fn, *a), argnums=(0, 1, 2)))(*args)
+    g_ref = jax.jit(jax.grad(lambda *a: loss(xla_fn, *a), argnums=(0, 1, 2)))(*args)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("name", ["pvt_small", "pvt_v2_b0"])
+def test_kernels_run_in_training_only_where_dropout_is_off(monkeypatch, name):
+    """With dropout rates of 0 (the builders' default) the training forward uses the
+    attention kernel (and v1's MLP kernel); a dropout between their ops keeps XLA."""
+    arch = dict(img_size=64, num_classes=10, depths=(1, 1, 1, 1))
+    if name == "pvt_small":
+        arch["flavor"] = "paper"
+    train = dict(train=True, rng=jax.random.key(1))
+    hlo = _cuda_hlo_v2(registry[name](dtype=jnp.bfloat16, **arch), **train)
+    assert hlo.count("lucid_fn_fused_attention") >= 4
+    assert ("lucid_fn_fused_mlp" in hlo) == (name == "pvt_small")
+    hlo = _cuda_hlo_v2(registry[name](dtype=jnp.bfloat16, attn_drop_rate=0.1,
+                                      drop_rate=0.1, **arch), **train)
+    assert "lucid_fn_fused" not in hlo
+    hlo = _cuda_hlo_v2(registry[name](dtype=jnp.bfloat16, attn_drop_rate=0.1,
+                                      drop_rate=0.1, **arch))  # inference: no dropout
+    assert "lucid_fn_fused_attention" in hlo
+    monkeypatch.setenv("LUCID_FN_FUSED", "off")
+    assert "lucid_fn_fused" not in _cuda_hlo_v2(registry[name](dtype=jnp.bfloat16, **arch),
+                                                **train)

@@ -113,7 +113,9 @@ def init_mlp(cfg: PVTConfig, stage: int) -> dict:
 
 
 def mlp(p, x, rngs, *, cfg: PVTConfig):
-    if rngs[0] is None:  # inference: one fused kernel where it pays (nn.fused)
+    if rngs[0] is None or cfg.drop_rate == 0:
+        # No dropout to apply (inference, or a rate of 0): one fused kernel where it pays
+        # (nn.fused; in training its backward recomputes the XLA form).
         return nn.fused.mlp_gelu(p["fc1"], p["fc2"], x, approximate=cfg.flavor == "lucid",
                                  dtype=cfg.dtype)
     h = nn.gelu(nn.linear(p["fc1"], x, cfg.dtype), approximate=cfg.flavor == "lucid")

@@ -7,10 +7,12 @@ average pool, a 1x1 conv, LayerNorm and GELU.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from lucid_fn.nn import layers
+from lucid_fn.nn import fused, layers
 
 SR_NORM_EPS = 1e-5  # nn.LayerNorm's default: the official PVT code, Lucid, timm (HF: 1e-6)
 LINEAR_POOL = 7
@@ -65,11 +67,21 @@ def attention_probs(q, k, scale: float | None):
     return jax.nn.softmax(logits * (scale or q.shape[-1] ** -0.5), axis=-1)
 
 
-def attend(q, k, v, *, scale: float | None, dtype, attn_drop: float, rng):
-    """The attention core: probabilities (cast to ``dtype``, dropped out) times values,
-    (B, N, heads, d)."""
+def attend_xla(q, k, v, *, scale: float | None, dtype, attn_drop: float = 0.0, rng=None):
+    """The attention core as XLA ops: probabilities (cast to ``dtype``, dropped out) times
+    values, (B, N, heads, d)."""
     attn = layers.dropout(attention_probs(q, k, scale).astype(dtype), attn_drop, rng)
     return jnp.einsum("bhnm,bmhd->bnhd", attn, v)
+
+
+def attend(q, k, v, *, scale: float | None, dtype, attn_drop: float, rng):
+    """:func:`attend_xla`; with no dropout to apply (``rng`` None or a rate of 0) one fused
+    kernel where it pays (``nn.fused.attention``: the float32 logits never leave the chip;
+    in training its backward recomputes the XLA form)."""
+    if rng is None or attn_drop == 0:
+        return fused.attention(q, k, v, scale=scale, dtype=dtype, reference=functools.partial(
+            attend_xla, scale=scale, dtype=dtype))
+    return attend_xla(q, k, v, scale=scale, dtype=dtype, attn_drop=attn_drop, rng=rng)
 
 
 def sra(p, x, rngs, *, hw, heads: int, scale: float | None, dtype, attn_drop: float,

@@ -1,11 +1,13 @@
-"""Fused MLPs for GPUs: one Pallas (Triton) kernel per call, for PVT inference.
+"""Fused kernels for GPUs: one Pallas (Triton) kernel per call, for PVT's MLPs and its
+attention core.
 
 Why: in PVT's first two stages the MLP is 8x wider than the tokens (64 -> 512 -> 64 on
 3136 tokens per image) and its matmuls are tiny in K and N, so the time goes to memory,
 not math. Through XLA, fc1 writes the hidden activations, a separate fusion reads them,
 applies GELU and writes them again, and fc2 reads them once more: on an H100, at bf16 and
 batch 256, those three passes were ~1.4 ms per stage-1 block of pvt_small's 19.4 ms
-forward (benchmarks/NOTES.md).
+forward (benchmarks/NOTES.md). The attention is the same story: 3136 queries against 49
+keys write and re-read float32 logits 49 wide.
 
 - :func:`mlp_gelu` (PVT v1, ``fc2(gelu(fc1(x)))``): each program takes a tile of rows,
   walks the hidden axis in chunks (fc1 chunk -> GELU in float32 -> accumulate fc2) and
@@ -16,11 +18,14 @@ forward (benchmarks/NOTES.md).
   rows come from L1/L2), its bias and GELU in float32, and writes the activated map.
   Through XLA that part was cuDNN's depthwise conv, a bias fusion and a GELU fusion, each
   a full pass over the hidden map (pvt_v2_b2: 16% of the forward in the conv alone).
+- :func:`attention` (SRA, both families): each program takes a tile of queries of one
+  (image, head), all of that image's keys and values (at most 128), and writes only
+  softmax(q k^T * scale) v; heads are read in place from the token layout.
 
 They are used only where they pay and are exact to the XLA path up to rounding: on CUDA,
-in bfloat16, for the widths the Triton tiles take. Everywhere else, and for gradients (a
-custom VJP recomputes the XLA form), the plain XLA ops run. ``LUCID_FN_FUSED_MLP=off``
-turns both off.
+in bfloat16, for the widths the Triton tiles take, where no dropout sits between their
+ops. Everywhere else, and for gradients (a custom VJP recomputes the XLA form), the plain
+XLA ops run. ``LUCID_FN_FUSED=off`` turns them all off.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ MAX_WIDTH = 128  # the float32 accumulator (block_m x width) lives in registers
 
 
 def enabled() -> bool:
-    return os.environ.get("LUCID_FN_FUSED_MLP", "on").lower() not in ("off", "0", "false")
+    return os.environ.get("LUCID_FN_FUSED", "on").lower() not in ("off", "0", "false")
 
 
 def kernel_with_xla_grad(kernel, reference, *args):
@@ -289,3 +294,71 @@ def conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool = False, dtype=None):
                                     functools.partial(reference_conv_mlp, **kw),
                                     fc1, dwconv, fc2, x)
     return reference_conv_mlp(fc1, dwconv, fc2, x, **kw)
+
+
+# ------------------------------------------------------------ SRA attention core
+
+# Query rows per program, warps. Keys and values (at most MAX_KEYS, 49 in every PVT at
+# 224x224) fit in one tile, so each program does the whole softmax on chip.
+ATTN_BLOCKS = {"block_q": 128, "num_warps": 4}
+MAX_KEYS = 128
+
+
+def supported_attention(q, k, v, dtype) -> bool:
+    """bf16 throughout (as the model's projections give them: then the XLA form's result
+    is bf16 too), head widths the dots take, and keys that fit one tile."""
+    d, m = q.shape[-1], k.shape[1]
+    bf16 = jnp.dtype(jnp.bfloat16)
+    return (all(a.dtype == bf16 for a in (q, k, v)) and jnp.dtype(dtype) == bf16
+            and _is_pow2(d) and 16 <= d <= 128 and m <= MAX_KEYS)
+
+
+def _attention_kernel(q_ref, k_ref, v_ref, o_ref, *, n, m, scale, block_q):
+    """softmax(q k^T * scale) v for one tile of query rows of one (image, head); logits
+    and softmax in float32, probabilities cast to the compute dtype before the value
+    product, as the XLA path does."""
+    keys = max(16, 1 << (m - 1).bit_length())  # a power of two for the dots
+    rows = pl.program_id(2) * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+    # Clamped indices: the last tile's extra rows re-read and re-write row n - 1 with the
+    # same values, so nothing leaves the arrays and no padded copy is needed.
+    rows = jnp.minimum(rows, n - 1)
+    key_rows = jnp.minimum(jax.lax.broadcasted_iota(jnp.int32, (keys,), 0), m - 1)
+    q = q_ref[rows, :]
+    k = k_ref[key_rows, :]
+    v = v_ref[key_rows, :]
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32) * scale
+    s = jnp.where(jax.lax.broadcasted_iota(jnp.int32, (1, keys), 1) < m, s, -jnp.inf)
+    e = jnp.exp(s - jnp.max(s, axis=1, keepdims=True))
+    p = (e / jnp.sum(e, axis=1, keepdims=True)).astype(v.dtype)
+    o_ref[rows, :] = jnp.dot(p, v, preferred_element_type=jnp.float32).astype(o_ref.dtype)
+
+
+def pallas_attention(q, k, v, *, scale: float | None, dtype, interpret: bool = False):
+    """The attention core on per-head queries (B, N, heads, d) and keys and values
+    (B, M, heads, d), heads read in place from the (B, N, heads * d) token layout (no
+    transposes). ``interpret=True`` runs it anywhere."""
+    b, n, heads, d = q.shape
+    m = k.shape[1]
+    bq = ATTN_BLOCKS["block_q"]
+    q, k, v = (a.reshape(*a.shape[:2], heads * d).astype(dtype) for a in (q, k, v))
+    head = lambda rows: pl.BlockSpec((None, rows, d), lambda i, h, j: (i, 0, h))  # noqa: E731
+    out = pl.pallas_call(
+        functools.partial(_attention_kernel, n=n, m=m, scale=scale or d ** -0.5, block_q=bq),
+        out_shape=jax.ShapeDtypeStruct((b, n, heads * d), dtype),
+        grid=(b, heads, -(-n // bq)),
+        in_specs=[head(n), head(m), head(m)],
+        out_specs=head(n),
+        compiler_params=plt.CompilerParams(num_warps=ATTN_BLOCKS["num_warps"], num_stages=1),
+        interpret=interpret, name="lucid_fn_fused_attention",
+    )(q, k, v)
+    return out.reshape(b, n, heads, d)
+
+
+def attention(q, k, v, *, scale: float | None, dtype, reference):
+    """``reference(q, k, v)`` (SRA's probabilities times values, no dropout) by the kernel
+    where :func:`supported_attention`, on CUDA; XLA elsewhere and for gradients."""
+    if enabled() and supported_attention(q, k, v, dtype):
+        return kernel_with_xla_grad(
+            functools.partial(pallas_attention, scale=scale, dtype=dtype), reference, q, k, v)
+    return reference(q, k, v)
