@@ -42,11 +42,14 @@ patching ``lucid_fn.nn`` while the model is traced: ``gelu`` (``lib``: the libra
 where they apply, ``xla``: XLA ops only), ``mlpblk=MxHxW[xr]`` (the v1 fused MLP's row
 tile, hidden chunk, warps, and ``r``: erf's divide as an approximate reciprocal) and
 ``convblk=MxHxW[xb]`` (the v2 conv-GELU kernel's row tile, channel tile, warps, and
-``b``: fc1's bias added per tap instead of through the edge-class table). ``convdiag``
-(``nogelu``: the conv kernel without its GELU, ``onetap``: with one tap instead of nine)
-computes another function, to see where that kernel's time goes. Results
-go to ``<out>/<name>.json`` and ``.md``,
-rewritten after every measurement so a stopped run keeps what it measured.
+``b``: fc1's bias added per tap instead of through the edge-class table), ``attnblk=QxW``
+(the fused attention kernel's query rows and warps; ``attn=xla`` turns it off), and
+``trainfused`` (``0``: the attention and v1 MLP kernels at inference only, as before they
+ran in training too; ``conv``: v2's conv MLP kernel in training too where dropout is 0).
+``convdiag`` (``nogelu``: the conv kernel without its GELU, ``onetap``: with one tap
+instead of nine) computes another function, to see where that kernel's time goes. Results
+go to ``<out>/<name>.json`` and ``.md``, rewritten after every measurement so a stopped run
+keeps what it measured.
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ from lucid_fn import registry  # noqa: E402
 from lucid_fn.nn import attention as lattention  # noqa: E402
 from lucid_fn.nn import fused as lfused  # noqa: E402
 from lucid_fn.nn import layers as llayers  # noqa: E402
+from lucid_fn.models import pvt as lpvt  # noqa: E402
+from lucid_fn.models import pvt_v2 as lpvt_v2  # noqa: E402
 
 GIB = 2**30
 DEFAULT_MODELS = ("pvt_small", "pvt_v2_b2", "pvt_v2_b0")
@@ -167,7 +172,48 @@ def _attend_with(layout: str):
     return attend
 
 
-_ORIGINAL = {"conv": llayers.conv}
+def _attend_xla(q, k, v, *, scale, dtype, attn_drop, rng):
+    return lattention.attend_xla(q, k, v, scale=scale, dtype=dtype, attn_drop=attn_drop,
+                                 rng=rng)
+
+
+def _pvt_mlp_xla_in_training(p, x, rngs, *, cfg):
+    """PVT v1's MLP as before the fused kernel ran in training: XLA ops whenever rngs are
+    given (the same function)."""
+    if rngs[0] is None:
+        return _ORIGINAL["pvt_mlp"](p, x, rngs, cfg=cfg)
+    with _fused_off():
+        return _ORIGINAL["pvt_mlp"](p, x, rngs, cfg=cfg)
+
+
+def _pvt_v2_mlp_fused_in_training(p, x, rngs, *, hw, cfg):
+    """PVT v2's MLP with its rngs dropped where the dropout rate is 0 (the same function),
+    so that training takes the conv kernel too (XLA-recomputed backward)."""
+    if cfg.drop_rate == 0:
+        rngs = [None] * len(rngs)
+    return _ORIGINAL["pvt_v2_mlp"](p, x, rngs, hw=hw, cfg=cfg)
+
+
+def _attend_xla_in_training(q, k, v, *, scale, dtype, attn_drop, rng):
+    f = _attend_xla if rng is not None else _ORIGINAL["attend"]
+    return f(q, k, v, scale=scale, dtype=dtype, attn_drop=attn_drop, rng=rng)
+
+
+@contextlib.contextmanager
+def _fused_off():
+    saved = os.environ.get("LUCID_FN_FUSED")
+    os.environ["LUCID_FN_FUSED"] = "off"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["LUCID_FN_FUSED"]
+        else:
+            os.environ["LUCID_FN_FUSED"] = saved
+
+
+_ORIGINAL = {"conv": llayers.conv, "attend": lattention.attend, "pvt_mlp": lpvt.mlp,
+             "pvt_v2_mlp": lpvt_v2.mlp}
 PATCHES = {
     # switch -> value -> {name in lucid_fn.nn: replacement}
     "gelu": {"lib": {}, "xla": {"gelu": _gelu_xla}, "tanh": {"gelu": _gelu_tanh}},
@@ -175,9 +221,13 @@ PATCHES = {
     "embed": {"lib": {}, "im2col": {"conv": _conv_im2col}},
     "patchify": {"lib": {}, "conv": {"patchify_conv": _patchify_conv_xla}},
     "mlp": {"lib": {}, "xla": {"mlp_gelu": _mlp_xla, "conv_mlp": _conv_mlp_xla}},
-    "attn": {"lib": {}, "bnhm": {"attend": _attend_with("bnhm")},
+    "attn": {"lib": {}, "xla": {"attend": _attend_xla},
+             "bnhm": {"attend": _attend_with("bnhm")},
              "dpa": {"attend": _attend_with("dpa")},
              "bf16logits": {"attend": _attend_with("bf16logits")}},
+    "trainfused": {"lib": {}, "0": {"attend": _attend_xla_in_training,
+                                    "pvt_mlp": _pvt_mlp_xla_in_training},
+                   "conv": {"pvt_v2_mlp": _pvt_v2_mlp_fused_in_training}},
     # Diagnostics only, not the same function: where the v2 conv kernel's time goes.
     "convdiag": {"lib": {}, "nogelu": {"_gelu_f32": lambda h, *a: h},
                  "onetap": {"_TAPS": ((0, 0),)}},
@@ -206,10 +256,14 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
             m, h, w = (int(v) for v in value.split("x")[:3])
             patches["CONV_BLOCKS"] = {"block_m": m, "block_h": h, "num_warps": w,
                                       "edge_bias": not value.endswith("xb")}
+        elif key == "attnblk" and len(value.split("x")) == 2:  # attention: QUERIESxWARPS
+            q, w = (int(v) for v in value.split("x"))
+            patches["ATTN_BLOCKS"] = {"block_q": q, "num_warps": w}
         else:
             allowed = [f"{k}={'|'.join(v)}" for k, v in {**BUILDER_KEYS, **PATCHES}.items()]
             allowed.append("mlpblk=<rows>x<hidden chunk>x<warps>[xr: approximate reciprocal]")
             allowed.append("convblk=<rows>x<channels>x<warps>[xb: fc1 bias per tap]")
+            allowed.append("attnblk=<query rows>x<warps>")
             raise SystemExit(f"bad variant item {item!r} in {spec!r}; allowed: "
                              f"{', '.join(allowed)}")
     return kwargs, patches
@@ -221,13 +275,15 @@ def patched(patches: dict):
     targets = {"gelu": [lnn, llayers], "conv": [lnn, llayers], "attend": [lattention],
                "patchify_conv": [lnn, llayers], "mlp_gelu": [lfused], "BLOCKS": [lfused],
                "conv_mlp": [lfused], "CONV_BLOCKS": [lfused], "_gelu_f32": [lfused],
-               "_TAPS": [lfused]}
+               "_TAPS": [lfused], "ATTN_BLOCKS": [lfused], "pvt_mlp": [(lpvt, "mlp")],
+               "pvt_v2_mlp": [(lpvt_v2, "mlp")]}
     saved = []
     try:
         for name, fn in patches.items():
             for mod in targets[name]:
-                saved.append((mod, name, getattr(mod, name)))
-                setattr(mod, name, fn)
+                mod, attr = mod if isinstance(mod, tuple) else (mod, name)
+                saved.append((mod, attr, getattr(mod, attr)))
+                setattr(mod, attr, fn)
         yield
     finally:
         for mod, name, fn in reversed(saved):
@@ -800,16 +856,16 @@ def run(args) -> dict:
     flops = {}
     # Counted on XLA ops only: the fused MLP's kernel body is per tile, and the platform
     # switch around it carries both forms.
-    os.environ["LUCID_FN_FUSED_MLP"], fused_env = "off", os.environ.get("LUCID_FN_FUSED_MLP")
+    os.environ["LUCID_FN_FUSED"], fused_env = "off", os.environ.get("LUCID_FN_FUSED")
     for name in args.models:
         m = build_ours(name, arch, {}, dtype)
         x = jax.ShapeDtypeStruct((1, args.img_size, args.img_size, 3), jnp.float32)
         params = jax.eval_shape(m.init, jax.random.key(0))
         flops[name] = count_flops(jax.make_jaxpr(m.apply)(params, x)) / 1e9
     if fused_env is None:
-        del os.environ["LUCID_FN_FUSED_MLP"]
+        del os.environ["LUCID_FN_FUSED"]
     else:
-        os.environ["LUCID_FN_FUSED_MLP"] = fused_env
+        os.environ["LUCID_FN_FUSED"] = fused_env
     result["meta"]["gflop_per_img_forward"] = {k: round(v, 4) for k, v in flops.items()}
 
     torch_ok = True

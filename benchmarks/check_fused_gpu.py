@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from lucid_fn import registry
 
-KERNELS = ("lucid_fn_fused_mlp", "lucid_fn_fused_conv_gelu")
+KERNELS = ("lucid_fn_fused_mlp", "lucid_fn_fused_conv_gelu", "lucid_fn_fused_attention")
 x = jax.random.normal(jax.random.key(1), (8, 224, 224, 3))
 for name in sys.argv[1:] or ["pvt_small", "pvt_v2_b2", "pvt_v2_b2_li"]:
     kw = {"flavor": "paper"} if name == "pvt_small" else {}
@@ -22,7 +22,7 @@ for name in sys.argv[1:] or ["pvt_small", "pvt_v2_b2", "pvt_v2_b2_li"]:
     ref = jax.jit(model32.apply)(params, x)
     out = {}
     for mode in ("on", "off"):
-        os.environ["LUCID_FN_FUSED_MLP"] = mode
+        os.environ["LUCID_FN_FUSED"] = mode
         m = registry[name](dtype=jnp.bfloat16, **kw)  # fresh apply: retrace
         f = jax.jit(m.apply)
         out[mode] = f(params, x)
