@@ -172,17 +172,10 @@ def _attend_with(layout: str):
     return attend
 
 
-def _attend_xla(q, k, v, *, scale, dtype, attn_drop, rng):
-    return lattention.attend_xla(q, k, v, scale=scale, dtype=dtype, attn_drop=attn_drop,
-                                 rng=rng)
-
-
 def _pvt_mlp_xla_in_training(p, x, rngs, *, cfg):
     """PVT v1's MLP as before the fused kernel ran in training: XLA ops whenever rngs are
     given (the same function)."""
-    if rngs[0] is None:
-        return _ORIGINAL["pvt_mlp"](p, x, rngs, cfg=cfg)
-    with _fused_off():
+    with _fused_off() if rngs[0] is not None else contextlib.nullcontext():
         return _ORIGINAL["pvt_mlp"](p, x, rngs, cfg=cfg)
 
 
@@ -195,21 +188,13 @@ def _pvt_v2_mlp_fused_in_training(p, x, rngs, *, hw, cfg):
 
 
 def _attend_xla_in_training(q, k, v, *, scale, dtype, attn_drop, rng):
-    f = _attend_xla if rng is not None else _ORIGINAL["attend"]
+    f = lattention.attend_xla if rng is not None else _ORIGINAL["attend"]
     return f(q, k, v, scale=scale, dtype=dtype, attn_drop=attn_drop, rng=rng)
 
 
-@contextlib.contextmanager
 def _fused_off():
-    saved = os.environ.get("LUCID_FN_FUSED")
-    os.environ["LUCID_FN_FUSED"] = "off"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["LUCID_FN_FUSED"]
-        else:
-            os.environ["LUCID_FN_FUSED"] = saved
+    """Every fused kernel off while tracing (XLA ops only), as LUCID_FN_FUSED=off does."""
+    return patched({"enabled": lambda: False})
 
 
 _ORIGINAL = {"conv": llayers.conv, "attend": lattention.attend, "pvt_mlp": lpvt.mlp,
@@ -221,7 +206,7 @@ PATCHES = {
     "embed": {"lib": {}, "im2col": {"conv": _conv_im2col}},
     "patchify": {"lib": {}, "conv": {"patchify_conv": _patchify_conv_xla}},
     "mlp": {"lib": {}, "xla": {"mlp_gelu": _mlp_xla, "conv_mlp": _conv_mlp_xla}},
-    "attn": {"lib": {}, "xla": {"attend": _attend_xla},
+    "attn": {"lib": {}, "xla": {"attend": lattention.attend_xla},
              "bnhm": {"attend": _attend_with("bnhm")},
              "dpa": {"attend": _attend_with("dpa")},
              "bf16logits": {"attend": _attend_with("bf16logits")}},
@@ -276,7 +261,7 @@ def patched(patches: dict):
                "patchify_conv": [lnn, llayers], "mlp_gelu": [lfused], "BLOCKS": [lfused],
                "conv_mlp": [lfused], "CONV_BLOCKS": [lfused], "_gelu_f32": [lfused],
                "_TAPS": [lfused], "ATTN_BLOCKS": [lfused], "pvt_mlp": [(lpvt, "mlp")],
-               "pvt_v2_mlp": [(lpvt_v2, "mlp")]}
+               "pvt_v2_mlp": [(lpvt_v2, "mlp")], "enabled": [lfused]}
     saved = []
     try:
         for name, fn in patches.items():
@@ -854,18 +839,14 @@ def run(args) -> dict:
     result["meta"].update(peak_tflops=peak, peak_source=source)
 
     flops = {}
-    # Counted on XLA ops only: the fused MLP's kernel body is per tile, and the platform
-    # switch around it carries both forms.
-    os.environ["LUCID_FN_FUSED"], fused_env = "off", os.environ.get("LUCID_FN_FUSED")
-    for name in args.models:
-        m = build_ours(name, arch, {}, dtype)
-        x = jax.ShapeDtypeStruct((1, args.img_size, args.img_size, 3), jnp.float32)
-        params = jax.eval_shape(m.init, jax.random.key(0))
-        flops[name] = count_flops(jax.make_jaxpr(m.apply)(params, x)) / 1e9
-    if fused_env is None:
-        del os.environ["LUCID_FN_FUSED"]
-    else:
-        os.environ["LUCID_FN_FUSED"] = fused_env
+    # Counted on XLA ops only: the fused kernels' bodies are per tile, and the platform
+    # switch around them carries both forms.
+    with _fused_off():
+        for name in args.models:
+            m = build_ours(name, arch, {}, dtype)
+            x = jax.ShapeDtypeStruct((1, args.img_size, args.img_size, 3), jnp.float32)
+            params = jax.eval_shape(m.init, jax.random.key(0))
+            flops[name] = count_flops(jax.make_jaxpr(m.apply)(params, x)) / 1e9
     result["meta"]["gflop_per_img_forward"] = {k: round(v, 4) for k, v in flops.items()}
 
     torch_ok = True

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lucid_fn import registry
-from lucid_fn.nn import fused
+from lucid_fn.nn import attention, fused
 
 
 def _params(c_in, hidden, c_out, seed=0):
@@ -69,10 +69,13 @@ def test_off_gpu_it_is_the_xla_path_with_its_gradient(monkeypatch):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
-def _cuda_hlo(model):
+def _cuda_hlo(model, **apply_kw):
+    """The model's jitted apply lowered for CUDA (no GPU needed): the kernels it uses show
+    by name."""
     params = jax.eval_shape(model.init, jax.random.key(0))
     x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
-    return jax.jit(model.apply).trace(params, x).lower(lowering_platforms=("cuda",)).as_text()
+    f = jax.jit(lambda p, v: model.apply(p, v, **apply_kw))
+    return f.trace(params, x).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def test_pvt_v1_inference_uses_the_kernel_on_cuda_in_bf16_only(monkeypatch):
@@ -160,26 +163,18 @@ def test_conv_mlp_off_gpu_is_the_xla_path_with_its_gradient():
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
-def _cuda_hlo_v2(model, **apply_kw):
-    params = jax.eval_shape(model.init, jax.random.key(0))
-    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
-    f = jax.jit(lambda p, v: model.apply(p, v, **apply_kw))
-    return f.trace(params, x).lower(lowering_platforms=("cuda",)).as_text()
-
-
 @pytest.mark.parametrize("name", ["pvt_v2_b0", "pvt_v2_b2_li"])
 def test_pvt_v2_inference_uses_the_conv_kernel_on_cuda_in_bf16_only(monkeypatch, name):
     arch = dict(img_size=64, num_classes=10, depths=(1, 1, 1, 1))
-    hlo = _cuda_hlo_v2(registry[name](dtype=jnp.bfloat16, **arch))
+    hlo = _cuda_hlo(registry[name](dtype=jnp.bfloat16, **arch))
     assert hlo.count("lucid_fn_fused_conv_gelu") >= 4  # one per stage
-    assert "lucid_fn_fused_conv" not in _cuda_hlo_v2(registry[name](**arch))
-    train = _cuda_hlo_v2(registry[name](dtype=jnp.bfloat16, **arch), train=True,
-                         rng=jax.random.key(1))
+    assert "lucid_fn_fused_conv" not in _cuda_hlo(registry[name](**arch))
+    train = _cuda_hlo(registry[name](dtype=jnp.bfloat16, **arch), train=True,
+                      rng=jax.random.key(1))
     assert "lucid_fn_fused_conv" not in train  # dropout lives between conv and fc2
     monkeypatch.setenv("LUCID_FN_FUSED", "off")
-    assert "lucid_fn_fused_conv" not in _cuda_hlo_v2(
+    assert "lucid_fn_fused_conv" not in _cuda_hlo(
         registry[name](dtype=jnp.bfloat16, **arch))
-
 
 
 # ------------------------------------------------------------ SRA attention core
@@ -192,13 +187,16 @@ def _qkv(b, n, m, heads, d, seed=0):
             jax.random.normal(k[2], (b, m, heads, d)))
 
 
+def _bf16(*arrays):
+    return tuple(a.astype(jnp.bfloat16) for a in arrays)
+
+
 @pytest.mark.parametrize("b,n,m,heads,d,scale", [
     (2, 200, 49, 2, 32, None),  # 200 queries: the last tile of 128 is partial
     (1, 64, 7, 1, 64, 0.3),     # few keys (padded to 16 in the kernel), an explicit scale
     (2, 50, 50, 4, 16, None),   # PVT v1's last stage: class token, nothing reduced
 ])
 def test_attention_kernel_matches_xla(b, n, m, heads, d, scale):
-    from lucid_fn.nn import attention
     q, k, v = _bf16(*_qkv(b, n, m, heads, d))
     out = fused.pallas_attention(q, k, v, scale=scale, dtype=jnp.bfloat16, interpret=True)
     assert out.shape == (b, n, heads, d) and out.dtype == jnp.bfloat16
@@ -212,10 +210,6 @@ def test_attention_kernel_matches_xla(b, n, m, heads, d, scale):
     assert err < 0.05 * float(jnp.abs(ref32).max())
 
 
-def _bf16(*arrays):
-    return tuple(a.astype(jnp.bfloat16) for a in arrays)
-
-
 def test_attention_supported_only_in_bf16_for_small_key_sets():
     bf16 = jnp.bfloat16
     qkv = _qkv(1, 8, 49, 2, 32)
@@ -227,7 +221,6 @@ def test_attention_supported_only_in_bf16_for_small_key_sets():
 
 
 def test_attention_off_gpu_is_the_xla_path_with_its_gradient():
-    from lucid_fn.nn import attention
     args = _bf16(*_qkv(2, 30, 9, 2, 32))
 
     def loss(fn, *a):
@@ -252,15 +245,15 @@ def test_kernels_run_in_training_only_where_dropout_is_off(monkeypatch, name):
     if name == "pvt_small":
         arch["flavor"] = "paper"
     train = dict(train=True, rng=jax.random.key(1))
-    hlo = _cuda_hlo_v2(registry[name](dtype=jnp.bfloat16, **arch), **train)
+    hlo = _cuda_hlo(registry[name](dtype=jnp.bfloat16, **arch), **train)
     assert hlo.count("lucid_fn_fused_attention") >= 4
     assert ("lucid_fn_fused_mlp" in hlo) == (name == "pvt_small")
-    hlo = _cuda_hlo_v2(registry[name](dtype=jnp.bfloat16, attn_drop_rate=0.1,
-                                      drop_rate=0.1, **arch), **train)
+    hlo = _cuda_hlo(registry[name](dtype=jnp.bfloat16, attn_drop_rate=0.1, drop_rate=0.1,
+                                   **arch), **train)
     assert "lucid_fn_fused" not in hlo
-    hlo = _cuda_hlo_v2(registry[name](dtype=jnp.bfloat16, attn_drop_rate=0.1,
-                                      drop_rate=0.1, **arch))  # inference: no dropout
+    hlo = _cuda_hlo(registry[name](dtype=jnp.bfloat16, attn_drop_rate=0.1, drop_rate=0.1,
+                                   **arch))  # inference: no dropout
     assert "lucid_fn_fused_attention" in hlo
     monkeypatch.setenv("LUCID_FN_FUSED", "off")
-    assert "lucid_fn_fused" not in _cuda_hlo_v2(registry[name](dtype=jnp.bfloat16, **arch),
-                                                **train)
+    assert "lucid_fn_fused" not in _cuda_hlo(registry[name](dtype=jnp.bfloat16, **arch),
+                                             **train)

@@ -210,14 +210,15 @@ def _gather_rows(h_ref, t, rows, cols):
     return h_ref[idx, cols].astype(jnp.float32)
 
 
-def _conv_gelu_tile(h_ref, b1_ref, taps_ref, bias_ref, t, cols, *, hw, rows, relu,
-                    fast_recip):
-    """GELU(dwconv3x3(h + b1) + conv bias), float32, for token rows ``t`` (bm, 1) and
-    channels ``cols``, where ``h`` is fc1's matmul (its bias is added here, not in a pass
-    of its own): with a 16-row ``bias_ref`` (no ReLU) through the edge-class table, else
-    per tap."""
+def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, rows, relu,
+                      fast_recip):
+    """GELU(dwconv3x3(h + b1) + conv bias) for one (rows, channels) tile, where ``h`` is
+    fc1's matmul (its bias is added here, not in a pass of its own): with a 16-row
+    ``bias_ref`` (no ReLU) through the edge-class table, else per tap."""
     hh, ww = hw
-    bm = t.shape[0]
+    bm, block_h = o_ref.shape
+    cols = pl.ds(pl.multiple_of(pl.program_id(1) * block_h, block_h), block_h)
+    t = pl.program_id(0) * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
     y, xq = _token_positions(t, hw)
     if bias_ref.shape[0] == 16:
         edge = (2 * (y == 0) + (y == hh - 1)) * 4 + 2 * (xq == 0) + (xq == ww - 1)
@@ -234,16 +235,7 @@ def _conv_gelu_tile(h_ref, b1_ref, taps_ref, bias_ref, t, cols, *, hw, rows, rel
                 v = jnp.maximum(v, 0.0)
         v = jnp.where(_neighbour_inside(t, y, xq, dy, dx, hw=hw, rows=rows), v, 0.0)
         acc = acc + v * taps_ref[k, cols].astype(jnp.float32)[None, :]
-    return _gelu_f32(acc, False, fast_recip)
-
-
-def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, **kw):
-    """One (rows, channels) tile of the activated hidden map."""
-    bm, block_h = o_ref.shape
-    cols = pl.ds(pl.multiple_of(pl.program_id(1) * block_h, block_h), block_h)
-    t = pl.program_id(0) * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
-    o_ref[...] = _conv_gelu_tile(h_ref, b1_ref, taps_ref, bias_ref, t, cols,
-                                 **kw).astype(o_ref.dtype)
+    o_ref[...] = _gelu_f32(acc, False, fast_recip).astype(o_ref.dtype)
 
 
 def _whole(a):
