@@ -41,13 +41,15 @@ patching ``lucid_fn.nn`` while the model is traced: ``gelu`` (``lib``: the libra
 ``jax.nn.dot_product_attention``, ``bf16logits``), ``mlp`` (``lib``: the fused Pallas MLPs
 where they apply, ``xla``: XLA ops only), ``mlpblk=MxHxW[xr]`` (the v1 fused MLP's row
 tile, hidden chunk, warps, and ``r``: erf's divide as an approximate reciprocal) and
-``convblk=MxHxW[xb]`` (the v2 conv-GELU kernel's row tile, channel tile, warps, and
-``b``: fc1's bias added per tap instead of through the edge-class table), ``attnblk=QxW``
+``convblk=XxHxW[xF]`` (the v2 conv-GELU kernel's columns, channels, warps, and flags
+``b``: fc1's bias added per tap instead of through the edge-class table, ``n``: each row
+loaded when used, not prefetched an iteration ahead), ``attnblk=QxW``
 (the fused attention kernel's query rows and warps; ``attn=xla`` turns it off), and
 ``trainfused`` (``0``: the attention and v1 MLP kernels at inference only, as before they
-ran in training too; ``conv``: v2's conv MLP kernel in training too where dropout is 0).
-``convdiag`` (``nogelu``: the conv kernel without its GELU, ``onetap``: with one tap
-instead of nine) computes another function, to see where that kernel's time goes. Results
+ran in training too; ``conv``: v2's conv MLP kernel in training too where dropout is 0),
+``kgelu`` (``rational``: the kernels' GELU through the XLA path's rational erf instead of
+A&S 7.1.26). ``convdiag=nogelu`` (the conv kernel without its GELU) computes another
+function, to see where that kernel's time goes. Results
 go to ``<out>/<name>.json`` and ``.md``, rewritten after every measurement so a stopped run
 keeps what it measured.
 """
@@ -213,9 +215,9 @@ PATCHES = {
     "trainfused": {"lib": {}, "0": {"attend": _attend_xla_in_training,
                                     "pvt_mlp": _pvt_mlp_xla_in_training},
                    "conv": {"pvt_v2_mlp": _pvt_v2_mlp_fused_in_training}},
+    "kgelu": {"lib": {}, "rational": {"BLOCKS": {**lfused.BLOCKS, "erf": "rational"}}},
     # Diagnostics only, not the same function: where the v2 conv kernel's time goes.
-    "convdiag": {"lib": {}, "nogelu": {"_gelu_f32": lambda h, *a: h},
-                 "onetap": {"_TAPS": ((0, 0),)}},
+    "convdiag": {"lib": {}, "nogelu": {"_gelu_f32": lambda h, *a: h}},
 }
 BUILDER_KEYS = {"scan_blocks": {"1": True, "0": False, "none": None},
                 "remat": {"1": True, "0": False}}
@@ -235,19 +237,22 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
             patches.update(PATCHES[key][value])
         elif key == "mlpblk" and len(value.split("x")) in (3, 4):  # fused MLP: MxHxWARPS[xr]
             m, h, w = (int(v) for v in value.split("x")[:3])
-            patches["BLOCKS"] = {"block_m": m, "block_h": h, "num_warps": w,
+            patches["BLOCKS"] = {**lfused.BLOCKS, "block_m": m, "block_h": h, "num_warps": w,
                                  "approx_recip": value.endswith("xr")}
-        elif key == "convblk" and len(value.split("x")) in (3, 4):  # v2: MxHxWARPS[xb]
-            m, h, w = (int(v) for v in value.split("x")[:3])
-            patches["CONV_BLOCKS"] = {"block_m": m, "block_h": h, "num_warps": w,
-                                      "edge_bias": not value.endswith("xb")}
+        elif key == "convblk" and len(value.split("x")) in (3, 4):  # v2: XxHxWARPS[x{b,n}]
+            bx, h, w = (int(v) for v in value.split("x")[:3])
+            flags = value.split("x")[3] if value.count("x") == 3 else ""
+            patches["CONV_BLOCKS"] = {**lfused.CONV_BLOCKS, "block_x": bx, "block_h": h,
+                                      "num_warps": w, "edge_bias": "b" not in flags,
+                                      "prefetch": "n" not in flags}
         elif key == "attnblk" and len(value.split("x")) == 2:  # attention: QUERIESxWARPS
             q, w = (int(v) for v in value.split("x"))
             patches["ATTN_BLOCKS"] = {"block_q": q, "num_warps": w}
         else:
             allowed = [f"{k}={'|'.join(v)}" for k, v in {**BUILDER_KEYS, **PATCHES}.items()]
             allowed.append("mlpblk=<rows>x<hidden chunk>x<warps>[xr: approximate reciprocal]")
-            allowed.append("convblk=<rows>x<channels>x<warps>[xb: fc1 bias per tap]")
+            allowed.append("convblk=<columns>x<channels>x<warps>[x + b: fc1 bias per tap, "
+                           "n: no prefetch of the next row]")
             allowed.append("attnblk=<query rows>x<warps>")
             raise SystemExit(f"bad variant item {item!r} in {spec!r}; allowed: "
                              f"{', '.join(allowed)}")
@@ -260,7 +265,7 @@ def patched(patches: dict):
     targets = {"gelu": [lnn, llayers], "conv": [lnn, llayers], "attend": [lattention],
                "patchify_conv": [lnn, llayers], "mlp_gelu": [lfused], "BLOCKS": [lfused],
                "conv_mlp": [lfused], "CONV_BLOCKS": [lfused], "_gelu_f32": [lfused],
-               "_TAPS": [lfused], "ATTN_BLOCKS": [lfused], "pvt_mlp": [(lpvt, "mlp")],
+               "ATTN_BLOCKS": [lfused], "pvt_mlp": [(lpvt, "mlp")],
                "pvt_v2_mlp": [(lpvt_v2, "mlp")], "enabled": [lfused]}
     saved = []
     try:

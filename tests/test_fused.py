@@ -1,13 +1,15 @@
 """lucid_fn.nn.fused: the fused MLP kernel (Pallas, run here in interpret mode) against
 the XLA ops it replaces; when it is used, and its gradient."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lucid_fn import registry
-from lucid_fn.nn import attention, fused
+from lucid_fn.nn import attention, fused, layers
 
 
 def _params(c_in, hidden, c_out, seed=0):
@@ -37,6 +39,19 @@ def test_kernel_matches_xla_in_float32_and_beats_bf16_rounding(approximate, shap
     # the hidden layer stays in float32 on chip: no worse than XLA's bf16 path
     assert err <= err16 * 1.1, (err, err16)
     assert err < 0.02 * float(jnp.abs(ref32).max())
+
+
+def test_kernel_gelu_gate_is_within_3e7_of_erf():
+    """The kernels' Phi (A&S 7.1.26, exact reciprocal and exp2 off the GPU) against float64
+    erf: no further than the rational form XLA's path uses, for GELU itself."""
+    x = np.linspace(-12, 12, 48_001, dtype=np.float32)
+    want = 0.5 * np.vectorize(math.erfc)(-x.astype(np.float64) / math.sqrt(2))
+    phi = np.asarray(fused._phi_kernel(jnp.asarray(x), fast=False), np.float64)
+    rational = np.asarray(layers.gelu_cdf_f32(jnp.asarray(x)), np.float64)
+    assert np.abs(phi - want).max() < 3.5e-7
+    assert np.abs(x * (phi - want)).max() <= np.abs(x * (rational - want)).max()
+    tail = (x < -3) & (want > 1e-30)  # where 1 + erf cancels; before ex2 flushes to 0
+    assert np.abs(phi / want - 1)[tail].max() < 0.05
 
 
 def test_supported_widths_and_dtypes():
@@ -105,12 +120,18 @@ def _conv_params(c, hidden, seed=0):
 
 @pytest.mark.parametrize("edge_bias", [True, False])
 @pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("b,hw,c,hidden", [
-    (2, (7, 9), 32, 128),   # 126 rows: not a multiple of the row tile; not square
-    (1, (4, 4), 16, 64),    # a map smaller than a tile: every token is at an edge
+@pytest.mark.parametrize("b,hw,c,hidden,tiling", [
+    # not square; 9 columns in two overlapping 8-wide strips, one row per band
+    (2, (7, 9), 32, 128, {}),
+    (1, (4, 4), 16, 64, {}),   # every token is at an edge
+    # one band walking all 5 rows; 20 columns in five 4-wide strips; 4 channel chunks;
+    # each row loaded when used (not prefetched)
+    (2, (5, 20), 32, 128, {"block_x": 4, "block_h": 32, "min_programs": 1, "prefetch": False}),
 ])
-def test_conv_kernel_matches_xla(monkeypatch, edge_bias, relu, b, hw, c, hidden):
+def test_conv_kernel_matches_xla(monkeypatch, edge_bias, relu, b, hw, c, hidden, tiling):
     monkeypatch.setitem(fused.CONV_BLOCKS, "edge_bias", edge_bias)
+    for key, value in tiling.items():
+        monkeypatch.setitem(fused.CONV_BLOCKS, key, value)
     fc1, dwconv, fc2 = _conv_params(c, hidden)
     x = jax.random.normal(jax.random.key(5), (b, hw[0] * hw[1], c))
     kw = dict(hw=hw, relu=relu)

@@ -31,6 +31,7 @@ XLA ops run. ``LUCID_FN_FUSED=off`` turns them all off.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import jax
@@ -42,7 +43,9 @@ from jax.experimental.pallas import triton as plt
 from lucid_fn.nn import layers
 
 # Rows per program, hidden units per chunk, warps: measured on an H100 (NOTES.md).
-BLOCKS = {"block_m": 128, "block_h": 128, "num_warps": 8, "approx_recip": True}
+# approx_recip: the hardware's approximate reciprocal and exp2 in GELU on the GPU; erf:
+# "as" (_phi_kernel) or "rational" (layers.gelu_cdf_f32, the XLA path's form).
+BLOCKS = {"block_m": 128, "block_h": 128, "num_warps": 8, "approx_recip": True, "erf": "as"}
 MAX_WIDTH = 128  # the float32 accumulator (block_m x width) lives in registers
 
 
@@ -85,16 +88,48 @@ def supported(fc1, fc2, x, dtype) -> bool:
             and hidden % BLOCKS["block_h"] == 0)
 
 
-def _rcp_approx(v):
-    """1 / v as the hardware's rcp.approx (about 1 ulp) instead of an IEEE division."""
+def _approx(op: str, v):
+    """``op`` (``rcp`` or ``ex2``) as the GPU's approximate instruction (a couple of ulp,
+    one MUFU op) instead of an IEEE divide or libdevice's exp2."""
     return plt.elementwise_inline_asm(
-        "rcp.approx.ftz.f32 $0, $1;", args=[v], constraints="=r,r", pack=1,
+        f"{op}.approx.ftz.f32 $0, $1;", args=[v], constraints="=r,r", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.float32)])[0]
+
+
+def _rcp_approx(v):
+    return _approx("rcp", v)
+
+
+# Abramowitz & Stegun 7.1.26: erfc(z) = t P(t) exp(-z^2) with t = 1 / (1 + p z), z >= 0,
+# |error| <= 1.5e-7.
+_AS_P = 0.3275911
+_AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+_HALF_LOG2E = 0.5 * math.log2(math.e)
+
+
+def _phi_kernel(h, fast: bool):
+    """Phi(h) in float32 for the kernels' exact GELU, as 1 - Phi(|h|) = erfc(|h|/sqrt 2)/2
+    by A&S 7.1.26: one reciprocal and one exp2 (the GPU's MUFU units, ``fast``) and about
+    ten multiply-adds, against the rational erf's eleven FMAs, clamps and a reciprocal.
+    The GELU is the kernels' largest instruction cost (NOTES.md). Against float64, over
+    [-12, 12]: Phi within 3.0e-7 (the rational 1.8e-7), x Phi(x) within 4.2e-7 (the
+    rational 1.1e-6), and Phi's far negative tail within 3% relative, where the rational's
+    1 + erf cancels. The kernels write bf16 (relative step 3.9e-3)."""
+    rcp = functools.partial(_approx, "rcp") if fast else (lambda v: 1.0 / v)
+    ex2 = functools.partial(_approx, "ex2") if fast else jnp.exp2
+    t = rcp(1.0 + (_AS_P * math.sqrt(0.5)) * jnp.abs(h))
+    poly = 0.5 * _AS_A[4]
+    for a in reversed(_AS_A[:4]):
+        poly = poly * t + 0.5 * a
+    q = poly * t * ex2(h * (h * -_HALF_LOG2E))  # Phi(-|h|)
+    return jnp.where(h >= 0, 1.0 - q, q)
 
 
 def _gelu_f32(h, approximate: bool, fast_recip: bool = False):
     if approximate:
         return jax.nn.gelu(h, approximate=True)
+    if BLOCKS.get("erf") == "as":
+        return h * _phi_kernel(h, fast_recip)
     return h * layers.gelu_cdf_f32(h, _rcp_approx if fast_recip else None)
 
 
@@ -154,10 +189,12 @@ def mlp_gelu(fc1, fc2, x, *, approximate: bool, dtype=None):
 
 # ------------------------------------------------------------ PVT v2: conv MLP
 
-# Rows per program, hidden channels per program, warps (NOTES.md has the sweep);
-# edge_bias: fc1's and the conv's biases as one gathered (row class, channel) table.
-CONV_BLOCKS = {"block_m": 32, "block_h": 64, "num_warps": 4, "edge_bias": True}
-_TAPS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))  # HWIO kernel order
+# Columns per program (at most; a power of two no wider than the map), hidden channels per
+# program (more where the map is narrow), warps, and the least number of programs a call
+# should have (row bands split the map's height to reach it at small batches). edge_bias:
+# fc1's and the conv's biases as one gathered (row class, channel) table.
+CONV_BLOCKS = {"block_x": 32, "block_h": 64, "num_warps": 4, "min_programs": 1024,
+               "edge_bias": True, "prefetch": True}
 # Which of the offsets -1, 0, +1 stay inside the map, for a position's edge class
 # 2 * (first row/column) + (last row/column).
 _VALID_OFFSETS = np.array([[1, 1, 1], [1, 1, 0], [0, 1, 1], [0, 1, 0]], np.float32)
@@ -189,53 +226,101 @@ def edge_bias_table(b1, taps, conv_bias):
     return (conv_bias.astype(jnp.float32) + b1.astype(jnp.float32) * inside).reshape(16, -1)
 
 
-def _token_positions(t, hw):
-    """Row and column of token rows ``t`` (images back to back) on the ``hw`` map."""
-    r = t % (hw[0] * hw[1])
-    return r // hw[1], r % hw[1]
+def _largest_pow2_at_most(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
 
 
-def _neighbour_inside(t, y, xq, dy, dx, *, hw, rows):
-    """Whether the neighbour at offset (dy, dx) of token rows ``t`` is inside their image
-    (outside it is the conv's zero padding), and ``t`` is a real row, not tile padding."""
+def conv_tiles(b: int, hw, hidden: int) -> dict:
+    """The conv kernel's tiling of a (b, hw, hidden) map: a program takes ``by`` rows of
+    ``bx`` columns of ``bc`` channels of one image. Tiles never reach past the map: the
+    last strip and band start early and overlap their neighbours (the overlap is computed
+    twice and written with the same values), so no store needs a mask."""
     hh, ww = hw
-    return (t < rows) & (y + dy >= 0) & (y + dy < hh) & (xq + dx >= 0) & (xq + dx < ww)
+    bx = min(CONV_BLOCKS["block_x"], _largest_pow2_at_most(ww))
+    bc = CONV_BLOCKS["block_h"]
+    while bx * bc * 2 <= CONV_BLOCKS["block_x"] * CONV_BLOCKS["block_h"] and hidden % (2 * bc) == 0:
+        bc *= 2  # narrow maps: more channels per program, so tiles keep their size
+    strips, chunks = -(-ww // bx), hidden // bc
+    bands = max(1, min(hh, -(-CONV_BLOCKS["min_programs"] // (b * strips * chunks))))
+    return dict(bx=bx, bc=bc, by=-(-hh // bands), strips=strips, bands=bands, chunks=chunks)
 
 
-def _gather_rows(h_ref, t, rows, cols):
-    """Rows ``t`` (bm, 1) of ``h_ref`` in float32, by indices clamped into the array, so no
-    address leaves it and no padded copy of the map is needed (the caller masks what the
-    clamp changed); the channel axis stays contiguous (vector loads)."""
-    idx = jnp.clip(t, 0, rows - 1).reshape(t.shape[0])
-    return h_ref[idx, cols].astype(jnp.float32)
-
-
-def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, rows, relu,
+def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, tiles, relu,
                       fast_recip):
-    """GELU(dwconv3x3(h + b1) + conv bias) for one (rows, channels) tile, where ``h`` is
-    fc1's matmul (its bias is added here, not in a pass of its own): with a 16-row
-    ``bias_ref`` (no ReLU) through the edge-class table, else per tap."""
+    """GELU(dwconv3x3(h + b1) + conv bias) for ``by`` rows of ``bx`` columns and ``bc``
+    channels of one image, where ``h`` is fc1's matmul (its bias is added here, not in a
+    pass of its own): with a 16-row ``bias_ref`` (no ReLU) through the edge-class table,
+    else per tap.
+
+    The program walks down the map. Each input row is loaded once, at three horizontal
+    shifts, and added into the three output rows it touches; the program carries the two
+    output rows still open and writes the finished one. (Nine shifted loads per output
+    row, each converted and masked, made the kernel instruction-bound: NOTES.md.)"""
     hh, ww = hw
-    bm, block_h = o_ref.shape
-    cols = pl.ds(pl.multiple_of(pl.program_id(1) * block_h, block_h), block_h)
-    t = pl.program_id(0) * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
-    y, xq = _token_positions(t, hw)
-    if bias_ref.shape[0] == 16:
-        edge = (2 * (y == 0) + (y == hh - 1)) * 4 + 2 * (xq == 0) + (xq == ww - 1)
-        acc = bias_ref[edge.reshape(bm), cols].astype(jnp.float32)
-        b1 = None
+    bx, bc, by, bands = tiles["bx"], tiles["bc"], tiles["by"], tiles["bands"]
+    image = (pl.program_id(0) // bands) * (hh * ww)
+    y0 = jnp.minimum((pl.program_id(0) % bands) * by, hh - by)
+    x0 = jnp.minimum(pl.program_id(1) * bx, ww - bx)
+    cols = pl.ds(pl.multiple_of(pl.program_id(2) * bc, bc), bc)
+    xs = x0 + jax.lax.iota(jnp.int32, bx)
+    w = [taps_ref[k, cols].astype(jnp.float32)[None, :] for k in range(9)]  # HWIO order
+    table = bias_ref.shape[0] == 16
+    if table:
+        col_class = 2 * (xs == 0) + (xs == ww - 1)
     else:
-        acc = bias_ref[cols].astype(jnp.float32)[None, :]
+        conv_bias = bias_ref[cols].astype(jnp.float32)[None, :]
         b1 = b1_ref[cols].astype(jnp.float32)[None, :]
-    for k, (dy, dx) in enumerate(_TAPS):
-        v = _gather_rows(h_ref, t + dy * ww + dx, rows, cols)
-        if b1 is not None:
+
+    def start(yo):
+        """Output row ``yo`` before any tap: the biases."""
+        if table:
+            row_class = 2 * (yo == 0) + (yo == hh - 1)
+            return bias_ref[4 * row_class + col_class, cols].astype(jnp.float32)
+        return jnp.broadcast_to(conv_bias, (bx, bc))
+
+    def load_row(yi):
+        """Input row ``yi`` at columns ``xs - 1``, ``xs``, ``xs + 1`` as stored (bf16), by
+        indices clamped so that no address leaves the array (``shifted`` masks them)."""
+        row = image + jnp.clip(yi, 0, hh - 1) * ww
+        return tuple(h_ref[row + jnp.clip(xs + dx, 0, ww - 1), cols] for dx in (-1, 0, 1))
+
+    def shifted(raw, yi, dx):
+        """One of ``load_row``'s tiles in float32, zero outside the map (the conv's
+        padding)."""
+        xn = xs + dx
+        inside = (xn >= 0) & (xn < ww) & (yi >= 0) & (yi < hh)
+        v = raw[dx + 1].astype(jnp.float32)
+        if not table:
             v = v + b1
             if relu:
                 v = jnp.maximum(v, 0.0)
-        v = jnp.where(_neighbour_inside(t, y, xq, dy, dx, hw=hw, rows=rows), v, 0.0)
-        acc = acc + v * taps_ref[k, cols].astype(jnp.float32)[None, :]
-    o_ref[...] = _gelu_f32(acc, False, fast_recip).astype(o_ref.dtype)
+        return jnp.where(inside[:, None], v, 0.0)
+
+    prefetch = CONV_BLOCKS.get("prefetch", True)
+
+    def step(i, carry):
+        above, here, raw = carry  # output rows yi - 1 and yi; input row yi if prefetched
+        yi = y0 - 1 + i
+        if prefetch:  # issue the next row's loads before this row's arithmetic
+            raw, nxt = raw, load_row(yi + 1)
+        else:
+            raw, nxt = load_row(yi), raw
+        below = start(yi + 1)
+        for dx in (-1, 0, 1):
+            v = shifted(raw, yi, dx)
+            above = above + v * w[6 + dx + 1]   # dy = +1 for output row yi - 1
+            here = here + v * w[3 + dx + 1]     # dy = 0
+            below = below + v * w[dx + 1]       # dy = -1 for output row yi + 1
+
+        @pl.when(i >= 2)  # output rows y0 .. y0 + by - 1 are finished here
+        def _():
+            row = pl.ds(image + (yi - 1) * ww + x0, bx)
+            o_ref[row, cols] = _gelu_f32(above, False, fast_recip).astype(o_ref.dtype)
+
+        return here, below, nxt
+
+    zeros = jnp.zeros((bx, bc), jnp.float32)
+    jax.lax.fori_loop(0, by + 2, step, (zeros, zeros, load_row(y0 - 1)))
 
 
 def _whole(a):
@@ -249,7 +334,6 @@ def pallas_conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype, interpret: bo
     runs it anywhere."""
     b, n, c_in = x.shape
     hidden, c_out = fc1["kernel"].shape[1], fc2["kernel"].shape[1]
-    bm, bh = CONV_BLOCKS["block_m"], CONV_BLOCKS["block_h"]
     rows = b * n
     h = jnp.matmul(x.reshape(rows, c_in).astype(dtype), fc1["kernel"].astype(dtype))
     b1 = (fc1["bias"] if "bias" in fc1 else jnp.zeros((hidden,))).astype(dtype)
@@ -258,21 +342,19 @@ def pallas_conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype, interpret: bo
         bias = edge_bias_table(b1, taps, dwconv["bias"].astype(dtype))
     else:
         bias = dwconv["bias"].astype(dtype)
-    padded = -(-rows // bm) * bm
-    kw = dict(hw=tuple(hw), rows=rows, relu=relu,
+    tiles = conv_tiles(b, hw, hidden)
+    kw = dict(hw=tuple(hw), tiles=tiles, relu=relu,
               fast_recip=bool(BLOCKS.get("approx_recip")) and not interpret)
     params = plt.CompilerParams(num_warps=CONV_BLOCKS["num_warps"], num_stages=1)
     args = (h, b1, taps, bias)
     g = pl.pallas_call(
         functools.partial(_conv_gelu_kernel, **kw),
-        out_shape=jax.ShapeDtypeStruct((padded, hidden), dtype),
-        grid=(padded // bm, hidden // bh),
+        out_shape=jax.ShapeDtypeStruct((rows, hidden), dtype),
+        grid=(b * tiles["bands"], tiles["strips"], tiles["chunks"]),
         in_specs=[_whole(a) for a in args],
-        out_specs=pl.BlockSpec((bm, bh), lambda i, j: (i, j)),
+        out_specs=_whole(jax.ShapeDtypeStruct((rows, hidden), dtype)),
         compiler_params=params, interpret=interpret, name="lucid_fn_fused_conv_gelu",
     )(*args)
-    if padded != rows:
-        g = g[:rows]
     return layers.linear(fc2, g, dtype).reshape(b, n, c_out)
 
 
