@@ -48,7 +48,8 @@ loaded when used, not prefetched an iteration ahead), ``attnblk=QxW``
 ``trainfused`` (``0``: the attention and v1 MLP kernels at inference only, as before they
 ran in training too; ``conv``: v2's conv MLP kernel in training too where dropout is 0),
 ``kgelu`` (``rational``: the kernels' GELU through the XLA path's rational erf instead of
-A&S 7.1.26). ``convdiag=nogelu`` (the conv kernel without its GELU) computes another
+A&S 7.1.26), ``addnorm`` (``xla``: each block's residual add and the LayerNorm after it as
+XLA ops instead of one kernel at inference). ``convdiag=nogelu`` (the conv kernel without its GELU) computes another
 function, to see where that kernel's time goes. Results
 go to ``<out>/<name>.json`` and ``.md``, rewritten after every measurement so a stopped run
 keeps what it measured.
@@ -216,6 +217,7 @@ PATCHES = {
                                     "pvt_mlp": _pvt_mlp_xla_in_training},
                    "conv": {"pvt_v2_mlp": _pvt_v2_mlp_fused_in_training}},
     "kgelu": {"lib": {}, "rational": {"BLOCKS": {**lfused.BLOCKS, "erf": "rational"}}},
+    "addnorm": {"lib": {}, "xla": {"add_layer_norm": lfused.reference_add_layer_norm}},
     # Diagnostics only, not the same function: where the v2 conv kernel's time goes.
     "convdiag": {"lib": {}, "nogelu": {"_gelu_f32": lambda h, *a: h}},
 }
@@ -266,7 +268,8 @@ def patched(patches: dict):
                "patchify_conv": [lnn, llayers], "mlp_gelu": [lfused], "BLOCKS": [lfused],
                "conv_mlp": [lfused], "CONV_BLOCKS": [lfused], "_gelu_f32": [lfused],
                "ATTN_BLOCKS": [lfused], "pvt_mlp": [(lpvt, "mlp")],
-               "pvt_v2_mlp": [(lpvt_v2, "mlp")], "enabled": [lfused]}
+               "pvt_v2_mlp": [(lpvt_v2, "mlp")], "enabled": [lfused],
+               "add_layer_norm": [lfused]}
     saved = []
     try:
         for name, fn in patches.items():

@@ -278,3 +278,85 @@ def test_kernels_run_in_training_only_where_dropout_is_off(monkeypatch, name):
     monkeypatch.setenv("LUCID_FN_FUSED", "off")
     assert "lucid_fn_fused" not in _cuda_hlo(registry[name](dtype=jnp.bfloat16, **arch),
                                              **train)
+
+
+# ------------------------------------------------------------ residual add + LayerNorm
+
+
+def _norm_inputs(shape, seed=0):
+    """A residual stream with an offset and a spread far from LayerNorm's output, so that
+    a wrong mean or variance shows."""
+    k = jax.random.split(jax.random.key(seed), 4)
+    c = shape[-1]
+    p = {"scale": 1 + 0.2 * jax.random.normal(k[0], (c,)),
+         "bias": 0.2 * jax.random.normal(k[1], (c,))}
+    x = (3 * jax.random.normal(k[2], shape) + 1).astype(jnp.bfloat16)
+    y = jax.random.normal(k[3], shape).astype(jnp.bfloat16)
+    return p, x, y
+
+
+@pytest.mark.parametrize("shape", [
+    (2, 200, 64),   # 400 rows: 16 per program
+    (8, 49, 128),   # 392 rows: 8 per program
+    (4, 50, 512),   # v1's last stage, class token included
+])
+def test_add_norm_kernel_matches_xla(shape):
+    p, x, y = _norm_inputs(shape)
+    s, n = fused.pallas_add_layer_norm(p, x, y, eps=1e-6, interpret=True)
+    s_ref, n_ref = fused.reference_add_layer_norm(p, x, y, eps=1e-6)
+    assert s.dtype == n.dtype == jnp.bfloat16 and s.shape == n.shape == x.shape
+    np.testing.assert_array_equal(np.asarray(s, np.float32), np.asarray(s_ref, np.float32))
+    # the norm of the same rounded sum, in float32: only the reductions' order differs
+    exact = layers.layer_norm(p, s.astype(jnp.float32), 1e-6)
+    err = float(jnp.abs(n.astype(jnp.float32) - exact).max())
+    err_xla = float(jnp.abs(n_ref.astype(jnp.float32) - exact).max())
+    assert err <= err_xla * 1.1, (err, err_xla)
+    assert float((n != n_ref).mean()) < 1e-3
+
+
+def test_add_norm_supported_only_in_bf16_for_whole_tiles():
+    p, x, y = _norm_inputs((2, 200, 64))
+    assert fused.supported_add_layer_norm(x, y)
+    assert not fused.supported_add_layer_norm(x.astype(jnp.float32), y.astype(jnp.float32))
+    assert not fused.supported_add_layer_norm(x, y.astype(jnp.float32))
+    _, x, y = _norm_inputs((2, 10, 320))          # width not a power of 2
+    assert not fused.supported_add_layer_norm(x, y)
+    _, x, y = _norm_inputs((3, 49, 128))          # 147 rows: no tile of 8 rows divides it
+    assert not fused.supported_add_layer_norm(x, y)
+
+
+def test_add_norm_off_gpu_is_the_xla_path_with_its_gradient():
+    p, x, y = _norm_inputs((2, 200, 64))
+
+    def loss(fn, p, x, y):
+        s, n = fn(p, x, y, eps=1e-6)
+        return (s.astype(jnp.float32) ** 2).sum() + (n.astype(jnp.float32) * x).sum()
+
+    out = jax.jit(lambda *a: loss(fused.add_layer_norm, *a))(p, x, y)
+    ref = jax.jit(lambda *a: loss(fused.reference_add_layer_norm, *a))(p, x, y)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    g = jax.jit(jax.grad(lambda *a: loss(fused.add_layer_norm, *a), argnums=(0, 1, 2)))(p, x, y)
+    g_ref = jax.jit(jax.grad(lambda *a: loss(fused.reference_add_layer_norm, *a),
+                             argnums=(0, 1, 2)))(p, x, y)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("name", ["pvt_small", "pvt_v2_b0"])
+def test_blocks_add_and_norm_in_one_kernel_at_inference_on_cuda(monkeypatch, name):
+    """Every block's two LayerNorms after the first read the residual add through the
+    kernel at inference in bf16 (stage widths 64 and 128; 320 is not a power of 2);
+    training and float32 keep XLA."""
+    arch = dict(img_size=64, num_classes=10, depths=(2, 2, 1, 1))
+    if name == "pvt_small":
+        arch["flavor"] = "paper"
+    hlo = _cuda_hlo(registry[name](dtype=jnp.bfloat16, **arch))
+    # stage 1 (2 blocks): norm2, norm1, norm2; stage 2 likewise (v2_b0's last stage, 256
+    # wide on 8 rows, adds one more)
+    assert hlo.count('name = "lucid_fn_fused_add_norm"') >= 6
+    assert "lucid_fn_fused_add_norm" not in _cuda_hlo(registry[name](**arch))
+    assert "lucid_fn_fused_add_norm" not in _cuda_hlo(
+        registry[name](dtype=jnp.bfloat16, **arch), train=True, rng=jax.random.key(1))
+    monkeypatch.setenv("LUCID_FN_FUSED", "off")
+    assert "lucid_fn_fused_add_norm" not in _cuda_hlo(registry[name](dtype=jnp.bfloat16,
+                                                                      **arch))

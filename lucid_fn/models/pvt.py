@@ -131,7 +131,7 @@ def init_block(cfg: PVTConfig, stage: int) -> dict:
 
 
 def block_fn(cfg: PVTConfig, stage: int, hw):
-    """Stage ``stage``'s block as ``fn(p, x, rng, path_rate)``."""
+    """Stage ``stage``'s block as ``fn(p, (x, y), rng, path_rate) -> (x, y)`` (``nn.block``)."""
     attn = functools.partial(
         nn.sra, hw=hw, heads=cfg.num_heads[stage], scale=cfg.qk_scale, dtype=cfg.dtype,
         attn_drop=cfg.attn_drop_rate, drop=cfg.drop_rate,

@@ -2,7 +2,10 @@
 
     x = x + DropPath(attn(LN1(x)));  x = x + DropPath(mlp(LN2(x)))
 
-The families differ only in ``attn`` and ``mlp``, which come in as functions.
+The families differ only in ``attn`` and ``mlp``, which come in as functions. Each
+residual add is computed together with the LayerNorm that reads its result
+(``fused.add_layer_norm``: one kernel at inference on GPUs), so a block hands its MLP
+branch to the next block un-added and the stage adds the last one.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lucid_fn.nn import layers
+from lucid_fn.nn import fused, layers
 
 ATTN_RNGS, MLP_RNGS = 3, 2
 
@@ -22,20 +25,29 @@ def init_block(dim: int, attn: dict, mlp: dict) -> dict:
             "norm2": layers.init_layer_norm(dim), "mlp": mlp}
 
 
-def block(p, x, rng, path_rate, *, attn, mlp, eps: float):
-    """``attn(p, x, rngs)`` and ``mlp(p, x, rngs)`` get ATTN_RNGS / MLP_RNGS keys, or Nones
-    at inference (``rng`` None: no dropout, no drop-path)."""
+def block(p, carry, rng, path_rate, *, attn, mlp, eps: float):
+    """One block on ``carry = (x, y)``: the residual stream and the previous block's MLP
+    branch not yet added to it (None before a stage's first block); returns its own
+    ``(x, y)`` the same way. ``attn(p, x, rngs)`` and ``mlp(p, x, rngs)`` get ATTN_RNGS /
+    MLP_RNGS keys, or Nones at inference (``rng`` None: no dropout, no drop-path)."""
     n = ATTN_RNGS + MLP_RNGS + 2
     rngs = [None] * n if rng is None else list(jax.random.split(rng, n))
     a_rngs, m_rngs, path_rngs = rngs[:ATTN_RNGS], rngs[ATTN_RNGS:n - 2], rngs[n - 2:]
-    x = x + layers.drop_path(attn(p["attn"], layers.layer_norm(p["norm1"], x, eps), a_rngs),
-                             path_rate, path_rngs[0])
-    return x + layers.drop_path(mlp(p["mlp"], layers.layer_norm(p["norm2"], x, eps), m_rngs),
-                                path_rate, path_rngs[1])
+    # The add+norm kernel is measured at inference only; training keeps XLA's fusions.
+    add_norm = fused.add_layer_norm if rng is None else fused.reference_add_layer_norm
+    x, y = carry
+    if y is None:
+        h = layers.layer_norm(p["norm1"], x, eps)
+    else:
+        x, h = add_norm(p["norm1"], x, y, eps=eps)
+    a = layers.drop_path(attn(p["attn"], h, a_rngs), path_rate, path_rngs[0])
+    x, h = add_norm(p["norm2"], x, a, eps=eps)
+    return x, layers.drop_path(mlp(p["mlp"], h, m_rngs), path_rate, path_rngs[1])
 
 
 def run_blocks(fn, blocks, x, rng, path_rates, *, scan: bool, remat: bool):
-    """Run ``fn(p, x, rng, path_rate)`` over blocks stacked on a leading axis of ``blocks``.
+    """Run ``fn(p, (x, y), rng, path_rate) -> (x, y)`` (:func:`block`) over blocks stacked on
+    a leading axis of ``blocks``; returns the stream with the last branch added.
 
     Scanned, compile time stays flat in depth; unrolled, XLA fuses across blocks, which
     trained faster on GPU (DESIGN.md). Both compute the same function. ``remat`` recomputes
@@ -56,9 +68,13 @@ def run_blocks(fn, blocks, x, rng, path_rates, *, scan: bool, remat: bool):
             p, key, r = xs
             return fn(p, carry, key, r), None
 
-        x, _ = jax.lax.scan(body, x, (blocks, keys, jnp.asarray(path_rates, jnp.float32)))
-        return x
+        # A scan's carry keeps one structure: the first block adds zeros (exact).
+        (x, y), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)),
+                                 (blocks, keys, jnp.asarray(path_rates, jnp.float32)))
+        return x + y
+    carry = (x, None)
     for j in range(depth):
         p = jax.tree_util.tree_map(functools.partial(lambda a, j: a[j], j=j), blocks)
-        x = fn(p, x, None if keys is None else keys[j], float(path_rates[j]))
-    return x
+        carry = fn(p, carry, None if keys is None else keys[j], float(path_rates[j]))
+    x, y = carry
+    return x if y is None else x + y  # no blocks (a slice of a stage) leaves x as it was

@@ -436,3 +436,74 @@ def attention(q, k, v, *, scale: float | None, dtype, reference):
         return kernel_with_xla_grad(
             functools.partial(pallas_attention, scale=scale, dtype=dtype), reference, q, k, v)
     return reference(q, k, v)
+
+
+# ------------------------------------------------------------ residual add + LayerNorm
+
+# Elements per program (rows = elements // width, at most the largest power of two that
+# divides the row count, so no block is partial) and warps.
+NORM_BLOCKS = {"elements": 4096, "num_warps": 4, "min_rows": 8}
+
+
+def reference_add_layer_norm(p, x, y, *, eps: float):
+    """``s = x + y`` (in x's dtype) and ``layer_norm(p, s)``, as XLA ops."""
+    s = x + y.astype(x.dtype)
+    return s, layers.layer_norm(p, s, eps)
+
+
+def _norm_rows(rows: int, width: int) -> int:
+    """Rows per program: a power of two dividing ``rows`` (0 if below ``min_rows``)."""
+    bm = max(1, NORM_BLOCKS["elements"] // width)
+    while bm > 1 and rows % bm:
+        bm //= 2
+    return bm if bm >= NORM_BLOCKS["min_rows"] else 0
+
+
+def supported_add_layer_norm(x, y) -> bool:
+    width, rows = x.shape[-1], int(np.prod(x.shape[:-1]))
+    return (x.dtype == jnp.bfloat16 and y.dtype == jnp.bfloat16 and x.shape == y.shape
+            and _is_pow2(width) and 16 <= width <= 1024 and _norm_rows(rows, width) > 0)
+
+
+def _add_norm_kernel(x_ref, y_ref, g_ref, b_ref, s_ref, n_ref, *, eps):
+    """One (rows, width) tile: the sum rounded to the stream's dtype, as XLA's add rounds
+    it, then its LayerNorm in float32 from that rounded sum."""
+    s = (x_ref[...].astype(jnp.float32) + y_ref[...].astype(jnp.float32)).astype(s_ref.dtype)
+    s_ref[...] = s
+    v = s.astype(jnp.float32)
+    d = v - jnp.mean(v, axis=1, keepdims=True)
+    var = jnp.mean(d * d, axis=1, keepdims=True)
+    n = d * jax.lax.rsqrt(var + eps) * g_ref[...].astype(jnp.float32)[None, :]
+    n_ref[...] = (n + b_ref[...].astype(jnp.float32)[None, :]).astype(n_ref.dtype)
+
+
+def pallas_add_layer_norm(p, x, y, *, eps: float, interpret: bool = False):
+    """The kernel on (..., C) tokens: one read of ``x`` and ``y``, one write of the sum
+    and of its norm. ``interpret=True`` runs it anywhere."""
+    width = x.shape[-1]
+    xs, ys = x.reshape(-1, width), y.reshape(-1, width)
+    rows = xs.shape[0]
+    bm = _norm_rows(rows, width)
+    tile = pl.BlockSpec((bm, width), lambda i: (i, 0))
+    s, n = pl.pallas_call(
+        functools.partial(_add_norm_kernel, eps=eps),
+        out_shape=(jax.ShapeDtypeStruct(xs.shape, x.dtype),) * 2,
+        grid=(rows // bm,),
+        in_specs=[tile, tile, _whole(p["scale"]), _whole(p["bias"])],
+        out_specs=(tile, tile),
+        compiler_params=plt.CompilerParams(num_warps=NORM_BLOCKS["num_warps"], num_stages=1),
+        interpret=interpret, name="lucid_fn_fused_add_norm",
+    )(xs, ys, p["scale"], p["bias"])
+    return s.reshape(x.shape), n.reshape(x.shape)
+
+
+def add_layer_norm(p, x, y, *, eps: float):
+    """``(x + y, layer_norm(p, x + y))``, the pre-norm block's residual add and the next
+    LayerNorm: one kernel where :func:`supported_add_layer_norm`, else XLA ops. Through
+    XLA, each such LayerNorm was a fusion that re-read and recomputed the residual stream
+    at about 3x the memory floor (benchmarks/NOTES.md)."""
+    kw = dict(eps=eps)
+    if enabled() and supported_add_layer_norm(x, y):
+        return kernel_with_xla_grad(functools.partial(pallas_add_layer_norm, **kw),
+                                    functools.partial(reference_add_layer_norm, **kw), p, x, y)
+    return reference_add_layer_norm(p, x, y, **kw)
