@@ -1,5 +1,5 @@
-"""Fused kernels for GPUs: one Pallas (Triton) kernel per call, for PVT's MLPs and its
-attention core.
+"""Fused kernels for GPUs: one Pallas (Triton) kernel per call, for PVT's MLPs, its
+attention core and its residual add + LayerNorm.
 
 Why: in PVT's first two stages the MLP is 8x wider than the tokens (64 -> 512 -> 64 on
 3136 tokens per image) and its matmuls are tiny in K and N, so the time goes to memory,
@@ -13,18 +13,21 @@ keys write and re-read float32 logits 49 wide.
   walks the hidden axis in chunks (fc1 chunk -> GELU in float32 -> accumulate fc2) and
   writes only the output: the hidden activations never leave the chip.
 - :func:`conv_mlp` (PVT v2, ``fc2(gelu(dwconv3x3(fc1(x))))``): XLA runs fc1 (a plain,
-  compute-friendly matmul) and fc2; between them one kernel reads the hidden map once,
-  adds fc1's bias, applies the depthwise 3x3 conv as nine shifted loads (the neighbours'
-  rows come from L1/L2), its bias and GELU in float32, and writes the activated map.
+  compute-friendly matmul) and fc2; between them one kernel reads the hidden map once
+  (each program walks a strip of it row by row), adds fc1's bias, applies the depthwise
+  3x3 conv, its bias and GELU in float32, and writes the activated map.
   Through XLA that part was cuDNN's depthwise conv, a bias fusion and a GELU fusion, each
   a full pass over the hidden map (pvt_v2_b2: 16% of the forward in the conv alone).
 - :func:`attention` (SRA, both families): each program takes a tile of queries of one
   (image, head), all of that image's keys and values (at most 128), and writes only
   softmax(q k^T * scale) v; heads are read in place from the token layout.
+- :func:`add_layer_norm` (both families' blocks): the residual add and the LayerNorm that
+  reads it in one pass (two reads, two writes). Through XLA each such LayerNorm was a
+  fusion that recomputed the previous one's input, at about 3x the memory floor.
 
 They are used only where they pay and are exact to the XLA path up to rounding: on CUDA,
 in bfloat16, for the widths the Triton tiles take, where no dropout sits between their
-ops. Everywhere else, and for gradients (a custom VJP recomputes the XLA form), the plain
+ops (the add+norm kernel: at inference only, the only place it was measured). Everywhere else, and for gradients (a custom VJP recomputes the XLA form), the plain
 XLA ops run. ``LUCID_FN_FUSED=off`` turns them all off.
 """
 
