@@ -27,8 +27,9 @@ keys write and re-read float32 logits 49 wide.
 
 They are used only where they pay and are exact to the XLA path up to rounding: on CUDA,
 in bfloat16, for the widths the Triton tiles take, where no dropout sits between their
-ops (the add+norm kernel: at inference only, the only place it was measured). Everywhere else, and for gradients (a custom VJP recomputes the XLA form), the plain
-XLA ops run. ``LUCID_FN_FUSED=off`` turns them all off.
+ops (the add+norm kernel: at inference only, where it was measured). Everywhere else,
+and for gradients (a custom VJP recomputes the XLA form), the plain XLA ops run.
+``LUCID_FN_FUSED=off`` turns them all off.
 """
 
 from __future__ import annotations
@@ -257,8 +258,9 @@ def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, tiles, re
 
     The program walks down the map. Each input row is loaded once, at three horizontal
     shifts, and added into the three output rows it touches; the program carries the two
-    output rows still open and writes the finished one. (Nine shifted loads per output
-    row, each converted and masked, made the kernel instruction-bound: NOTES.md.)"""
+    output rows still open and writes the finished one: 39 instructions per element
+    against 79 for nine shifted loads per output row. (That gained little; the loads'
+    latency bounds it, which the next row's prefetch partly hides: NOTES.md.)"""
     hh, ww = hw
     bx, bc, by, bands = tiles["bx"], tiles["bc"], tiles["by"], tiles["bands"]
     image = (pl.program_id(0) // bands) * (hh * ww)
