@@ -145,6 +145,26 @@ def test_conv_kernel_matches_xla(monkeypatch, edge_bias, relu, b, hw, c, hidden,
     assert err <= err16 * 1.1, (err, err16)
 
 
+@pytest.mark.parametrize("b", [1, 3, 256])
+@pytest.mark.parametrize("hw,hidden", [((56, 56), 512), ((28, 28), 1024), ((14, 14), 1280),
+                                       ((7, 7), 2048), ((5, 20), 64), ((1, 3), 64)])
+def test_conv_tiles_cover_the_map_and_never_leave_it(b, hw, hidden):
+    """The kernel's stores carry no mask: every program's rows and columns must lie inside
+    the map (the last strip and band start early instead), and together cover it."""
+    hh, ww = hw
+    t = fused.conv_tiles(b, hw, hidden)
+    assert hidden % t["bc"] == 0 and t["chunks"] * t["bc"] == hidden
+    assert t["bx"] <= ww and t["by"] <= hh and t["bx"] & (t["bx"] - 1) == 0
+    covered = np.zeros(hw, bool)
+    for band in range(t["bands"]):
+        y0 = min(band * t["by"], hh - t["by"])
+        for strip in range(t["strips"]):
+            x0 = min(strip * t["bx"], ww - t["bx"])
+            assert 0 <= y0 and y0 + t["by"] <= hh and 0 <= x0 and x0 + t["bx"] <= ww
+            covered[y0:y0 + t["by"], x0:x0 + t["bx"]] = True
+    assert covered.all()
+
+
 def test_edge_bias_table_is_the_bias_through_a_zero_padded_conv():
     fc1, dwconv, _ = _conv_params(8, 16)
     taps = dwconv["kernel"].reshape(9, 16)
