@@ -49,8 +49,8 @@ loaded when used, not prefetched an iteration ahead), ``attnblk=QxW``
 ran in training too; ``conv``: v2's conv MLP kernel in training too where dropout is 0),
 ``kgelu`` (``rational``: the kernels' GELU through the XLA path's rational erf instead of
 A&S 7.1.26), ``addnorm`` (``xla``: each block's residual add and the LayerNorm after it as
-XLA ops instead of one kernel at inference). ``convdiag=nogelu`` (the conv kernel without its GELU) computes another
-function, to see where that kernel's time goes. Results
+XLA ops instead of one kernel at inference). ``convdiag=nogelu`` (the conv kernel without
+its GELU) computes another function, to see where that kernel's time goes. Results
 go to ``<out>/<name>.json`` and ``.md``, rewritten after every measurement so a stopped run
 keeps what it measured.
 """

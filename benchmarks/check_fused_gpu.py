@@ -13,7 +13,8 @@ import jax.numpy as jnp
 
 from lucid_fn import registry
 
-KERNELS = ("lucid_fn_fused_mlp", "lucid_fn_fused_conv_gelu", "lucid_fn_fused_attention")
+KERNELS = ("lucid_fn_fused_mlp", "lucid_fn_fused_conv_gelu", "lucid_fn_fused_attention",
+           "lucid_fn_fused_add_norm")
 x = jax.random.normal(jax.random.key(1), (8, 224, 224, 3))
 for name in sys.argv[1:] or ["pvt_small", "pvt_v2_b2", "pvt_v2_b2_li"]:
     kw = {"flavor": "paper"} if name == "pvt_small" else {}

@@ -64,6 +64,18 @@ def test_supported_widths_and_dtypes():
     assert not fused.supported(*_params(64, 96, 64), x, bf16)           # hidden % chunk
 
 
+def _assert_xla_path_off_gpu(loss, loss_ref, *args):
+    """Off GPU a fused entry point is its XLA form: the same ``loss`` bit for bit, and the
+    same gradient with respect to every argument."""
+    np.testing.assert_array_equal(np.asarray(jax.jit(loss)(*args)),
+                                  np.asarray(jax.jit(loss_ref)(*args)))
+    argnums = tuple(range(len(args)))
+    g = jax.jit(jax.grad(loss, argnums=argnums))(*args)
+    g_ref = jax.jit(jax.grad(loss_ref, argnums=argnums))(*args)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
 def test_off_gpu_it_is_the_xla_path_with_its_gradient(monkeypatch):
     fc1, fc2 = _params(64, 256, 64)
     x = jax.random.normal(jax.random.key(3), (3, 50, 64))
@@ -77,11 +89,8 @@ def test_off_gpu_it_is_the_xla_path_with_its_gradient(monkeypatch):
     def loss(fn, a, b, v):
         return fn(a, b, v, approximate=False, dtype=jnp.bfloat16).astype(jnp.float32).sum()
 
-    g = jax.jit(jax.grad(lambda *a: loss(fused.mlp_gelu, *a), argnums=(0, 1, 2)))(fc1, fc2, x)
-    g_ref = jax.jit(jax.grad(lambda *a: loss(fused.reference, *a), argnums=(0, 1, 2)))(
-        fc1, fc2, x)
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    _assert_xla_path_off_gpu(lambda *a: loss(fused.mlp_gelu, *a),
+                             lambda *a: loss(fused.reference, *a), fc1, fc2, x)
 
 
 def _cuda_hlo(model, **apply_kw):
@@ -193,15 +202,8 @@ def test_conv_mlp_off_gpu_is_the_xla_path_with_its_gradient():
     def loss(fn, *a):
         return fn(*a, hw=(4, 5), relu=False, dtype=jnp.bfloat16).astype(jnp.float32).sum()
 
-    args = (fc1, dwconv, fc2, x)
-    out = jax.jit(lambda *a: loss(fused.conv_mlp, *a))(*args)
-    ref = jax.jit(lambda *a: loss(fused.reference_conv_mlp, *a))(*args)
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
-    g = jax.jit(jax.grad(lambda *a: loss(fused.conv_mlp, *a), argnums=(0, 1, 2, 3)))(*args)
-    g_ref = jax.jit(jax.grad(lambda *a: loss(fused.reference_conv_mlp, *a),
-                             argnums=(0, 1, 2, 3)))(*args)
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    _assert_xla_path_off_gpu(lambda *a: loss(fused.conv_mlp, *a),
+                             lambda *a: loss(fused.reference_conv_mlp, *a), fc1, dwconv, fc2, x)
 
 
 @pytest.mark.parametrize("name", ["pvt_v2_b0", "pvt_v2_b2_li"])
@@ -272,10 +274,7 @@ def test_attention_off_gpu_is_the_xla_path_with_its_gradient():
     xla_fn = lambda *a: attention.attend_xla(*a, scale=None, dtype=jnp.bfloat16)  # noqa: E731
     np.testing.assert_array_equal(np.asarray(jax.jit(fused_fn)(*args), np.float32),
                                   np.asarray(jax.jit(xla_fn)(*args), np.float32))
-    g = jax.jit(jax.grad(lambda *a: loss(fused_fn, *a), argnums=(0, 1, 2)))(*args)
-    g_ref = jax.jit(jax.grad(lambda *a: loss(xla_fn, *a), argnums=(0, 1, 2)))(*args)
-    for a, b in zip(g, g_ref):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    _assert_xla_path_off_gpu(lambda *a: loss(fused_fn, *a), lambda *a: loss(xla_fn, *a), *args)
 
 
 @pytest.mark.parametrize("name", ["pvt_small", "pvt_v2_b0"])
@@ -352,14 +351,8 @@ def test_add_norm_off_gpu_is_the_xla_path_with_its_gradient():
         s, n = fn(p, x, y, eps=1e-6)
         return (s.astype(jnp.float32) ** 2).sum() + (n.astype(jnp.float32) * x).sum()
 
-    out = jax.jit(lambda *a: loss(fused.add_layer_norm, *a))(p, x, y)
-    ref = jax.jit(lambda *a: loss(fused.reference_add_layer_norm, *a))(p, x, y)
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
-    g = jax.jit(jax.grad(lambda *a: loss(fused.add_layer_norm, *a), argnums=(0, 1, 2)))(p, x, y)
-    g_ref = jax.jit(jax.grad(lambda *a: loss(fused.reference_add_layer_norm, *a),
-                             argnums=(0, 1, 2)))(p, x, y)
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    _assert_xla_path_off_gpu(lambda *a: loss(fused.add_layer_norm, *a),
+                             lambda *a: loss(fused.reference_add_layer_norm, *a), p, x, y)
 
 
 @pytest.mark.parametrize("name", ["pvt_small", "pvt_v2_b0"])

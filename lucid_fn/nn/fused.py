@@ -119,7 +119,7 @@ def _phi_kernel(h, fast: bool):
     [-12, 12]: Phi within 3.0e-7 (the rational 1.8e-7), x Phi(x) within 4.2e-7 (the
     rational 1.1e-6), and Phi's far negative tail within 3% relative, where the rational's
     1 + erf cancels. The kernels write bf16 (relative step 3.9e-3)."""
-    rcp = functools.partial(_approx, "rcp") if fast else (lambda v: 1.0 / v)
+    rcp = _rcp_approx if fast else (lambda v: 1.0 / v)
     ex2 = functools.partial(_approx, "ex2") if fast else jnp.exp2
     t = rcp(1.0 + (_AS_P * math.sqrt(0.5)) * jnp.abs(h))
     poly = 0.5 * _AS_A[4]
@@ -352,12 +352,13 @@ def pallas_conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype, interpret: bo
               fast_recip=bool(BLOCKS.get("approx_recip")) and not interpret)
     params = plt.CompilerParams(num_warps=CONV_BLOCKS["num_warps"], num_stages=1)
     args = (h, b1, taps, bias)
+    out = jax.ShapeDtypeStruct((rows, hidden), dtype)  # programs write rows anywhere in it
     g = pl.pallas_call(
         functools.partial(_conv_gelu_kernel, **kw),
-        out_shape=jax.ShapeDtypeStruct((rows, hidden), dtype),
+        out_shape=out,
         grid=(b * tiles["bands"], tiles["strips"], tiles["chunks"]),
         in_specs=[_whole(a) for a in args],
-        out_specs=_whole(jax.ShapeDtypeStruct((rows, hidden), dtype)),
+        out_specs=_whole(out),
         compiler_params=params, interpret=interpret, name="lucid_fn_fused_conv_gelu",
     )(*args)
     return layers.linear(fc2, g, dtype).reshape(b, n, c_out)
@@ -472,14 +473,10 @@ def supported_add_layer_norm(x, y) -> bool:
 
 def _add_norm_kernel(x_ref, y_ref, g_ref, b_ref, s_ref, n_ref, *, eps):
     """One (rows, width) tile: the sum rounded to the stream's dtype, as XLA's add rounds
-    it, then its LayerNorm in float32 from that rounded sum."""
+    it, then the library's LayerNorm of that rounded sum."""
     s = (x_ref[...].astype(jnp.float32) + y_ref[...].astype(jnp.float32)).astype(s_ref.dtype)
     s_ref[...] = s
-    v = s.astype(jnp.float32)
-    d = v - jnp.mean(v, axis=1, keepdims=True)
-    var = jnp.mean(d * d, axis=1, keepdims=True)
-    n = d * jax.lax.rsqrt(var + eps) * g_ref[...].astype(jnp.float32)[None, :]
-    n_ref[...] = (n + b_ref[...].astype(jnp.float32)[None, :]).astype(n_ref.dtype)
+    n_ref[...] = layers.layer_norm({"scale": g_ref[...], "bias": b_ref[...]}, s, eps)
 
 
 def pallas_add_layer_norm(p, x, y, *, eps: float, interpret: bool = False):
