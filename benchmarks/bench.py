@@ -43,7 +43,8 @@ where they apply, ``xla``: XLA ops only), ``mlpblk=MxHxW[xr]`` (the v1 fused MLP
 tile, hidden chunk, warps, and ``r``: erf's divide as an approximate reciprocal) and
 ``convblk=XxHxW[xF]`` (the v2 conv-GELU kernel's columns, channels, warps, and flags
 ``b``: fc1's bias added per tap instead of through the edge-class table, ``n``: each row
-loaded when used, not prefetched an iteration ahead), ``attnblk=QxW``
+loaded when used, not prefetched an iteration ahead), ``conv.KEY=N`` (one of that
+kernel's settings, ``nn.fused.CONV_BLOCKS[KEY]``: e.g. ``conv.pad=0``), ``attnblk=QxW``
 (the fused attention kernel's query rows and warps; ``attn=xla`` turns it off), and
 ``trainfused`` (``0``: the attention and v1 MLP kernels at inference only, as before they
 ran in training too; ``conv``: v2's conv MLP kernel in training too where dropout is 0),
@@ -221,6 +222,9 @@ PATCHES = {
     # Diagnostics only, not the same function: where the v2 conv kernel's time goes.
     "convdiag": {"lib": {}, "nogelu": {"_gelu_f32": lambda h, *a: h}},
 }
+# The v2 conv kernel's settings (nn.fused.CONV_BLOCKS) a variant can set one by one.
+CONV_OPTIONS = ("block_x", "block_h", "num_warps", "min_programs", "edge_bias", "prefetch",
+                "pad", "exact_min", "max_h", "chunks_first")
 BUILDER_KEYS = {"scan_blocks": {"1": True, "0": False, "none": None},
                 "remat": {"1": True, "0": False}}
 
@@ -246,7 +250,10 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
             flags = value.split("x")[3] if value.count("x") == 3 else ""
             patches["CONV_BLOCKS"] = {**lfused.CONV_BLOCKS, "block_x": bx, "block_h": h,
                                       "num_warps": w, "edge_bias": "b" not in flags,
-                                      "prefetch": "n" not in flags}
+                                      "prefetch": 0 if "n" in flags else 1}
+        elif key.startswith("conv.") and key[5:] in CONV_OPTIONS and value.isdigit():
+            patches["CONV_BLOCKS"] = {**patches.get("CONV_BLOCKS", lfused.CONV_BLOCKS),
+                                      key[5:]: int(value)}
         elif key == "attnblk" and len(value.split("x")) == 2:  # attention: QUERIESxWARPS
             q, w = (int(v) for v in value.split("x"))
             patches["ATTN_BLOCKS"] = {"block_q": q, "num_warps": w}
@@ -256,6 +263,7 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
             allowed.append("convblk=<columns>x<channels>x<warps>[x + b: fc1 bias per tap, "
                            "n: no prefetch of the next row]")
             allowed.append("attnblk=<query rows>x<warps>")
+            allowed.append(f"conv.<{'|'.join(CONV_OPTIONS)}>=<integer>")
             raise SystemExit(f"bad variant item {item!r} in {spec!r}; allowed: "
                              f"{', '.join(allowed)}")
     return kwargs, patches

@@ -54,6 +54,18 @@ def test_kernel_gelu_gate_is_as_close_to_erf_as_the_rational_form():
     assert np.abs(phi / want - 1)[tail].max() < 0.05
 
 
+def test_kernel_gelu_is_x_phi_x_in_float32():
+    """GELU as max(x, 0) - |x| Phi(-|x|) (no select): x Phi(x) to float32 accuracy against
+    float64, on both sides and in the tails."""
+    x = np.linspace(-12, 12, 48_001, dtype=np.float32)
+    want = x.astype(np.float64) * 0.5 * np.vectorize(math.erfc)(-x.astype(np.float64)
+                                                                 / math.sqrt(2))
+    got = np.asarray(fused._gelu_as(jnp.asarray(x), fast=False), np.float64)
+    assert np.abs(got - want).max() < 4.5e-7
+    tail = (x < -3) & (np.abs(want) > 1e-30)  # x Phi(x) is tiny here, relative error
+    assert np.abs(got[tail] / want[tail] - 1).max() < 0.05
+
+
 def test_supported_widths_and_dtypes():
     bf16 = jnp.bfloat16
     x = jnp.zeros((4, 64))
@@ -135,7 +147,13 @@ def _conv_params(c, hidden, seed=0):
     (1, (4, 4), 16, 64, {}),   # every token is at an edge
     # one band walking all 5 rows; 20 columns in five 4-wide strips; 4 channel chunks;
     # each row loaded when used (not prefetched)
-    (2, (5, 20), 32, 128, {"block_x": 4, "block_h": 32, "min_programs": 1, "prefetch": False}),
+    (2, (5, 20), 32, 128, {"block_x": 4, "block_h": 32, "min_programs": 1, "prefetch": 0}),
+    # fc1 of zero-ringed tokens (rows load as plain windows, no masks); strips that divide
+    # the width (20 = 5 x 4) with channels capped at 64; two rows loaded ahead; programs
+    # launched channel chunks first
+    (2, (5, 20), 32, 128, {"pad": True, "exact_min": 4, "max_h": 64, "prefetch": 2,
+                           "chunks_first": True, "min_programs": 1}),
+    (1, (7, 9), 16, 64, {"pad": True, "exact_min": 2}),  # 9 = one 8-wide strip + overlap
 ])
 def test_conv_kernel_matches_xla(monkeypatch, edge_bias, relu, b, hw, c, hidden, tiling):
     monkeypatch.setitem(fused.CONV_BLOCKS, "edge_bias", edge_bias)
@@ -154,15 +172,18 @@ def test_conv_kernel_matches_xla(monkeypatch, edge_bias, relu, b, hw, c, hidden,
     assert err <= err16 * 1.1, (err, err16)
 
 
+@pytest.mark.parametrize("exact_min", [0, 4])
 @pytest.mark.parametrize("b", [1, 3, 256])
 @pytest.mark.parametrize("hw,hidden", [((56, 56), 512), ((28, 28), 1024), ((14, 14), 1280),
                                        ((7, 7), 2048), ((5, 20), 64), ((1, 3), 64)])
-def test_conv_tiles_cover_the_map_and_never_leave_it(b, hw, hidden):
+def test_conv_tiles_cover_the_map_and_never_leave_it(monkeypatch, exact_min, b, hw, hidden):
     """The kernel's stores carry no mask: every program's rows and columns must lie inside
     the map (the last strip and band start early instead), and together cover it."""
+    monkeypatch.setitem(fused.CONV_BLOCKS, "exact_min", exact_min)
     hh, ww = hw
     t = fused.conv_tiles(b, hw, hidden)
     assert hidden % t["bc"] == 0 and t["chunks"] * t["bc"] == hidden
+    assert t["bc"] <= fused.CONV_BLOCKS.get("max_h", hidden)
     assert t["bx"] <= ww and t["by"] <= hh and t["bx"] & (t["bx"] - 1) == 0
     covered = np.zeros(hw, bool)
     for band in range(t["bands"]):
@@ -172,6 +193,16 @@ def test_conv_tiles_cover_the_map_and_never_leave_it(b, hw, hidden):
             assert 0 <= y0 and y0 + t["by"] <= hh and 0 <= x0 and x0 + t["bx"] <= ww
             covered[y0:y0 + t["by"], x0:x0 + t["bx"]] = True
     assert covered.all()
+
+
+@pytest.mark.parametrize("hw,bx", [((56, 56), 8), ((28, 28), 4), ((14, 14), 8), ((7, 7), 4)])
+def test_exact_strips_divide_the_width_where_a_power_of_two_does(monkeypatch, hw, bx):
+    """56 and 28 split into 7 strips with no overlap; 14 and 7 keep the least overlap
+    without going below 4 columns."""
+    monkeypatch.setitem(fused.CONV_BLOCKS, "exact_min", 4)
+    monkeypatch.setitem(fused.CONV_BLOCKS, "max_h", 256)
+    t = fused.conv_tiles(256, hw, 1024)
+    assert t["bx"] == bx and t["bc"] <= 256
 
 
 def test_edge_bias_table_is_the_bias_through_a_zero_padded_conv():

@@ -111,29 +111,43 @@ _AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 _HALF_LOG2E = 0.5 * math.log2(math.e)
 
 
-def _phi_kernel(h, fast: bool):
-    """Phi(h) in float32 for the kernels' exact GELU, as 1 - Phi(|h|) = erfc(|h|/sqrt 2)/2
-    by A&S 7.1.26: one reciprocal and one exp2 (the GPU's MUFU units, ``fast``) and about
-    ten multiply-adds, against the rational erf's eleven FMAs, clamps and a reciprocal.
-    The GELU is the kernels' largest instruction cost (NOTES.md). Against float64, over
-    [-12, 12]: Phi within 3.0e-7 (the rational 1.8e-7), x Phi(x) within 4.2e-7 (the
-    rational 1.1e-6), and Phi's far negative tail within 3% relative, where the rational's
-    1 + erf cancels. The kernels write bf16 (relative step 3.9e-3)."""
+def _phi_of_minus(a, fast: bool):
+    """Phi(-a) for ``a = |h|`` in float32 by A&S 7.1.26 (erfc(a / sqrt 2) / 2), as two
+    factors ``(t P(t), exp(-a^2 / 2))``: one reciprocal and one exp2 (the GPU's MUFU units,
+    ``fast``) and six multiply-adds."""
     rcp = _rcp_approx if fast else (lambda v: 1.0 / v)
     ex2 = functools.partial(_approx, "ex2") if fast else jnp.exp2
-    t = rcp(1.0 + (_AS_P * math.sqrt(0.5)) * jnp.abs(h))
+    t = rcp(1.0 + (_AS_P * math.sqrt(0.5)) * a)
     poly = 0.5 * _AS_A[4]
-    for a in reversed(_AS_A[:4]):
-        poly = poly * t + 0.5 * a
-    q = poly * t * ex2(h * (h * -_HALF_LOG2E))  # Phi(-|h|)
+    for c in reversed(_AS_A[:4]):
+        poly = poly * t + 0.5 * c
+    return poly * t, ex2(a * (a * -_HALF_LOG2E))
+
+
+def _phi_kernel(h, fast: bool):
+    """Phi(h) in float32 as the kernels' exact GELU computes it: 1 - Phi(-|h|) for h >= 0.
+    The GELU is the kernels' largest instruction cost (NOTES.md). Against float64, over
+    [-12, 12]: Phi within 3.0e-7 (the rational erf of XLA's path: 1.8e-7), x Phi(x) within
+    4.2e-7 (the rational 1.1e-6), and Phi's far negative tail within 3% relative, where
+    the rational's 1 + erf cancels. The kernels write bf16 (relative step 3.9e-3)."""
+    tp, e = _phi_of_minus(jnp.abs(h), fast)
+    q = tp * e
     return jnp.where(h >= 0, 1.0 - q, q)
+
+
+def _gelu_as(h, fast: bool):
+    """h Phi(h) as max(h, 0) - |h| Phi(-|h|), the same value for either sign of h: a max
+    and a multiply-add where h Phi(h) takes a compare, a select, 1 - q and a multiply."""
+    a = jnp.abs(h)
+    tp, e = _phi_of_minus(a, fast)
+    return jnp.maximum(h, 0.0) - (a * tp) * e
 
 
 def _gelu_f32(h, approximate: bool, fast_recip: bool = False):
     if approximate:
         return jax.nn.gelu(h, approximate=True)
     if BLOCKS.get("erf") == "as":
-        return h * _phi_kernel(h, fast_recip)
+        return _gelu_as(h, fast_recip)
     return h * layers.gelu_cdf_f32(h, _rcp_approx if fast_recip else None)
 
 
@@ -194,11 +208,16 @@ def mlp_gelu(fc1, fc2, x, *, approximate: bool, dtype=None):
 # ------------------------------------------------------------ PVT v2: conv MLP
 
 # Columns per program (at most; a power of two no wider than the map), hidden channels per
-# program (more where the map is narrow), warps, and the least number of programs a call
-# should have (row bands split the map's height to reach it at small batches). edge_bias:
-# fc1's and the conv's biases as one gathered (row class, channel) table.
+# program (more where the map is narrow, up to max_h: a thread then holds 8 channels and
+# the nine taps of each), warps, and the least number of programs a call should have (row
+# bands split the map's height to reach it at small batches). edge_bias: fc1's and the
+# conv's biases as one gathered (row class, channel) table. pad: fc1 runs on tokens with
+# a zero ring, so the kernel's loads need no masks (edge table only). exact_min: strips as
+# narrow as this where that removes their overlap (_strip_width). prefetch: input rows
+# loaded ahead. chunks_first: launch order (_conv_grid). NOTES.md has the measurements.
 CONV_BLOCKS = {"block_x": 32, "block_h": 64, "num_warps": 4, "min_programs": 1024,
-               "edge_bias": True, "prefetch": True}
+               "edge_bias": True, "pad": True, "exact_min": 4, "max_h": 256, "prefetch": 1,
+               "chunks_first": False}
 # Which of the offsets -1, 0, +1 stay inside the map, for a position's edge class
 # 2 * (first row/column) + (last row/column).
 _VALID_OFFSETS = np.array([[1, 1, 1], [1, 1, 0], [0, 1, 1], [0, 1, 0]], np.float32)
@@ -234,23 +253,51 @@ def _largest_pow2_at_most(n: int) -> int:
     return 1 << (n.bit_length() - 1)
 
 
+def _strip_width(ww: int) -> int:
+    """Columns per program: the largest power of two up to ``block_x`` and the map's
+    width; with ``exact_min`` > 0, the power of two (no narrower than that) whose strips
+    cover the width with the fewest columns, so that no strip overlaps its neighbour where
+    a power of two divides the width (56 = 7 x 8, 28 = 7 x 4)."""
+    widest = min(CONV_BLOCKS["block_x"], _largest_pow2_at_most(ww))
+    narrowest = CONV_BLOCKS["exact_min"]
+    if not narrowest:
+        return widest
+    widths = [1 << k for k in range(widest.bit_length()) if 1 << k >= min(narrowest, widest)]
+    return min(widths, key=lambda bx: (-(-ww // bx) * bx, -bx))
+
+
 def conv_tiles(b: int, hw, hidden: int) -> dict:
     """The conv kernel's tiling of a (b, hw, hidden) map: a program takes ``by`` rows of
     ``bx`` columns of ``bc`` channels of one image. Tiles never reach past the map: the
     last strip and band start early and overlap their neighbours (the overlap is computed
     twice and written with the same values), so no store needs a mask."""
     hh, ww = hw
-    bx = min(CONV_BLOCKS["block_x"], _largest_pow2_at_most(ww))
+    bx = _strip_width(ww)
     bc = CONV_BLOCKS["block_h"]
-    while bx * bc * 2 <= CONV_BLOCKS["block_x"] * CONV_BLOCKS["block_h"] and hidden % (2 * bc) == 0:
+    size = CONV_BLOCKS["block_x"] * CONV_BLOCKS["block_h"]
+    while (bx * bc * 2 <= size and hidden % (2 * bc) == 0
+           and 2 * bc <= CONV_BLOCKS["max_h"]):
         bc *= 2  # narrow maps: more channels per program, so tiles keep their size
     strips, chunks = -(-ww // bx), hidden // bc
     bands = max(1, min(hh, -(-CONV_BLOCKS["min_programs"] // (b * strips * chunks))))
     return dict(bx=bx, bc=bc, by=-(-hh // bands), strips=strips, bands=bands, chunks=chunks)
 
 
+def _conv_grid(batch: int, tiles: dict) -> tuple:
+    """Launch order: with ``chunks_first`` the programs that share pixels (one per channel
+    chunk) start together and read whole token rows between them."""
+    grid = (batch * tiles["bands"], tiles["strips"], tiles["chunks"])
+    return grid[::-1] if CONV_BLOCKS["chunks_first"] else grid
+
+
+def _conv_program_ids() -> tuple:
+    """(image band, strip, channel chunk) of this program, whatever the launch order."""
+    ids = tuple(pl.program_id(i) for i in range(3))
+    return ids[::-1] if CONV_BLOCKS["chunks_first"] else ids
+
+
 def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, tiles, relu,
-                      fast_recip):
+                      fast_recip, padded):
     """GELU(dwconv3x3(h + b1) + conv bias) for ``by`` rows of ``bx`` columns and ``bc``
     channels of one image, where ``h`` is fc1's matmul (its bias is added here, not in a
     pass of its own): with a 16-row ``bias_ref`` (no ReLU) through the edge-class table,
@@ -260,13 +307,18 @@ def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, tiles, re
     shifts, and added into the three output rows it touches; the program carries the two
     output rows still open and writes the finished one: 39 instructions per element
     against 79 for nine shifted loads per output row. (That gained little; the loads'
-    latency bounds it, which the next row's prefetch partly hides: NOTES.md.)"""
+    latency bounds it, which the next row's prefetch partly hides: NOTES.md.)
+
+    ``padded``: ``h`` is fc1 of the tokens with a ring of zeros around each image, so it
+    is zero there (fc1's bias comes in through the table): rows load as plain windows,
+    with no clamped indices and no masks."""
     hh, ww = hw
     bx, bc, by, bands = tiles["bx"], tiles["bc"], tiles["by"], tiles["bands"]
-    image = (pl.program_id(0) // bands) * (hh * ww)
-    y0 = jnp.minimum((pl.program_id(0) % bands) * by, hh - by)
-    x0 = jnp.minimum(pl.program_id(1) * bx, ww - bx)
-    cols = pl.ds(pl.multiple_of(pl.program_id(2) * bc, bc), bc)
+    band, strip, chunk = _conv_program_ids()
+    image = (band // bands) * (hh * ww)
+    y0 = jnp.minimum((band % bands) * by, hh - by)
+    x0 = jnp.minimum(strip * bx, ww - bx)
+    cols = pl.ds(pl.multiple_of(chunk * bc, bc), bc)
     xs = x0 + jax.lax.iota(jnp.int32, bx)
     w = [taps_ref[k, cols].astype(jnp.float32)[None, :] for k in range(9)]  # HWIO order
     table = bias_ref.shape[0] == 16
@@ -286,6 +338,10 @@ def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, tiles, re
     def load_row(yi):
         """Input row ``yi`` at columns ``xs - 1``, ``xs``, ``xs + 1`` as stored (bf16), by
         indices clamped so that no address leaves the array (``shifted`` masks them)."""
+        if padded:  # rows -1 and hh are the zero ring; the prefetch past it is clamped
+            pw = ww + 2
+            row = (image // (hh * ww)) * ((hh + 2) * pw) + jnp.clip(yi + 1, 0, hh + 1) * pw
+            return tuple(h_ref[pl.ds(row + x0 + 1 + dx, bx), cols] for dx in (-1, 0, 1))
         row = image + jnp.clip(yi, 0, hh - 1) * ww
         return tuple(h_ref[row + jnp.clip(xs + dx, 0, ww - 1), cols] for dx in (-1, 0, 1))
 
@@ -295,21 +351,23 @@ def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, tiles, re
         xn = xs + dx
         inside = (xn >= 0) & (xn < ww) & (yi >= 0) & (yi < hh)
         v = raw[dx + 1].astype(jnp.float32)
+        if padded:
+            return v
         if not table:
             v = v + b1
             if relu:
                 v = jnp.maximum(v, 0.0)
         return jnp.where(inside[:, None], v, 0.0)
 
-    prefetch = CONV_BLOCKS.get("prefetch", True)
+    depth = int(CONV_BLOCKS["prefetch"])  # input rows loaded ahead of their use
 
     def step(i, carry):
-        above, here, raw = carry  # output rows yi - 1 and yi; input row yi if prefetched
+        above, here, *ahead = carry  # output rows yi - 1 and yi; input rows yi .. yi+depth-1
         yi = y0 - 1 + i
-        if prefetch:  # issue the next row's loads before this row's arithmetic
-            raw, nxt = raw, load_row(yi + 1)
+        if depth:  # issue the loads of row yi + depth before this row's arithmetic
+            raw, ahead = ahead[0], [*ahead[1:], load_row(yi + depth)]
         else:
-            raw, nxt = load_row(yi), raw
+            raw = load_row(yi)
         below = start(yi + 1)
         for dx in (-1, 0, 1):
             v = shifted(raw, yi, dx)
@@ -322,14 +380,57 @@ def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, tiles, re
             row = pl.ds(image + (yi - 1) * ww + x0, bx)
             o_ref[row, cols] = _gelu_f32(above, False, fast_recip).astype(o_ref.dtype)
 
-        return here, below, nxt
+        return (here, below, *ahead)
 
     zeros = jnp.zeros((bx, bc), jnp.float32)
-    jax.lax.fori_loop(0, by + 2, step, (zeros, zeros, load_row(y0 - 1)))
+    first = [load_row(y0 - 1 + k) for k in range(depth)]
+    jax.lax.fori_loop(0, by + 2, step, (zeros, zeros, *first))
 
 
 def _whole(a):
     return pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
+
+
+def conv_inputs(fc1, dwconv, x, *, hw, relu: bool, dtype):
+    """What the conv kernel reads: fc1's matmul ``h`` of the (B, N, C) tokens (with a
+    zero ring around each image when the kernel runs ``padded``), fc1's bias, the nine
+    taps and the biases (the edge-class table where no ReLU sits between fc1's bias and
+    the conv)."""
+    b, _, c_in = x.shape
+    hidden = fc1["kernel"].shape[1]
+    table = CONV_BLOCKS["edge_bias"] and not relu
+    padded = table and bool(CONV_BLOCKS["pad"])
+    tokens = x.astype(dtype)
+    if padded:  # fc1 has no bias in this matmul, so it is zero on the ring
+        tokens = jnp.pad(tokens.reshape(b, *hw, c_in), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h = jnp.matmul(tokens.reshape(-1, c_in), fc1["kernel"].astype(dtype))
+    b1 = (fc1["bias"] if "bias" in fc1 else jnp.zeros((hidden,))).astype(dtype)
+    taps = dwconv["kernel"].reshape(9, hidden).astype(dtype)
+    bias = (edge_bias_table(b1, taps, dwconv["bias"].astype(dtype)) if table
+            else dwconv["bias"].astype(dtype))
+    return h, b1, taps, bias, padded
+
+
+def conv_gelu(h, b1, taps, bias, *, batch: int, hw, relu: bool, padded: bool,
+              interpret: bool = False):
+    """The conv kernel's call on :func:`conv_inputs`: the activated (B * H * W, hidden)
+    map. ``interpret=True`` runs it anywhere."""
+    hidden = taps.shape[1]
+    tiles = conv_tiles(batch, hw, hidden)
+    kw = dict(hw=tuple(hw), tiles=tiles, relu=relu, padded=padded,
+              fast_recip=bool(BLOCKS.get("approx_recip")) and not interpret)
+    params = plt.CompilerParams(num_warps=CONV_BLOCKS["num_warps"], num_stages=1)
+    args = (h, b1, taps, bias)
+    # Programs write rows anywhere in it.
+    out = jax.ShapeDtypeStruct((batch * hw[0] * hw[1], hidden), h.dtype)
+    return pl.pallas_call(
+        functools.partial(_conv_gelu_kernel, **kw),
+        out_shape=out,
+        grid=_conv_grid(batch, tiles),
+        in_specs=[_whole(a) for a in args],
+        out_specs=_whole(out),
+        compiler_params=params, interpret=interpret, name="lucid_fn_fused_conv_gelu",
+    )(*args)
 
 
 def pallas_conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype, interpret: bool = False):
@@ -337,31 +438,11 @@ def pallas_conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype, interpret: bo
     fc1 and fc2 matmuls, on (B, N, C) tokens of an ``hw`` map. (fc2 accumulated in the
     kernel, as the v1 kernel does, was slower: benchmarks/NOTES.md.) ``interpret=True``
     runs it anywhere."""
-    b, n, c_in = x.shape
-    hidden, c_out = fc1["kernel"].shape[1], fc2["kernel"].shape[1]
-    rows = b * n
-    h = jnp.matmul(x.reshape(rows, c_in).astype(dtype), fc1["kernel"].astype(dtype))
-    b1 = (fc1["bias"] if "bias" in fc1 else jnp.zeros((hidden,))).astype(dtype)
-    taps = dwconv["kernel"].reshape(9, hidden).astype(dtype)
-    if CONV_BLOCKS["edge_bias"] and not relu:  # ReLU sits between fc1's bias and the conv
-        bias = edge_bias_table(b1, taps, dwconv["bias"].astype(dtype))
-    else:
-        bias = dwconv["bias"].astype(dtype)
-    tiles = conv_tiles(b, hw, hidden)
-    kw = dict(hw=tuple(hw), tiles=tiles, relu=relu,
-              fast_recip=bool(BLOCKS.get("approx_recip")) and not interpret)
-    params = plt.CompilerParams(num_warps=CONV_BLOCKS["num_warps"], num_stages=1)
-    args = (h, b1, taps, bias)
-    out = jax.ShapeDtypeStruct((rows, hidden), dtype)  # programs write rows anywhere in it
-    g = pl.pallas_call(
-        functools.partial(_conv_gelu_kernel, **kw),
-        out_shape=out,
-        grid=(b * tiles["bands"], tiles["strips"], tiles["chunks"]),
-        in_specs=[_whole(a) for a in args],
-        out_specs=_whole(out),
-        compiler_params=params, interpret=interpret, name="lucid_fn_fused_conv_gelu",
-    )(*args)
-    return layers.linear(fc2, g, dtype).reshape(b, n, c_out)
+    b, n, _ = x.shape
+    h, b1, taps, bias, padded = conv_inputs(fc1, dwconv, x, hw=hw, relu=relu, dtype=dtype)
+    g = conv_gelu(h, b1, taps, bias, batch=b, hw=hw, relu=relu, padded=padded,
+                  interpret=interpret)
+    return layers.linear(fc2, g, dtype).reshape(b, n, fc2["kernel"].shape[1])
 
 
 def conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool = False, dtype=None):

@@ -1,0 +1,171 @@
+"""Registers and instruction counts of our Pallas (Triton) kernels, without a GPU.
+
+Lowers a kernel's call for CUDA (sm_90), captures the Triton module that Pallas builds,
+compiles it with Triton from PyPI and disassembles it with the ``cuobjdump`` that Triton
+ships. Prints registers per thread, spills, and the instructions of the kernel's innermost
+loop by opcode: what an H100 or H200 will execute, read here at no device time
+(benchmarks/NOTES.md). Needs ``pip install triton`` (3.6.0 matches the GPU image)::
+
+    PYTHONPATH=. python benchmarks/kernel_sass.py conv --shape 256 56 56 512
+    PYTHONPATH=. python benchmarks/kernel_sass.py conv --blocks block_x=16
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import os
+import re
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from lucid_fn.nn import fused
+
+
+def capture_triton_modules(fn, *args) -> list[str]:
+    """The Triton IR text of every Pallas kernel in ``jax.jit(fn)(*args)``, lowered for
+    CUDA (no GPU needed)."""
+    from jax._src.pallas.triton import lowering as tl_lowering
+
+    captured = []
+    original = tl_lowering.lower_jaxpr_to_triton_module
+
+    def capture(*a, **k):
+        result = original(*a, **k)
+        captured.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    tl_lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    finally:
+        tl_lowering.lower_jaxpr_to_triton_module = original
+    return captured
+
+
+def compile_sass(ir_text: str, num_warps: int) -> tuple[str, str]:
+    """(SASS, resource usage) of a Triton IR module compiled for sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "kernel.ttir")
+        with open(path, "w") as f:
+            f.write(ir_text)
+        k = triton.compile(path, target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": num_warps})
+        cubin = os.path.join(d, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(k.asm["cubin"])
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                            "cuobjdump")
+        sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True,
+                              check=True).stdout
+        res = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True,
+                             check=True).stdout
+    return sass, res
+
+
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def instructions(sass: str) -> list[tuple[int, str, str]]:
+    """(address, opcode, line) of each SASS instruction."""
+    out = []
+    for line in sass.splitlines():
+        m = _INSTR.search(line)
+        if m:
+            out.append((int(m.group(1), 16), m.group(3), line.strip()))
+    return out
+
+
+def innermost_loop(instrs) -> list[tuple[int, str, str]]:
+    """The instructions of the shortest backward branch's body (the hot loop)."""
+    best = None
+    for addr, op, line in instrs:
+        if op.startswith("BRA"):
+            m = re.search(r"0x([0-9a-f]+)", line.split("BRA", 1)[1])
+            if m and int(m.group(1), 16) < addr:
+                target = int(m.group(1), 16)
+                if best is None or addr - target < best[1] - best[0]:
+                    best = (target, addr)
+    if best is None:
+        return []
+    return [i for i in instrs if best[0] <= i[0] <= best[1]]
+
+
+def report(ir_text: str, num_warps: int, elements_per_iter: int | None = None) -> dict:
+    sass, res = compile_sass(ir_text, num_warps)
+    instrs = instructions(sass)
+    loop = innermost_loop(instrs)
+    regs = re.search(r"REG:(\d+)", res)
+    stack = re.search(r"STACK:(\d+)", res)
+    out = {"registers": int(regs.group(1)) if regs else None,
+           "stack_bytes": int(stack.group(1)) if stack else None,
+           "instructions": len(instrs), "loop_instructions": len(loop),
+           "loop_opcodes": collections.Counter(op.split(".")[0] for _, op, _ in loop)}
+    if elements_per_iter:
+        out["loop_instructions_per_element"] = round(len(loop) / elements_per_iter, 1)
+    return out
+
+
+def conv_case(shape, blocks: dict):
+    b, hh, ww, hidden = shape
+    c = 64
+    k = jax.random.split(jax.random.key(0), 4)
+    fc1 = {"kernel": jnp.zeros((c, hidden)), "bias": jnp.zeros((hidden,))}
+    dw = {"kernel": jnp.zeros((3, 3, 1, hidden)), "bias": jnp.zeros((hidden,))}
+    fc2 = {"kernel": jnp.zeros((hidden, c)), "bias": jnp.zeros((c,))}
+    x = jax.ShapeDtypeStruct((b, hh * ww, c), jnp.bfloat16)
+    del k
+    saved = dict(fused.CONV_BLOCKS)
+    fused.CONV_BLOCKS.update(blocks)
+    try:
+        mods = capture_triton_modules(
+            functools.partial(fused.pallas_conv_mlp, hw=(hh, ww), relu=False,
+                              dtype=jnp.bfloat16), fc1, dw, fc2, x)
+        tiles = fused.conv_tiles(b, (hh, ww), hidden)
+        warps = fused.CONV_BLOCKS["num_warps"]
+    finally:
+        fused.CONV_BLOCKS.clear()
+        fused.CONV_BLOCKS.update(saved)
+    # One loop iteration handles one input row of bx columns x bc channels.
+    return [(m, warps) for m in mods], tiles["bx"] * tiles["bc"] // (32 * warps), tiles
+
+
+def _value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("kernel", choices=("conv",))
+    ap.add_argument("--shape", type=int, nargs=4, default=(256, 56, 56, 512),
+                    metavar=("B", "H", "W", "HIDDEN"))
+    ap.add_argument("--blocks", nargs="*", default=[], help="CONV_BLOCKS overrides, k=v")
+    ap.add_argument("--dump", default=None, help="write the SASS here")
+    args = ap.parse_args(argv)
+    blocks = dict(kv.split("=", 1) for kv in args.blocks)
+    mods, per_thread, tiles = conv_case(tuple(args.shape), {k: _value(v) for k, v in
+                                                            blocks.items()})
+    print("tiles", tiles, "elements per thread per iteration", per_thread)
+    for text, warps in mods:
+        r = report(text, warps, per_thread)
+        print({k: v for k, v in r.items() if k != "loop_opcodes"})
+        print(" loop:", dict(r["loop_opcodes"].most_common()))
+        if args.dump:
+            with open(args.dump, "w") as f:
+                f.write(compile_sass(text, warps)[0])
+
+
+if __name__ == "__main__":
+    main()
