@@ -224,7 +224,7 @@ PATCHES = {
 }
 # The v2 conv kernel's settings (nn.fused.CONV_BLOCKS) a variant can set one by one.
 CONV_OPTIONS = ("block_x", "block_h", "num_warps", "min_programs", "edge_bias", "prefetch",
-                "pad", "exact_min", "max_h", "chunks_first")
+                "pad", "masked_loads", "exact_min", "max_h", "max_h_narrow", "chunks_first")
 BUILDER_KEYS = {"scan_blocks": {"1": True, "0": False, "none": None},
                 "remat": {"1": True, "0": False}}
 

@@ -154,6 +154,8 @@ def _conv_params(c, hidden, seed=0):
     (2, (5, 20), 32, 128, {"pad": True, "exact_min": 4, "max_h": 64, "prefetch": 2,
                            "chunks_first": True, "min_programs": 1}),
     (1, (7, 9), 16, 64, {"pad": True, "exact_min": 2}),  # 9 = one 8-wide strip + overlap
+    # taps outside the map as selects after the loads, not predicated loads
+    (2, (5, 20), 32, 128, {"masked_loads": False, "min_programs": 1}),
 ])
 def test_conv_kernel_matches_xla(monkeypatch, edge_bias, relu, b, hw, c, hidden, tiling):
     monkeypatch.setitem(fused.CONV_BLOCKS, "edge_bias", edge_bias)
@@ -183,7 +185,7 @@ def test_conv_tiles_cover_the_map_and_never_leave_it(monkeypatch, exact_min, b, 
     hh, ww = hw
     t = fused.conv_tiles(b, hw, hidden)
     assert hidden % t["bc"] == 0 and t["chunks"] * t["bc"] == hidden
-    assert t["bc"] <= fused.CONV_BLOCKS.get("max_h", hidden)
+    assert t["bc"] <= fused.CONV_BLOCKS["max_h"]
     assert t["bx"] <= ww and t["by"] <= hh and t["bx"] & (t["bx"] - 1) == 0
     covered = np.zeros(hw, bool)
     for band in range(t["bands"]):
@@ -198,11 +200,11 @@ def test_conv_tiles_cover_the_map_and_never_leave_it(monkeypatch, exact_min, b, 
 @pytest.mark.parametrize("hw,bx", [((56, 56), 8), ((28, 28), 4), ((14, 14), 8), ((7, 7), 4)])
 def test_exact_strips_divide_the_width_where_a_power_of_two_does(monkeypatch, hw, bx):
     """56 and 28 split into 7 strips with no overlap; 14 and 7 keep the least overlap
-    without going below 4 columns."""
+    without going below 4 columns. Channels per program stop at 256 (128 for strips under
+    8 columns)."""
     monkeypatch.setitem(fused.CONV_BLOCKS, "exact_min", 4)
-    monkeypatch.setitem(fused.CONV_BLOCKS, "max_h", 256)
     t = fused.conv_tiles(256, hw, 1024)
-    assert t["bx"] == bx and t["bc"] <= 256
+    assert t["bx"] == bx and t["bc"] == (256 if bx >= 8 else 128)
 
 
 def test_edge_bias_table_is_the_bias_through_a_zero_padded_conv():

@@ -208,16 +208,18 @@ def mlp_gelu(fc1, fc2, x, *, approximate: bool, dtype=None):
 # ------------------------------------------------------------ PVT v2: conv MLP
 
 # Columns per program (at most; a power of two no wider than the map), hidden channels per
-# program (more where the map is narrow, up to max_h: a thread then holds 8 channels and
-# the nine taps of each), warps, and the least number of programs a call should have (row
+# program (more where the map is narrow, up to max_h, or max_h_narrow for strips under 8
+# columns: a thread then holds at most 8 channels and the nine taps of each), warps, and the least number of programs a call should have (row
 # bands split the map's height to reach it at small batches). edge_bias: fc1's and the
 # conv's biases as one gathered (row class, channel) table. pad: fc1 runs on tokens with
-# a zero ring, so the kernel's loads need no masks (edge table only). exact_min: strips as
+# a zero ring, so the kernel's loads need no masks (edge table only; measured slower in
+# the model: the ring costs fc1 7-65% more rows). masked_loads: with the table, the taps
+# outside the map are predicated loads that give zero, instead of selects. exact_min: strips as
 # narrow as this where that removes their overlap (_strip_width). prefetch: input rows
 # loaded ahead. chunks_first: launch order (_conv_grid). NOTES.md has the measurements.
 CONV_BLOCKS = {"block_x": 32, "block_h": 64, "num_warps": 4, "min_programs": 1024,
-               "edge_bias": True, "pad": True, "exact_min": 4, "max_h": 256, "prefetch": 1,
-               "chunks_first": False}
+               "edge_bias": True, "pad": False, "masked_loads": True, "exact_min": 4,
+               "max_h": 256, "max_h_narrow": 128, "prefetch": 1, "chunks_first": False}
 # Which of the offsets -1, 0, +1 stay inside the map, for a position's edge class
 # 2 * (first row/column) + (last row/column).
 _VALID_OFFSETS = np.array([[1, 1, 1], [1, 1, 0], [0, 1, 1], [0, 1, 0]], np.float32)
@@ -276,7 +278,7 @@ def conv_tiles(b: int, hw, hidden: int) -> dict:
     bc = CONV_BLOCKS["block_h"]
     size = CONV_BLOCKS["block_x"] * CONV_BLOCKS["block_h"]
     while (bx * bc * 2 <= size and hidden % (2 * bc) == 0
-           and 2 * bc <= CONV_BLOCKS["max_h"]):
+           and 2 * bc <= CONV_BLOCKS["max_h" if bx >= 8 else "max_h_narrow"]):
         bc *= 2  # narrow maps: more channels per program, so tiles keep their size
     strips, chunks = -(-ww // bx), hidden // bc
     bands = max(1, min(hh, -(-CONV_BLOCKS["min_programs"] // (b * strips * chunks))))
@@ -319,6 +321,7 @@ def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, tiles, re
     y0 = jnp.minimum((band % bands) * by, hh - by)
     x0 = jnp.minimum(strip * bx, ww - bx)
     cols = pl.ds(pl.multiple_of(chunk * bc, bc), bc)
+    channels = pl.multiple_of(chunk * bc, bc) + jax.lax.iota(jnp.int32, bc)
     xs = x0 + jax.lax.iota(jnp.int32, bx)
     w = [taps_ref[k, cols].astype(jnp.float32)[None, :] for k in range(9)]  # HWIO order
     table = bias_ref.shape[0] == 16
@@ -343,22 +346,31 @@ def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, tiles, re
             row = (image // (hh * ww)) * ((hh + 2) * pw) + jnp.clip(yi + 1, 0, hh + 1) * pw
             return tuple(h_ref[pl.ds(row + x0 + 1 + dx, bx), cols] for dx in (-1, 0, 1))
         row = image + jnp.clip(yi, 0, hh - 1) * ww
-        return tuple(h_ref[row + jnp.clip(xs + dx, 0, ww - 1), cols] for dx in (-1, 0, 1))
+        rows = [row + jnp.clip(xs + dx, 0, ww - 1) for dx in (-1, 0, 1)]
+        if masked_loads:  # zero where the tap falls outside the map: predicated loads
+            return tuple(plt.load(h_ref.at[r[:, None], channels[None, :]], other=0.0,
+                                  mask=inside(yi, dx)[:, None] & (channels >= 0)[None, :])
+                         for dx, r in zip((-1, 0, 1), rows))
+        return tuple(h_ref[r, cols] for r in rows)
+
+    def inside(yi, dx):
+        xn = xs + dx
+        return (xn >= 0) & (xn < ww) & (yi >= 0) & (yi < hh)
 
     def shifted(raw, yi, dx):
         """One of ``load_row``'s tiles in float32, zero outside the map (the conv's
         padding)."""
-        xn = xs + dx
-        inside = (xn >= 0) & (xn < ww) & (yi >= 0) & (yi < hh)
         v = raw[dx + 1].astype(jnp.float32)
-        if padded:
+        if padded or masked_loads:
             return v
         if not table:
             v = v + b1
             if relu:
                 v = jnp.maximum(v, 0.0)
-        return jnp.where(inside[:, None], v, 0.0)
+        return jnp.where(inside(yi, dx)[:, None], v, 0.0)
 
+    # fc1's bias comes in through the table, so outside the map the input is just zero
+    masked_loads = table and not padded and bool(CONV_BLOCKS["masked_loads"])
     depth = int(CONV_BLOCKS["prefetch"])  # input rows loaded ahead of their use
 
     def step(i, carry):
