@@ -76,6 +76,10 @@ def test_variants_parse_and_compute_the_same_function(bench):
     assert kwargs == {"scan_blocks": False, "remat": True} and set(patches) == {"gelu"}
     with pytest.raises(SystemExit, match="allowed"):
         bench.parse_variant("gelu=fast")
+    _, patches = bench.parse_variant("conv.pad=1,conv.prefetch=2")  # one setting each
+    assert patches["CONV_BLOCKS"]["pad"] == 1 and patches["CONV_BLOCKS"]["prefetch"] == 2
+    with pytest.raises(SystemExit, match="allowed"):
+        bench.parse_variant("conv.no_such_setting=1")
     arch = dict(bench.SMALL_ARCH, num_classes=10)
     x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
     ref_model = registry["pvt_v2_b0"](**arch)
@@ -87,3 +91,22 @@ def test_variants_parse_and_compute_the_same_function(bench):
         with bench.patched(patches):
             out = np.asarray(jax.jit(model.apply)(params, x))
         assert np.abs(out - ref).max() < 1e-5 * np.abs(ref).max(), spec
+
+
+def test_conv_sweep_checks_each_variant_against_float32_on_cpu(tmp_path):
+    """benchmarks/conv_sweep.py in interpret mode on a tiny map: every variant runs, its
+    error is measured against float32 and is no worse than XLA's bf16 form (times are not
+    asserted)."""
+    spec = importlib.util.spec_from_file_location("conv_sweep",
+                                                  ROOT / "benchmarks" / "conv_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    result = sweep.main(["--shapes", "tiny", "--interpret", "--out", str(tmp_path),
+                         "--name", "s"])
+    assert json.loads((tmp_path / "s.json").read_text())["rows"] == result["rows"]
+    rows = [r for r in result["rows"] if "err" in r]
+    assert [r["spec"] for r in rows] == sweep.VARIANTS
+    for r in rows:
+        assert r["finite"] and 0 < r["err"] <= 1.1 * r["err_xla_bf16"], r
+    with pytest.raises(SystemExit, match="unknown"):
+        sweep.parse("x:no_such_key=1")
