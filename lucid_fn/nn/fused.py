@@ -307,9 +307,11 @@ def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, tiles, re
 
     The program walks down the map. Each input row is loaded once, at three horizontal
     shifts, and added into the three output rows it touches; the program carries the two
-    output rows still open and writes the finished one: 39 instructions per element
-    against 79 for nine shifted loads per output row. (That gained little; the loads'
-    latency bounds it, which the next row's prefetch partly hides: NOTES.md.)
+    output rows still open and writes the finished one: 37 instructions per element in
+    its loop (SASS, ``benchmarks/kernel_sass.py``) against 79 for nine shifted loads per
+    output row. Where the edge table carries fc1's bias, the taps that fall outside the
+    map are predicated loads that give zero; otherwise selects zero them after the bias
+    (and ReLU). About 1.8x the memory floor on an H200 (NOTES.md).
 
     ``padded``: ``h`` is fc1 of the tokens with a ring of zeros around each image, so it
     is zero there (fc1's bias comes in through the table): rows load as plain windows,
