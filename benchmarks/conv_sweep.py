@@ -50,7 +50,9 @@ def parse(spec: str) -> tuple[str, dict]:
     return name, out
 
 
-def timed(fn, *args, repeats=5, iters=20) -> float:
+def timed(fn, *args, timing=(5, 20)) -> float:
+    """Median seconds per call over ``timing = (repeats, calls per repeat)``."""
+    repeats, iters = timing
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
@@ -62,10 +64,10 @@ def timed(fn, *args, repeats=5, iters=20) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth(repeats=5, iters=20) -> float:
+def copy_bandwidth(timing=(5, 20)) -> float:
     """Bytes read plus written per second by a large elementwise pass."""
-    a = jnp.ones((1 << (29 if iters > 1 else 20),), jnp.bfloat16)  # 1 GiB on the GPU
-    s = timed(jax.jit(lambda v: v * 2), a, repeats=repeats, iters=iters)
+    a = jnp.ones((1 << (29 if timing[1] > 1 else 20),), jnp.bfloat16)  # 1 GiB on the GPU
+    s = timed(jax.jit(lambda v: v * 2), a, timing=timing)
     return 2 * a.nbytes / s
 
 
@@ -128,7 +130,7 @@ def run_shape(label, shape, variants, bw, interpret=False, timing=(5, 20)) -> li
                 base = (h0, float(jnp.abs(xla_bf16(h0, fc1, dw, hw).astype(jnp.float32)
                                           - want).max()))
             written = bool(jnp.isfinite(out.astype(jnp.float32)).all())
-            ms = timed(call, h, b1, taps, bias, repeats=timing[0], iters=timing[1]) * 1e3
+            ms = timed(call, h, b1, taps, bias, timing=timing) * 1e3
             tiles = fused.conv_tiles(b, hw, hidden)
         finally:
             fused.CONV_BLOCKS.clear()
@@ -141,7 +143,8 @@ def run_shape(label, shape, variants, bw, interpret=False, timing=(5, 20)) -> li
     h0 = base[0]
     xla = jax.jit(lambda h: xla_bf16(h, fc1, dw, hw))
     rows.append(dict(shape=label, variant="xla (cuDNN conv + GELU)",
-                     ms=round(timed(xla, h0, repeats=timing[0], iters=timing[1]) * 1e3, 4), floor_ms=round(floor_ms, 4)))
+                     ms=round(timed(xla, h0, timing=timing) * 1e3, 4),
+                     floor_ms=round(floor_ms, 4)))
     print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -156,7 +159,7 @@ def main(argv=None):
                     help="run the kernel in interpret mode (CPU; times mean nothing)")
     args = ap.parse_args(argv)
     timing = (1, 1) if args.interpret else (5, 20)
-    bw = copy_bandwidth(*timing)
+    bw = copy_bandwidth(timing)
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "copy_bandwidth_gb_s": round(bw / 1e9, 1), "rows": []}
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
@@ -166,7 +169,8 @@ def main(argv=None):
                                     args.interpret, timing)
         with open(os.path.join(args.out, args.name + ".json"), "w") as f:
             json.dump(result, f, indent=1)
-    print("\n| shape | variant | ms | x floor | err | err XLA bf16 |\n|---|---|---:|---:|---:|---:|")
+    print("\n| shape | variant | ms | x floor | err | err XLA bf16 |")
+    print("|---|---|---:|---:|---:|---:|")
     for r in result["rows"]:
         print(f"| {r['shape']} | {r['variant']} | {r['ms']:.3f} | "
               f"{r['ms'] / r['floor_ms']:.2f} | {r.get('err', float('nan')):.4f} | "

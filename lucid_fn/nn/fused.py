@@ -209,14 +209,15 @@ def mlp_gelu(fc1, fc2, x, *, approximate: bool, dtype=None):
 
 # Columns per program (at most; a power of two no wider than the map), hidden channels per
 # program (more where the map is narrow, up to max_h, or max_h_narrow for strips under 8
-# columns: a thread then holds at most 8 channels and the nine taps of each), warps, and the least number of programs a call should have (row
-# bands split the map's height to reach it at small batches). edge_bias: fc1's and the
-# conv's biases as one gathered (row class, channel) table. pad: fc1 runs on tokens with
-# a zero ring, so the kernel's loads need no masks (edge table only; measured slower in
-# the model: the ring costs fc1 7-65% more rows). masked_loads: with the table, the taps
-# outside the map are predicated loads that give zero, instead of selects. exact_min: strips as
-# narrow as this where that removes their overlap (_strip_width). prefetch: input rows
-# loaded ahead. chunks_first: launch order (_conv_grid). NOTES.md has the measurements.
+# columns: a thread then holds at most 8 channels and the nine taps of each), warps, and
+# the least number of programs a call should have (row bands split the map's height to
+# reach it at small batches). edge_bias: fc1's and the conv's biases as one gathered
+# (row class, channel) table. pad: fc1 runs on tokens with a zero ring, so the kernel's
+# loads need no masks (edge table only; slower in the model: the ring costs fc1 7-65%
+# more rows). masked_loads: with the table, the taps outside the map are predicated loads
+# that give zero, instead of selects. exact_min: strips as narrow as this where that
+# removes their overlap (_strip_width). prefetch: input rows loaded ahead. chunks_first:
+# launch order (_conv_grid). NOTES.md has the measurements.
 CONV_BLOCKS = {"block_x": 32, "block_h": 64, "num_warps": 4, "min_programs": 1024,
                "edge_bias": True, "pad": False, "masked_loads": True, "exact_min": 4,
                "max_h": 256, "max_h_narrow": 128, "prefetch": 1, "chunks_first": False}
@@ -342,7 +343,8 @@ def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, tiles, re
 
     def load_row(yi):
         """Input row ``yi`` at columns ``xs - 1``, ``xs``, ``xs + 1`` as stored (bf16), by
-        indices clamped so that no address leaves the array (``shifted`` masks them)."""
+        indices clamped so that no address leaves the array; zero outside the map with
+        ``masked_loads``, else ``shifted`` masks them."""
         if padded:  # rows -1 and hh are the zero ring; the prefetch past it is clamped
             pw = ww + 2
             row = (image // (hh * ww)) * ((hh + 2) * pw) + jnp.clip(yi + 1, 0, hh + 1) * pw
@@ -350,8 +352,10 @@ def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, tiles, re
         row = image + jnp.clip(yi, 0, hh - 1) * ww
         rows = [row + jnp.clip(xs + dx, 0, ww - 1) for dx in (-1, 0, 1)]
         if masked_loads:  # zero where the tap falls outside the map: predicated loads
+            # Both indices as arrays: interpret mode takes masked loads only as gathers;
+            # Triton still sees the channels as contiguous (16-byte loads in the SASS).
             return tuple(plt.load(h_ref.at[r[:, None], channels[None, :]], other=0.0,
-                                  mask=inside(yi, dx)[:, None] & (channels >= 0)[None, :])
+                                  mask=jnp.broadcast_to(inside(yi, dx)[:, None], (bx, bc)))
                          for dx, r in zip((-1, 0, 1), rows))
         return tuple(h_ref[r, cols] for r in rows)
 
