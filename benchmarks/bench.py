@@ -222,9 +222,8 @@ PATCHES = {
     # Diagnostics only, not the same function: where the v2 conv kernel's time goes.
     "convdiag": {"lib": {}, "nogelu": {"_gelu_f32": lambda h, *a: h}},
 }
-# The v2 conv kernel's settings (nn.fused.CONV_BLOCKS) a variant can set one by one.
-CONV_OPTIONS = ("block_x", "block_h", "num_warps", "min_programs", "edge_bias", "prefetch",
-                "pad", "masked_loads", "exact_min", "max_h", "max_h_narrow", "chunks_first")
+# The v2 conv kernel's settings a variant can set one by one.
+CONV_OPTIONS = tuple(lfused.CONV_BLOCKS)
 BUILDER_KEYS = {"scan_blocks": {"1": True, "0": False, "none": None},
                 "remat": {"1": True, "0": False}}
 

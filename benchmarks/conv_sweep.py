@@ -14,6 +14,7 @@ no worse). Writes ``<out>/<name>.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -48,6 +49,18 @@ def parse(spec: str) -> tuple[str, dict]:
             raise SystemExit(f"unknown CONV_BLOCKS key {k!r} in {spec!r}")
         out[k] = int(v)
     return name, out
+
+
+@contextlib.contextmanager
+def conv_blocks(settings: dict):
+    """``nn.fused.CONV_BLOCKS`` with ``settings`` while tracing, restored after."""
+    saved = dict(fused.CONV_BLOCKS)
+    fused.CONV_BLOCKS.update(settings)
+    try:
+        yield
+    finally:
+        fused.CONV_BLOCKS.clear()
+        fused.CONV_BLOCKS.update(saved)
 
 
 def timed(fn, *args, timing=(5, 20)) -> float:
@@ -113,12 +126,9 @@ def run_shape(label, shape, variants, bw, interpret=False, timing=(5, 20)) -> li
     base = None
     for spec in variants:
         name, over = parse(spec)
-        saved = dict(fused.CONV_BLOCKS)
-        fused.CONV_BLOCKS.update(over)
-        try:
-            h, b1, taps, bias = jax.jit(lambda fc1, dw, x: fused.conv_inputs(
-                fc1, dw, x, hw=hw, relu=False, dtype=jnp.bfloat16)[:4])(fc1, dw, x)
-            padded = bool(fused.CONV_BLOCKS["edge_bias"] and fused.CONV_BLOCKS["pad"])
+        with conv_blocks(over):
+            h, b1, taps, bias, padded = fused.conv_inputs(fc1, dw, x, hw=hw, relu=False,
+                                                          dtype=jnp.bfloat16)
             call = jax.jit(lambda h, b1, taps, bias: fused.conv_gelu(
                 h, b1, taps, bias, batch=b, hw=hw, relu=False, padded=padded,
                 interpret=interpret))
@@ -132,9 +142,6 @@ def run_shape(label, shape, variants, bw, interpret=False, timing=(5, 20)) -> li
             written = bool(jnp.isfinite(out.astype(jnp.float32)).all())
             ms = timed(call, h, b1, taps, bias, timing=timing) * 1e3
             tiles = fused.conv_tiles(b, hw, hidden)
-        finally:
-            fused.CONV_BLOCKS.clear()
-            fused.CONV_BLOCKS.update(saved)
         rows.append(dict(shape=label, variant=name, spec=spec, ms=round(ms, 4),
                          floor_ms=round(floor_ms, 4), x_floor=round(ms / floor_ms, 2),
                          err=err, err_xla_bf16=base[1], finite=written,

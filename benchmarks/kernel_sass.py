@@ -7,7 +7,7 @@ loop by opcode: what an H100 or H200 will execute, read here at no device time
 (benchmarks/NOTES.md). Needs ``pip install triton`` (3.6.0 matches the GPU image)::
 
     PYTHONPATH=. python benchmarks/kernel_sass.py conv --shape 256 56 56 512
-    PYTHONPATH=. python benchmarks/kernel_sass.py conv --blocks block_x=16
+    PYTHONPATH=. python benchmarks/kernel_sass.py conv --blocks block_x=16 masked_loads=0
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from conv_sweep import conv_blocks, parse  # benchmarks/, beside this file
 from lucid_fn.nn import fused
 
 
@@ -114,36 +115,22 @@ def report(ir_text: str, num_warps: int, elements_per_iter: int | None = None) -
 
 
 def conv_case(shape, blocks: dict):
+    """The conv kernel's Triton modules at a (B, H, W, hidden) map with ``blocks`` as
+    CONV_BLOCKS settings, and the elements each thread handles per loop iteration."""
     b, hh, ww, hidden = shape
     c = 64
-    k = jax.random.split(jax.random.key(0), 4)
     fc1 = {"kernel": jnp.zeros((c, hidden)), "bias": jnp.zeros((hidden,))}
     dw = {"kernel": jnp.zeros((3, 3, 1, hidden)), "bias": jnp.zeros((hidden,))}
     fc2 = {"kernel": jnp.zeros((hidden, c)), "bias": jnp.zeros((c,))}
     x = jax.ShapeDtypeStruct((b, hh * ww, c), jnp.bfloat16)
-    del k
-    saved = dict(fused.CONV_BLOCKS)
-    fused.CONV_BLOCKS.update(blocks)
-    try:
+    with conv_blocks(blocks):
         mods = capture_triton_modules(
             functools.partial(fused.pallas_conv_mlp, hw=(hh, ww), relu=False,
                               dtype=jnp.bfloat16), fc1, dw, fc2, x)
         tiles = fused.conv_tiles(b, (hh, ww), hidden)
         warps = fused.CONV_BLOCKS["num_warps"]
-    finally:
-        fused.CONV_BLOCKS.clear()
-        fused.CONV_BLOCKS.update(saved)
     # One loop iteration handles one input row of bx columns x bc channels.
     return [(m, warps) for m in mods], tiles["bx"] * tiles["bc"] // (32 * warps), tiles
-
-
-def _value(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(v.lower(), v)
 
 
 def main(argv=None):
@@ -151,12 +138,12 @@ def main(argv=None):
     ap.add_argument("kernel", choices=("conv",))
     ap.add_argument("--shape", type=int, nargs=4, default=(256, 56, 56, 512),
                     metavar=("B", "H", "W", "HIDDEN"))
-    ap.add_argument("--blocks", nargs="*", default=[], help="CONV_BLOCKS overrides, k=v")
+    ap.add_argument("--blocks", nargs="*", default=[],
+                    help="CONV_BLOCKS settings, key=integer (booleans as 0/1)")
     ap.add_argument("--dump", default=None, help="write the SASS here")
     args = ap.parse_args(argv)
-    blocks = dict(kv.split("=", 1) for kv in args.blocks)
-    mods, per_thread, tiles = conv_case(tuple(args.shape), {k: _value(v) for k, v in
-                                                            blocks.items()})
+    _, blocks = parse(":" + ",".join(args.blocks))
+    mods, per_thread, tiles = conv_case(tuple(args.shape), blocks)
     print("tiles", tiles, "elements per thread per iteration", per_thread)
     for text, warps in mods:
         r = report(text, warps, per_thread)

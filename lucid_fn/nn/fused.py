@@ -320,7 +320,8 @@ def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, tiles, re
     hh, ww = hw
     bx, bc, by, bands = tiles["bx"], tiles["bc"], tiles["by"], tiles["bands"]
     band, strip, chunk = _conv_program_ids()
-    image = (band // bands) * (hh * ww)
+    img = band // bands
+    image = img * (hh * ww)
     y0 = jnp.minimum((band % bands) * by, hh - by)
     x0 = jnp.minimum(strip * bx, ww - bx)
     cols = pl.ds(pl.multiple_of(chunk * bc, bc), bc)
@@ -347,7 +348,7 @@ def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, tiles, re
         ``masked_loads``, else ``shifted`` masks them."""
         if padded:  # rows -1 and hh are the zero ring; the prefetch past it is clamped
             pw = ww + 2
-            row = (image // (hh * ww)) * ((hh + 2) * pw) + jnp.clip(yi + 1, 0, hh + 1) * pw
+            row = img * ((hh + 2) * pw) + jnp.clip(yi + 1, 0, hh + 1) * pw
             return tuple(h_ref[pl.ds(row + x0 + 1 + dx, bx), cols] for dx in (-1, 0, 1))
         row = image + jnp.clip(yi, 0, hh - 1) * ww
         rows = [row + jnp.clip(xs + dx, 0, ww - 1) for dx in (-1, 0, 1)]
