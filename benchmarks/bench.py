@@ -196,13 +196,20 @@ def _attend_xla_in_training(q, k, v, *, scale, dtype, attn_drop, rng):
     return f(q, k, v, scale=scale, dtype=dtype, attn_drop=attn_drop, rng=rng)
 
 
+def _add_norm_pow2_only(x, y):
+    """The add+norm kernel as it was before masked tiles: power-of-two widths only."""
+    return (_ORIGINAL["supported_add_layer_norm"](x, y)
+            and x.shape[-1] & (x.shape[-1] - 1) == 0)
+
+
 def _fused_off():
     """Every fused kernel off while tracing (XLA ops only), as LUCID_FN_FUSED=off does."""
     return patched({"enabled": lambda: False})
 
 
 _ORIGINAL = {"conv": llayers.conv, "attend": lattention.attend, "pvt_mlp": lpvt.mlp,
-             "pvt_v2_mlp": lpvt_v2.mlp}
+             "pvt_v2_mlp": lpvt_v2.mlp,
+             "supported_add_layer_norm": lfused.supported_add_layer_norm}
 PATCHES = {
     # switch -> value -> {name in lucid_fn.nn: replacement}
     "gelu": {"lib": {}, "xla": {"gelu": _gelu_xla}, "tanh": {"gelu": _gelu_tanh}},
@@ -218,7 +225,9 @@ PATCHES = {
                                     "pvt_mlp": _pvt_mlp_xla_in_training},
                    "conv": {"pvt_v2_mlp": _pvt_v2_mlp_fused_in_training}},
     "kgelu": {"lib": {}, "rational": {"BLOCKS": {**lfused.BLOCKS, "erf": "rational"}}},
-    "addnorm": {"lib": {}, "xla": {"add_layer_norm": lfused.reference_add_layer_norm}},
+    "addnorm": {"lib": {}, "xla": {"add_layer_norm": lfused.reference_add_layer_norm},
+                "pow2": {"supported_add_layer_norm": _add_norm_pow2_only},
+                "train": {"NORM_BLOCKS": {**lfused.NORM_BLOCKS, "train": True}}},
     # Diagnostics only, not the same function: where the v2 conv kernel's time goes.
     "convdiag": {"lib": {}, "nogelu": {"_gelu_f32": lambda h, *a: h}},
 }
@@ -276,7 +285,8 @@ def patched(patches: dict):
                "conv_mlp": [lfused], "CONV_BLOCKS": [lfused], "_gelu_f32": [lfused],
                "ATTN_BLOCKS": [lfused], "pvt_mlp": [(lpvt, "mlp")],
                "pvt_v2_mlp": [(lpvt_v2, "mlp")], "enabled": [lfused],
-               "add_layer_norm": [lfused]}
+               "add_layer_norm": [lfused], "supported_add_layer_norm": [lfused],
+               "NORM_BLOCKS": [lfused]}
     saved = []
     try:
         for name, fn in patches.items():

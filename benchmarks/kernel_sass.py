@@ -8,6 +8,7 @@ loop by opcode: what an H100 or H200 will execute, read here at no device time
 
     PYTHONPATH=. python benchmarks/kernel_sass.py conv --shape 256 56 56 512
     PYTHONPATH=. python benchmarks/kernel_sass.py conv --blocks block_x=16 masked_loads=0
+    PYTHONPATH=. python benchmarks/kernel_sass.py norm --shape 256 196 320
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from conv_sweep import conv_blocks, parse  # benchmarks/, beside this file
 from lucid_fn.nn import fused
@@ -133,17 +135,42 @@ def conv_case(shape, blocks: dict):
     return [(m, warps) for m in mods], tiles["bx"] * tiles["bc"] // (32 * warps), tiles
 
 
+def norm_case(shape):
+    """The add+norm kernel's Triton modules on (B, N, C) tokens, and the elements each
+    thread handles (its one tile, padded to a power of two)."""
+    c = shape[-1]
+    p = {"scale": jnp.zeros((c,)), "bias": jnp.zeros((c,))}
+    x = jax.ShapeDtypeStruct(tuple(shape), jnp.bfloat16)
+    mods = capture_triton_modules(
+        functools.partial(fused.pallas_add_layer_norm, eps=1e-6), p, x, x)
+    rows = fused._norm_rows(int(np.prod(shape[:-1])), c)
+    tile = fused._next_pow2(c)
+    warps = fused.NORM_BLOCKS["num_warps"]
+    return [(m, warps) for m in mods], rows * tile // (32 * warps), {"rows": rows, "tile": tile}
+
+
+DEFAULT_SHAPES = {"conv": (256, 56, 56, 512), "norm": (256, 196, 320)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kernel", choices=("conv",))
-    ap.add_argument("--shape", type=int, nargs=4, default=(256, 56, 56, 512),
-                    metavar=("B", "H", "W", "HIDDEN"))
+    ap.add_argument("kernel", choices=("conv", "norm"))
+    ap.add_argument("--shape", type=int, nargs="+", default=None,
+                    help="conv: B H W HIDDEN (default 256 56 56 512); norm: B N C "
+                         "(default 256 196 320)")
     ap.add_argument("--blocks", nargs="*", default=[],
-                    help="CONV_BLOCKS settings, key=integer (booleans as 0/1)")
+                    help="conv: CONV_BLOCKS settings, key=integer (booleans as 0/1)")
     ap.add_argument("--dump", default=None, help="write the SASS here")
     args = ap.parse_args(argv)
-    _, blocks = parse(":" + ",".join(args.blocks))
-    mods, per_thread, tiles = conv_case(tuple(args.shape), blocks)
+    shape = tuple(args.shape or DEFAULT_SHAPES[args.kernel])
+    if len(shape) != len(DEFAULT_SHAPES[args.kernel]):
+        ap.error(f"--shape for {args.kernel} takes {len(DEFAULT_SHAPES[args.kernel])} "
+                 f"integers, got {len(shape)}")
+    if args.kernel == "norm":
+        mods, per_thread, tiles = norm_case(shape)
+    else:
+        _, blocks = parse(":" + ",".join(args.blocks))
+        mods, per_thread, tiles = conv_case(shape, blocks)
     print("tiles", tiles, "elements per thread per iteration", per_thread)
     for text, warps in mods:
         r = report(text, warps, per_thread)

@@ -1,6 +1,7 @@
 """lucid_fn.nn.fused: the fused MLP kernel (Pallas, run here in interpret mode) against
 the XLA ops it replaces; when it is used, and its gradient."""
 
+import functools
 import math
 
 import jax
@@ -351,6 +352,9 @@ def _norm_inputs(shape, seed=0):
     (2, 200, 64),   # 400 rows: 16 per program
     (8, 49, 128),   # 392 rows: 8 per program
     (4, 50, 512),   # v1's last stage, class token included
+    (2, 196, 320),  # stage 3 of pvt_small and b2: a 512-wide tile, columns past 320 masked
+    (2, 196, 160),  # stage 3 of b0: 256 wide
+    (2, 100, 48),   # not a power of 2 below 64: 8 rows of a 64-wide tile, a quarter masked
 ])
 def test_add_norm_kernel_matches_xla(shape):
     p, x, y = _norm_inputs(shape)
@@ -371,7 +375,11 @@ def test_add_norm_supported_only_in_bf16_for_whole_tiles():
     assert fused.supported_add_layer_norm(x, y)
     assert not fused.supported_add_layer_norm(x.astype(jnp.float32), y.astype(jnp.float32))
     assert not fused.supported_add_layer_norm(x, y.astype(jnp.float32))
-    _, x, y = _norm_inputs((2, 10, 320))          # width not a power of 2
+    _, x, y = _norm_inputs((2, 12, 320))          # masked 512-wide tiles, 8 rows each
+    assert fused.supported_add_layer_norm(x, y)
+    _, x, y = _norm_inputs((2, 8, 1100))          # its tile (2048) would not fit
+    assert not fused.supported_add_layer_norm(x, y)
+    _, x, y = _norm_inputs((2, 10, 320))          # 20 rows: no tile of 8 rows divides it
     assert not fused.supported_add_layer_norm(x, y)
     _, x, y = _norm_inputs((3, 49, 128))          # 147 rows: no tile of 8 rows divides it
     assert not fused.supported_add_layer_norm(x, y)
@@ -388,21 +396,48 @@ def test_add_norm_off_gpu_is_the_xla_path_with_its_gradient():
                              lambda *a: loss(fused.reference_add_layer_norm, *a), p, x, y)
 
 
+def test_add_norm_kernel_in_training_has_the_xla_gradient():
+    """With NORM_BLOCKS["train"] the training forward runs the kernel (here interpreted)
+    and its backward is XLA's VJP at the same inputs: the gradients are XLA's, bit for
+    bit, at a masked width too."""
+    p, x, y = _norm_inputs((2, 196, 320))
+    kernel = functools.partial(fused.pallas_add_layer_norm, eps=1e-6, interpret=True)
+    ref = functools.partial(fused.reference_add_layer_norm, eps=1e-6)
+
+    def loss(fn, p, x, y):
+        s, n = fn(p, x, y)
+        return (s.astype(jnp.float32) ** 2).sum() + (n.astype(jnp.float32) * x).sum()
+
+    argnums = (0, 1, 2)
+    g = jax.jit(jax.grad(lambda *a: loss(
+        lambda *b: fused.kernel_with_xla_grad(kernel, ref, *b), *a), argnums))(p, x, y)
+    g_ref = jax.jit(jax.grad(lambda *a: loss(ref, *a), argnums))(p, x, y)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
 @pytest.mark.parametrize("name", ["pvt_small", "pvt_v2_b0"])
 def test_blocks_add_and_norm_in_one_kernel_at_inference_on_cuda(monkeypatch, name):
     """Every block's two LayerNorms after the first read the residual add through the
-    kernel at inference in bf16 (stage widths 64 and 128; 320 is not a power of 2);
-    training and float32 keep XLA."""
+    kernel at inference in bf16, at every stage whose rows fill its tiles; training (unless
+    NORM_BLOCKS["train"]) and float32 keep XLA."""
     arch = dict(img_size=64, num_classes=10, depths=(2, 2, 1, 1))
     if name == "pvt_small":
         arch["flavor"] = "paper"
     hlo = _cuda_hlo(registry[name](dtype=jnp.bfloat16, **arch))
-    # stage 1 (2 blocks): norm2, norm1, norm2; stage 2 likewise (v2_b0's last stage, 256
-    # wide on 8 rows, adds one more)
-    assert hlo.count('name = "lucid_fn_fused_add_norm"') >= 6
+    # stages 1 and 2 (2 blocks): norm2, norm1, norm2; stage 3 (1 block, 320 or 160 wide
+    # in a masked tile): norm2; stage 4 (1 block) only for v2_b0 (8 rows of 256; v1's
+    # 10 rows with the class token fill no tile)
+    expected = 7 if name == "pvt_small" else 8
+    assert hlo.count('name = "lucid_fn_fused_add_norm"') == expected
     assert "lucid_fn_fused_add_norm" not in _cuda_hlo(registry[name](**arch))
+    train = dict(train=True, rng=jax.random.key(1))
     assert "lucid_fn_fused_add_norm" not in _cuda_hlo(
-        registry[name](dtype=jnp.bfloat16, **arch), train=True, rng=jax.random.key(1))
+        registry[name](dtype=jnp.bfloat16, **arch), **train)
+    monkeypatch.setitem(fused.NORM_BLOCKS, "train", True)
+    assert _cuda_hlo(registry[name](dtype=jnp.bfloat16, **arch), **train).count(
+        'name = "lucid_fn_fused_add_norm"') == expected
+    monkeypatch.setitem(fused.NORM_BLOCKS, "train", False)
     monkeypatch.setenv("LUCID_FN_FUSED", "off")
     assert "lucid_fn_fused_add_norm" not in _cuda_hlo(registry[name](dtype=jnp.bfloat16,
                                                                       **arch))

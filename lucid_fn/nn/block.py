@@ -33,8 +33,10 @@ def block(p, carry, rng, path_rate, *, attn, mlp, eps: float):
     n = ATTN_RNGS + MLP_RNGS + 2
     rngs = [None] * n if rng is None else list(jax.random.split(rng, n))
     a_rngs, m_rngs, path_rngs = rngs[:ATTN_RNGS], rngs[ATTN_RNGS:n - 2], rngs[n - 2:]
-    # The add+norm kernel is measured at inference only; training keeps XLA's fusions.
-    add_norm = fused.add_layer_norm if rng is None else fused.reference_add_layer_norm
+    # The add+norm kernel runs at inference; in training only with NORM_BLOCKS["train"]
+    # (an option: XLA's fusions stay the default until the kernel is measured there).
+    use_kernel = rng is None or fused.NORM_BLOCKS["train"]
+    add_norm = fused.add_layer_norm if use_kernel else fused.reference_add_layer_norm
     x, y = carry
     if y is None:
         h = layers.layer_norm(p["norm1"], x, eps)

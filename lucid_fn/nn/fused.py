@@ -546,9 +546,10 @@ def attention(q, k, v, *, scale: float | None, dtype, reference):
 
 # ------------------------------------------------------------ residual add + LayerNorm
 
-# Elements per program (rows = elements // width, at most the largest power of two that
-# divides the row count, so no block is partial) and warps.
-NORM_BLOCKS = {"elements": 4096, "num_warps": 4, "min_rows": 8}
+# Elements per program (rows = elements // padded width, at most the largest power of two
+# that divides the row count, so no block is partial) and warps. train: the kernel in the
+# training forward too (its backward is XLA's), an option until measured.
+NORM_BLOCKS = {"elements": 4096, "num_warps": 4, "min_rows": 8, "train": False}
 
 
 def reference_add_layer_norm(p, x, y, *, eps: float):
@@ -557,26 +558,69 @@ def reference_add_layer_norm(p, x, y, *, eps: float):
     return s, layers.layer_norm(p, s, eps)
 
 
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _norm_rows(rows: int, width: int) -> int:
     """Rows per program: a power of two dividing ``rows`` (0 if below ``min_rows``)."""
-    bm = max(1, NORM_BLOCKS["elements"] // width)
+    bm = max(1, NORM_BLOCKS["elements"] // _next_pow2(width))
     while bm > 1 and rows % bm:
         bm //= 2
     return bm if bm >= NORM_BLOCKS["min_rows"] else 0
 
 
 def supported_add_layer_norm(x, y) -> bool:
+    """bf16, and a width whose power-of-two tile fits (16..1024 wide: stage 3's 320 and
+    160 run in 512 and 256 tiles, the columns past the width masked)."""
     width, rows = x.shape[-1], int(np.prod(x.shape[:-1]))
     return (x.dtype == jnp.bfloat16 and y.dtype == jnp.bfloat16 and x.shape == y.shape
-            and _is_pow2(width) and 16 <= width <= 1024 and _norm_rows(rows, width) > 0)
+            and 16 <= _next_pow2(width) <= 1024 and _norm_rows(rows, width) > 0)
+
+
+def _sum_and_norm(x, y, scale, bias, *, eps, dtype, width, valid=None):
+    """The sum of one tile rounded to the stream's dtype, as XLA's add rounds it, and the
+    LayerNorm of that rounded sum, as ``layers.layer_norm`` computes it. ``valid`` marks
+    the tile's columns inside the width (the rest load as zero): they alone enter the
+    statistics, which divide by the true width."""
+    s = (x.astype(jnp.float32) + y.astype(jnp.float32)).astype(dtype)
+    if valid is None:
+        return s, layers.layer_norm({"scale": scale, "bias": bias}, s, eps)
+    s32 = s.astype(jnp.float32)
+    mean = jnp.sum(s32, axis=-1, keepdims=True) / width
+    d = jnp.where(valid, s32 - mean, 0.0)
+    var = jnp.sum(d * d, axis=-1, keepdims=True) / width
+    n = d * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return s, n.astype(dtype)
 
 
 def _add_norm_kernel(x_ref, y_ref, g_ref, b_ref, s_ref, n_ref, *, eps):
-    """One (rows, width) tile: the sum rounded to the stream's dtype, as XLA's add rounds
-    it, then the library's LayerNorm of that rounded sum."""
-    s = (x_ref[...].astype(jnp.float32) + y_ref[...].astype(jnp.float32)).astype(s_ref.dtype)
-    s_ref[...] = s
-    n_ref[...] = layers.layer_norm({"scale": g_ref[...], "bias": b_ref[...]}, s, eps)
+    """One (rows, width) tile of a power-of-two width."""
+    s_ref[...], n_ref[...] = _sum_and_norm(x_ref[...], y_ref[...], g_ref[...], b_ref[...],
+                                           eps=eps, dtype=s_ref.dtype, width=None)
+
+
+def _add_norm_masked_kernel(x_ref, y_ref, g_ref, b_ref, s_ref, n_ref, *, eps, rows, tile):
+    """``rows`` rows of a width that is not a power of two, in a ``tile``-wide block whose
+    columns past the width are masked loads (zero) and masked stores. The refs are the
+    whole arrays: Triton's blocks must be powers of two, so this program indexes them."""
+    width = x_ref.shape[-1]
+    r = pl.program_id(0) * rows + jax.lax.iota(jnp.int32, rows)
+    c = jax.lax.iota(jnp.int32, tile)
+    inside = c < width
+    valid = jnp.broadcast_to(inside[None, :], (rows, tile))
+
+    def at(ref):
+        return ref.at[r[:, None], c[None, :]]
+
+    def load(ref):
+        return plt.load(at(ref), mask=valid, other=0.0)
+
+    scale, bias = (plt.load(ref.at[c], mask=inside, other=0.0) for ref in (g_ref, b_ref))
+    s, n = _sum_and_norm(load(x_ref), load(y_ref), scale, bias, eps=eps,
+                         dtype=s_ref.dtype, width=width, valid=valid)
+    plt.store(at(s_ref), s, mask=valid)
+    plt.store(at(n_ref), n, mask=valid)
 
 
 def pallas_add_layer_norm(p, x, y, *, eps: float, interpret: bool = False):
@@ -584,15 +628,20 @@ def pallas_add_layer_norm(p, x, y, *, eps: float, interpret: bool = False):
     and of its norm. ``interpret=True`` runs it anywhere."""
     width = x.shape[-1]
     xs, ys = x.reshape(-1, width), y.reshape(-1, width)
-    rows = xs.shape[0]
-    bm = _norm_rows(rows, width)
-    tile = pl.BlockSpec((bm, width), lambda i: (i, 0))
+    bm = _norm_rows(xs.shape[0], width)
+    tile = _next_pow2(width)
+    if tile == width:
+        kernel = functools.partial(_add_norm_kernel, eps=eps)
+        block = pl.BlockSpec((bm, width), lambda i: (i, 0))
+    else:
+        kernel = functools.partial(_add_norm_masked_kernel, eps=eps, rows=bm, tile=tile)
+        block = _whole(xs)
     s, n = pl.pallas_call(
-        functools.partial(_add_norm_kernel, eps=eps),
+        kernel,
         out_shape=(jax.ShapeDtypeStruct(xs.shape, x.dtype),) * 2,
-        grid=(rows // bm,),
-        in_specs=[tile, tile, _whole(p["scale"]), _whole(p["bias"])],
-        out_specs=(tile, tile),
+        grid=(xs.shape[0] // bm,),
+        in_specs=[block, block, _whole(p["scale"]), _whole(p["bias"])],
+        out_specs=(block, block),
         compiler_params=plt.CompilerParams(num_warps=NORM_BLOCKS["num_warps"], num_stages=1),
         interpret=interpret, name="lucid_fn_fused_add_norm",
     )(xs, ys, p["scale"], p["bias"])
