@@ -228,6 +228,8 @@ PATCHES = {
     "addnorm": {"lib": {}, "xla": {"add_layer_norm": lfused.reference_add_layer_norm},
                 "pow2": {"supported_add_layer_norm": _add_norm_pow2_only},
                 "train": {"NORM_BLOCKS": {**lfused.NORM_BLOCKS, "train": True}}},
+    # the branches' output biases added by XLA before the add+norm (the path before)
+    "bias": {"lib": {}, "added": {"NORM_BLOCKS": {**lfused.NORM_BLOCKS, "branch_bias": False}}},
     # Diagnostics only, not the same function: where the v2 conv kernel's time goes.
     "convdiag": {"lib": {}, "nogelu": {"_gelu_f32": lambda h, *a: h}},
 }

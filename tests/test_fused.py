@@ -356,8 +356,14 @@ def _norm_inputs(shape, seed=0):
     (2, 196, 160),  # stage 3 of b0: 256 wide
     (2, 100, 48),   # not a power of 2 below 64: 8 rows of a 64-wide tile, a quarter masked
 ])
-def test_add_norm_kernel_matches_xla(shape):
+@pytest.mark.parametrize("biased", [False, True])
+def test_add_norm_kernel_matches_xla(shape, biased):
+    """With ``biased`` the branch comes as a ``layers.Biased`` (the linear layer's bias not
+    yet added): the kernel adds it with the same rounding as the linear layer."""
     p, x, y = _norm_inputs(shape)
+    if biased:
+        y = layers.Biased(y, (0.5 * jax.random.normal(jax.random.key(9), shape[-1:])
+                              ).astype(jnp.bfloat16))
     s, n = fused.pallas_add_layer_norm(p, x, y, eps=1e-6, interpret=True)
     s_ref, n_ref = fused.reference_add_layer_norm(p, x, y, eps=1e-6)
     assert s.dtype == n.dtype == jnp.bfloat16 and s.shape == n.shape == x.shape
@@ -414,6 +420,35 @@ def test_add_norm_kernel_in_training_has_the_xla_gradient():
     g_ref = jax.jit(jax.grad(lambda *a: loss(ref, *a), argnums))(p, x, y)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("name", ["pvt_small", "pvt_v2_b0"])
+def test_branches_hand_their_output_bias_to_the_add_norm(monkeypatch, name):
+    """At inference the attention's projection (both families) and v2's fc2 reach the
+    add+norm with their bias not added, so the kernel adds it instead of a pass of its
+    own; in training every branch arrives added. (The parity tests cover the values.)"""
+    arch = dict(img_size=64, num_classes=10, depths=(2, 2, 1, 1))
+    if name == "pvt_small":
+        arch["flavor"] = "paper"
+    model = registry[name](**arch)
+    params = model.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+    seen, reference = [], fused.reference_add_layer_norm
+
+    def spy(p, x, y, *, eps):
+        seen.append(isinstance(y, layers.Biased))
+        return reference(p, x, y, eps=eps)
+
+    monkeypatch.setattr(fused, "add_layer_norm", spy)
+    monkeypatch.setattr(fused, "reference_add_layer_norm", spy)
+    model.apply(params, x)
+    # per stage of 2 blocks: norm2 (attention), norm1 (MLP), norm2 (attention); v1's
+    # MLP kernel adds its own bias
+    per_stage = [True, name != "pvt_small", True]
+    assert seen == per_stage * 2 + [True, True], seen
+    seen.clear()
+    model.apply(params, x, train=True, rng=jax.random.key(2))
+    assert seen and not any(seen)
 
 
 @pytest.mark.parametrize("name", ["pvt_small", "pvt_v2_b0"])

@@ -1,5 +1,6 @@
 """lucid_fn.nn.layers: the exact GELU written as multiply-adds (the one the paper flavor
-and PVT v2 use) against jax.nn.gelu and float64 erf, values and gradients."""
+and PVT v2 use) against jax.nn.gelu and float64 erf, values and gradients; linear with its
+bias deferred."""
 
 import math
 
@@ -58,3 +59,19 @@ def test_tanh_gelu_is_jax_approximation():
     x = jnp.asarray(X)
     np.testing.assert_array_equal(np.asarray(layers.gelu(x, approximate=True)),
                                   np.asarray(jax.nn.gelu(x, approximate=True)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_linear_with_deferred_bias_is_the_same_value_once_added(dtype):
+    k = jax.random.split(jax.random.key(0), 3)
+    p = {"kernel": jax.random.normal(k[0], (48, 32)), "bias": jax.random.normal(k[1], (32,))}
+    x = jax.random.normal(k[2], (4, 7, 48))
+    deferred = layers.linear(p, x, dtype, defer_bias=True)
+    assert isinstance(deferred, layers.Biased) and deferred.value.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(layers.add_bias(deferred), np.float32),
+                                  np.asarray(layers.linear(p, x, dtype), np.float32))
+    assert not np.array_equal(np.asarray(deferred.value, np.float32),
+                              np.asarray(layers.linear(p, x, dtype), np.float32))
+    # no bias to defer: the plain array
+    plain = layers.linear({"kernel": p["kernel"]}, x, dtype, defer_bias=True)
+    assert not isinstance(plain, layers.Biased)

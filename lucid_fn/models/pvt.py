@@ -112,7 +112,9 @@ def init_mlp(cfg: PVTConfig, stage: int) -> dict:
     return {"fc1": nn.init_linear(dim, hidden), "fc2": nn.init_linear(hidden, dim)}
 
 
-def mlp(p, x, rngs, *, cfg: PVTConfig):
+def mlp(p, x, rngs, *, cfg: PVTConfig, defer_bias: bool = False):
+    """``defer_bias`` is accepted and not used: the fused kernel (stages 1-2) adds fc2's
+    bias on chip, and stages 3-4 are a small share of the time."""
     if rngs[0] is None or cfg.drop_rate == 0:
         # No dropout to apply (inference, or a rate of 0): one fused kernel where it pays
         # (nn.fused; in training its backward recomputes the XLA form).

@@ -116,10 +116,13 @@ def init_mlp(cfg: PVTv2Config, stage: int) -> dict:
             "fc2": nn.init_linear(hidden, dim)}
 
 
-def mlp(p, x, rngs, *, hw, cfg: PVTv2Config):
+def mlp(p, x, rngs, *, hw, cfg: PVTv2Config, defer_bias: bool = False):
+    """``defer_bias`` (at inference): fc2's bias not added, as a ``nn.Biased``."""
     if rngs[0] is None:  # inference: fc1 bias, conv, bias and GELU in one kernel (nn.fused)
-        return nn.fused.conv_mlp(p["fc1"], p["dwconv"], p["fc2"], x, hw=hw, relu=cfg.linear,
-                                 dtype=cfg.dtype)
+        fc2 = {"kernel": p["fc2"]["kernel"]} if defer_bias else p["fc2"]
+        y = nn.fused.conv_mlp(p["fc1"], p["dwconv"], fc2, x, hw=hw, relu=cfg.linear,
+                              dtype=cfg.dtype)
+        return nn.Biased(y, p["fc2"]["bias"].astype(y.dtype)) if defer_bias else y
     h = nn.linear(p["fc1"], x, cfg.dtype)
     if cfg.linear:
         h = jax.nn.relu(h)

@@ -5,8 +5,10 @@ from lucid_fn.nn.attention import init_sra, sra
 from lucid_fn.nn.block import init_block, run_blocks
 from lucid_fn.nn.block import block as block
 from lucid_fn.nn.layers import (
+    Biased,
     Init,
     adaptive_avg_pool,
+    add_bias,
     conv,
     depthwise_conv3x3,
     drop_path,
@@ -25,8 +27,10 @@ from lucid_fn.nn.layers import (
 )
 
 __all__ = [
+    "Biased",
     "Init",
     "adaptive_avg_pool",
+    "add_bias",
     "block",
     "conv",
     "depthwise_conv3x3",

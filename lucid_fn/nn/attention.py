@@ -85,14 +85,18 @@ def attend(q, k, v, *, scale: float | None, dtype, attn_drop: float, rng):
 
 
 def sra(p, x, rngs, *, hw, heads: int, scale: float | None, dtype, attn_drop: float,
-        drop: float, linear: bool = False):
+        drop: float, linear: bool = False, defer_bias: bool = False):
     """SRA over tokens ``x`` (B, N, C) laid out on an ``hw`` map (a class token, if any,
-    only where nothing is reduced). ``rngs``: 3 keys or Nones (attention, output x2)."""
+    only where nothing is reduced). ``rngs``: 3 keys or Nones (attention, output x2).
+    ``defer_bias`` (with no output dropout): the projection's bias not added, as a
+    ``layers.Biased``."""
     b, n, c = x.shape
     q, k, v = queries_keys_values(p, x, hw, heads=heads, dtype=dtype, linear=linear)
     out = attend(q, k, v, scale=scale, dtype=dtype, attn_drop=attn_drop,
                  rng=rngs[0]).reshape(b, n, c)
     if "proj" in p:
+        if defer_bias and rngs[2] is None:
+            return layers.linear(p["proj"], out, dtype, defer_bias=True)
         out = layers.linear(p["proj"], out, dtype)
     else:
         # Lucid's PVT v1 has no projection: its `proj` is nn.Dropout(attn_drop), a second

@@ -27,9 +27,11 @@ def init_block(dim: int, attn: dict, mlp: dict) -> dict:
 
 def block(p, carry, rng, path_rate, *, attn, mlp, eps: float):
     """One block on ``carry = (x, y)``: the residual stream and the previous block's MLP
-    branch not yet added to it (None before a stage's first block); returns its own
-    ``(x, y)`` the same way. ``attn(p, x, rngs)`` and ``mlp(p, x, rngs)`` get ATTN_RNGS /
-    MLP_RNGS keys, or Nones at inference (``rng`` None: no dropout, no drop-path)."""
+    branch not yet added to it (None before a stage's first block; at inference it may
+    be a ``layers.Biased``); returns its own ``(x, y)`` the same way.
+    ``attn(p, x, rngs, defer_bias=...)`` and ``mlp(p, x, rngs, defer_bias=...)`` get
+    ATTN_RNGS / MLP_RNGS keys, or Nones at inference (``rng`` None: no dropout, no
+    drop-path), when they may return ``layers.Biased``."""
     n = ATTN_RNGS + MLP_RNGS + 2
     rngs = [None] * n if rng is None else list(jax.random.split(rng, n))
     a_rngs, m_rngs, path_rngs = rngs[:ATTN_RNGS], rngs[ATTN_RNGS:n - 2], rngs[n - 2:]
@@ -37,14 +39,18 @@ def block(p, carry, rng, path_rate, *, attn, mlp, eps: float):
     # (an option: XLA's fusions stay the default until the kernel is measured there).
     use_kernel = rng is None or fused.NORM_BLOCKS["train"]
     add_norm = fused.add_layer_norm if use_kernel else fused.reference_add_layer_norm
+    # At inference the branches come back with their output bias not added
+    # (layers.Biased): the add+norm adds it, saving a pass over the tokens per branch.
+    defer = rng is None and fused.NORM_BLOCKS["branch_bias"]
     x, y = carry
     if y is None:
         h = layers.layer_norm(p["norm1"], x, eps)
     else:
         x, h = add_norm(p["norm1"], x, y, eps=eps)
-    a = layers.drop_path(attn(p["attn"], h, a_rngs), path_rate, path_rngs[0])
-    x, h = add_norm(p["norm2"], x, a, eps=eps)
-    return x, layers.drop_path(mlp(p["mlp"], h, m_rngs), path_rate, path_rngs[1])
+    a = attn(p["attn"], h, a_rngs, defer_bias=defer)
+    x, h = add_norm(p["norm2"], x, layers.drop_path(a, path_rate, path_rngs[0]), eps=eps)
+    y = mlp(p["mlp"], h, m_rngs, defer_bias=defer)
+    return x, layers.drop_path(y, path_rate, path_rngs[1])
 
 
 def run_blocks(fn, blocks, x, rng, path_rates, *, scan: bool, remat: bool):
@@ -68,7 +74,8 @@ def run_blocks(fn, blocks, x, rng, path_rates, *, scan: bool, remat: bool):
     if scan:
         def body(carry, xs):
             p, key, r = xs
-            return fn(p, carry, key, r), None
+            x, y = fn(p, carry, key, r)
+            return (x, layers.add_bias(y)), None  # a scan's carry keeps one structure
 
         # A scan's carry keeps one structure: the first block adds zeros (exact).
         (x, y), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)),
@@ -79,4 +86,4 @@ def run_blocks(fn, blocks, x, rng, path_rates, *, scan: bool, remat: bool):
         p = jax.tree_util.tree_map(functools.partial(lambda a, j: a[j], j=j), blocks)
         carry = fn(p, carry, None if keys is None else keys[j], float(path_rates[j]))
     x, y = carry
-    return x if y is None else x + y  # no blocks (a slice of a stage) leaves x as it was
+    return x if y is None else x + layers.add_bias(y)  # no blocks (a slice of a stage) leaves x as it was

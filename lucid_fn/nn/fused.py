@@ -548,13 +548,16 @@ def attention(q, k, v, *, scale: float | None, dtype, reference):
 
 # Elements per program (rows = elements // padded width, at most the largest power of two
 # that divides the row count, so no block is partial) and warps. train: the kernel in the
-# training forward too (its backward is XLA's), an option until measured.
-NORM_BLOCKS = {"elements": 4096, "num_warps": 4, "min_rows": 8, "train": False}
+# training forward too (its backward is XLA's), an option until measured. branch_bias:
+# the blocks hand the branches' output bias to the kernel at inference (layers.Biased).
+NORM_BLOCKS = {"elements": 4096, "num_warps": 4, "min_rows": 8, "train": False,
+               "branch_bias": True}
 
 
 def reference_add_layer_norm(p, x, y, *, eps: float):
-    """``s = x + y`` (in x's dtype) and ``layer_norm(p, s)``, as XLA ops."""
-    s = x + y.astype(x.dtype)
+    """``s = x + y`` (in x's dtype) and ``layer_norm(p, s)``, as XLA ops. ``y`` may be a
+    ``layers.Biased``: its bias is added first, as the linear layer would have."""
+    s = x + layers.add_bias(y).astype(x.dtype)
     return s, layers.layer_norm(p, s, eps)
 
 
@@ -573,16 +576,23 @@ def _norm_rows(rows: int, width: int) -> int:
 def supported_add_layer_norm(x, y) -> bool:
     """bf16, and a width whose power-of-two tile fits (16..1024 wide: stage 3's 320 and
     160 run in 512 and 256 tiles, the columns past the width masked)."""
+    if isinstance(y, layers.Biased):
+        if y.bias.dtype != y.value.dtype or y.bias.shape != y.value.shape[-1:]:
+            return False
+        y = y.value
     width, rows = x.shape[-1], int(np.prod(x.shape[:-1]))
     return (x.dtype == jnp.bfloat16 and y.dtype == jnp.bfloat16 and x.shape == y.shape
             and 16 <= _next_pow2(width) <= 1024 and _norm_rows(rows, width) > 0)
 
 
-def _sum_and_norm(x, y, scale, bias, *, eps, dtype, width, valid=None):
-    """The sum of one tile rounded to the stream's dtype, as XLA's add rounds it, and the
-    LayerNorm of that rounded sum, as ``layers.layer_norm`` computes it. ``valid`` marks
-    the tile's columns inside the width (the rest load as zero): they alone enter the
-    statistics, which divide by the true width."""
+def _sum_and_norm(x, y, y_bias, scale, bias, *, eps, dtype, width, valid=None):
+    """The sum of one tile rounded to the stream's dtype, as XLA's add rounds it (with
+    ``y_bias``, the branch's bias, first added to ``y`` and rounded, as its linear layer
+    would), and the LayerNorm of that rounded sum, as ``layers.layer_norm`` computes it.
+    ``valid`` marks the tile's columns inside the width (the rest load as zero): they
+    alone enter the statistics, which divide by the true width."""
+    if y_bias is not None:
+        y = (y.astype(jnp.float32) + y_bias.astype(jnp.float32)).astype(y.dtype)
     s = (x.astype(jnp.float32) + y.astype(jnp.float32)).astype(dtype)
     if valid is None:
         return s, layers.layer_norm({"scale": scale, "bias": bias}, s, eps)
@@ -594,16 +604,20 @@ def _sum_and_norm(x, y, scale, bias, *, eps, dtype, width, valid=None):
     return s, n.astype(dtype)
 
 
-def _add_norm_kernel(x_ref, y_ref, g_ref, b_ref, s_ref, n_ref, *, eps):
-    """One (rows, width) tile of a power-of-two width."""
-    s_ref[...], n_ref[...] = _sum_and_norm(x_ref[...], y_ref[...], g_ref[...], b_ref[...],
-                                           eps=eps, dtype=s_ref.dtype, width=None)
+def _add_norm_kernel(x_ref, y_ref, *refs, eps, y_bias: bool):
+    """One (rows, width) tile of a power-of-two width. ``refs``: the branch's bias if
+    ``y_bias``, the norm's scale and bias, then the two outputs."""
+    yb_ref, g_ref, b_ref, s_ref, n_ref = refs if y_bias else (None, *refs)
+    s_ref[...], n_ref[...] = _sum_and_norm(
+        x_ref[...], y_ref[...], None if yb_ref is None else yb_ref[...], g_ref[...],
+        b_ref[...], eps=eps, dtype=s_ref.dtype, width=None)
 
 
-def _add_norm_masked_kernel(x_ref, y_ref, g_ref, b_ref, s_ref, n_ref, *, eps, rows, tile):
+def _add_norm_masked_kernel(x_ref, y_ref, *refs, eps, y_bias: bool, rows, tile):
     """``rows`` rows of a width that is not a power of two, in a ``tile``-wide block whose
     columns past the width are masked loads (zero) and masked stores. The refs are the
     whole arrays: Triton's blocks must be powers of two, so this program indexes them."""
+    yb_ref, g_ref, b_ref, s_ref, n_ref = refs if y_bias else (None, *refs)
     width = x_ref.shape[-1]
     r = pl.program_id(0) * rows + jax.lax.iota(jnp.int32, rows)
     c = jax.lax.iota(jnp.int32, tile)
@@ -616,41 +630,48 @@ def _add_norm_masked_kernel(x_ref, y_ref, g_ref, b_ref, s_ref, n_ref, *, eps, ro
     def load(ref):
         return plt.load(at(ref), mask=valid, other=0.0)
 
-    scale, bias = (plt.load(ref.at[c], mask=inside, other=0.0) for ref in (g_ref, b_ref))
-    s, n = _sum_and_norm(load(x_ref), load(y_ref), scale, bias, eps=eps,
-                         dtype=s_ref.dtype, width=width, valid=valid)
+    def load_vector(ref):
+        return None if ref is None else plt.load(ref.at[c], mask=inside, other=0.0)
+
+    s, n = _sum_and_norm(load(x_ref), load(y_ref), load_vector(yb_ref), load_vector(g_ref),
+                         load_vector(b_ref), eps=eps, dtype=s_ref.dtype, width=width,
+                         valid=valid)
     plt.store(at(s_ref), s, mask=valid)
     plt.store(at(n_ref), n, mask=valid)
 
 
 def pallas_add_layer_norm(p, x, y, *, eps: float, interpret: bool = False):
-    """The kernel on (..., C) tokens: one read of ``x`` and ``y``, one write of the sum
-    and of its norm. ``interpret=True`` runs it anywhere."""
+    """The kernel on (..., C) tokens: one read of ``x`` and ``y`` (a ``layers.Biased`` or
+    an array), one write of the sum and of its norm. ``interpret=True`` runs it anywhere."""
+    y, y_bias = (y.value, y.bias) if isinstance(y, layers.Biased) else (y, None)
+    vectors = ([] if y_bias is None else [y_bias]) + [p["scale"], p["bias"]]
     width = x.shape[-1]
     xs, ys = x.reshape(-1, width), y.reshape(-1, width)
     bm = _norm_rows(xs.shape[0], width)
     tile = _next_pow2(width)
     if tile == width:
-        kernel = functools.partial(_add_norm_kernel, eps=eps)
+        kernel = functools.partial(_add_norm_kernel, eps=eps, y_bias=y_bias is not None)
         block = pl.BlockSpec((bm, width), lambda i: (i, 0))
     else:
-        kernel = functools.partial(_add_norm_masked_kernel, eps=eps, rows=bm, tile=tile)
+        kernel = functools.partial(_add_norm_masked_kernel, eps=eps,
+                                   y_bias=y_bias is not None, rows=bm, tile=tile)
         block = _whole(xs)
     s, n = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct(xs.shape, x.dtype),) * 2,
         grid=(xs.shape[0] // bm,),
-        in_specs=[block, block, _whole(p["scale"]), _whole(p["bias"])],
+        in_specs=[block, block, *map(_whole, vectors)],
         out_specs=(block, block),
         compiler_params=plt.CompilerParams(num_warps=NORM_BLOCKS["num_warps"], num_stages=1),
         interpret=interpret, name="lucid_fn_fused_add_norm",
-    )(xs, ys, p["scale"], p["bias"])
+    )(xs, ys, *vectors)
     return s.reshape(x.shape), n.reshape(x.shape)
 
 
 def add_layer_norm(p, x, y, *, eps: float):
     """``(x + y, layer_norm(p, x + y))``, the pre-norm block's residual add and the next
-    LayerNorm: one kernel where :func:`supported_add_layer_norm`, else XLA ops. Through
+    LayerNorm (``y`` an array or a ``layers.Biased`` branch whose bias the kernel adds):
+    one kernel where :func:`supported_add_layer_norm`, else XLA ops. Through
     XLA, each such LayerNorm was a fusion that re-read and recomputed the residual stream
     at about 3x the memory floor (benchmarks/NOTES.md)."""
     kw = dict(eps=eps)

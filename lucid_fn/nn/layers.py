@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -110,10 +111,30 @@ def init_layer_norm(dim) -> Params:
 # ---------------------------------------------------------------------------- apply
 
 
-def linear(p: Params, x, dtype=None):
+class Biased(NamedTuple):
+    """A linear layer's output with its bias not yet added (``value + bias`` is the
+    output). A residual branch is handed on this way at inference so that the add+norm
+    kernel adds the bias in its own pass: XLA cannot fuse an add into a custom kernel's
+    input, so each bias cost a pass over the tokens of its own (benchmarks/NOTES.md)."""
+    value: jax.Array
+    bias: jax.Array
+
+
+def add_bias(y):
+    """``y`` itself, or a :class:`Biased` output with its bias added (in its dtype)."""
+    if isinstance(y, Biased):
+        return y.value + y.bias.astype(y.value.dtype)
+    return y
+
+
+def linear(p: Params, x, dtype=None, *, defer_bias: bool = False):
+    """``x @ kernel + bias`` in ``dtype``; with ``defer_bias`` a :class:`Biased` (the same
+    value once ``add_bias`` adds the bias, rounded the same way)."""
     dtype = dtype or x.dtype
     y = jnp.matmul(x.astype(dtype), p["kernel"].astype(dtype))
     if "bias" in p:
+        if defer_bias:
+            return Biased(y, p["bias"].astype(dtype))
         y = y + p["bias"].astype(dtype)
     return y
 
