@@ -36,7 +36,7 @@ def block(p, carry, rng, path_rate, *, attn, mlp, eps: float):
     rngs = [None] * n if rng is None else list(jax.random.split(rng, n))
     a_rngs, m_rngs, path_rngs = rngs[:ATTN_RNGS], rngs[ATTN_RNGS:n - 2], rngs[n - 2:]
     # The add+norm kernel runs at inference; in training only with NORM_BLOCKS["train"]
-    # (an option: XLA's fusions stay the default until the kernel is measured there).
+    # (an option: there it measured the same as XLA's fusions, benchmarks/NOTES.md).
     use_kernel = rng is None or fused.NORM_BLOCKS["train"]
     add_norm = fused.add_layer_norm if use_kernel else fused.reference_add_layer_norm
     # At inference the branches come back with their output bias not added

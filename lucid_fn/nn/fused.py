@@ -27,7 +27,7 @@ keys write and re-read float32 logits 49 wide.
 
 They are used only where they pay and are exact to the XLA path up to rounding: on CUDA,
 in bfloat16, for the widths the Triton tiles take, where no dropout sits between their
-ops (the add+norm kernel: at inference only, where it was measured). Everywhere else,
+ops (the add+norm kernel: at inference only; in training it gained nothing). Everywhere else,
 and for gradients (a custom VJP recomputes the XLA form), the plain XLA ops run.
 ``LUCID_FN_FUSED=off`` turns them all off.
 """
@@ -548,7 +548,8 @@ def attention(q, k, v, *, scale: float | None, dtype, reference):
 
 # Elements per program (rows = elements // padded width, at most the largest power of two
 # that divides the row count, so no block is partial) and warps. train: the kernel in the
-# training forward too (its backward is XLA's), an option until measured. branch_bias:
+# training forward too (its backward is XLA's): an option, off, since pvt_v2_b2's training
+# step was the same with it (benchmarks/NOTES.md). branch_bias:
 # the blocks hand the branches' output bias to the kernel at inference (layers.Biased).
 NORM_BLOCKS = {"elements": 4096, "num_warps": 4, "min_rows": 8, "train": False,
                "branch_bias": True}
