@@ -86,4 +86,5 @@ def run_blocks(fn, blocks, x, rng, path_rates, *, scan: bool, remat: bool):
         p = jax.tree_util.tree_map(functools.partial(lambda a, j: a[j], j=j), blocks)
         carry = fn(p, carry, None if keys is None else keys[j], float(path_rates[j]))
     x, y = carry
-    return x if y is None else x + layers.add_bias(y)  # no blocks (a slice of a stage) leaves x as it was
+    # no blocks (a slice of a stage) leaves x as it was
+    return x if y is None else x + layers.add_bias(y)
