@@ -198,8 +198,7 @@ def _attend_xla_in_training(q, k, v, *, scale, dtype, attn_drop, rng):
 
 def _add_norm_pow2_only(x, y):
     """The add+norm kernel as it was before masked tiles: power-of-two widths only."""
-    return (_ORIGINAL["supported_add_layer_norm"](x, y)
-            and x.shape[-1] & (x.shape[-1] - 1) == 0)
+    return _ORIGINAL["supported_add_layer_norm"](x, y) and lfused._is_pow2(x.shape[-1])
 
 
 def _fused_off():

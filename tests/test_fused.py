@@ -472,7 +472,6 @@ def test_blocks_add_and_norm_in_one_kernel_at_inference_on_cuda(monkeypatch, nam
     monkeypatch.setitem(fused.NORM_BLOCKS, "train", True)
     assert _cuda_hlo(registry[name](dtype=jnp.bfloat16, **arch), **train).count(
         'name = "lucid_fn_fused_add_norm"') == expected
-    monkeypatch.setitem(fused.NORM_BLOCKS, "train", False)
     monkeypatch.setenv("LUCID_FN_FUSED", "off")
     assert "lucid_fn_fused_add_norm" not in _cuda_hlo(registry[name](dtype=jnp.bfloat16,
                                                                       **arch))

@@ -27,8 +27,8 @@ keys write and re-read float32 logits 49 wide.
 
 They are used only where they pay and are exact to the XLA path up to rounding: on CUDA,
 in bfloat16, for the widths the Triton tiles take, where no dropout sits between their
-ops (the add+norm kernel: at inference only; in training it gained nothing). Everywhere else,
-and for gradients (a custom VJP recomputes the XLA form), the plain XLA ops run.
+ops (the add+norm kernel: at inference only; in training it gained nothing). Everywhere
+else, and for gradients (a custom VJP recomputes the XLA form), the plain XLA ops run.
 ``LUCID_FN_FUSED=off`` turns them all off.
 """
 
@@ -549,8 +549,8 @@ def attention(q, k, v, *, scale: float | None, dtype, reference):
 # Elements per program (rows = elements // padded width, at most the largest power of two
 # that divides the row count, so no block is partial) and warps. train: the kernel in the
 # training forward too (its backward is XLA's): an option, off, since pvt_v2_b2's training
-# step was the same with it (benchmarks/NOTES.md). branch_bias:
-# the blocks hand the branches' output bias to the kernel at inference (layers.Biased).
+# step was the same with it (benchmarks/NOTES.md). branch_bias: the blocks hand the
+# branches' output bias to the kernel at inference (layers.Biased).
 NORM_BLOCKS = {"elements": 4096, "num_warps": 4, "min_rows": 8, "train": False,
                "branch_bias": True}
 
@@ -574,13 +574,17 @@ def _norm_rows(rows: int, width: int) -> int:
     return bm if bm >= NORM_BLOCKS["min_rows"] else 0
 
 
+def _branch(y) -> tuple:
+    """(values, bias or None) of a branch given as an array or a ``layers.Biased``."""
+    return (y.value, y.bias) if isinstance(y, layers.Biased) else (y, None)
+
+
 def supported_add_layer_norm(x, y) -> bool:
     """bf16, and a width whose power-of-two tile fits (16..1024 wide: stage 3's 320 and
     160 run in 512 and 256 tiles, the columns past the width masked)."""
-    if isinstance(y, layers.Biased):
-        if y.bias.dtype != y.value.dtype or y.bias.shape != y.value.shape[-1:]:
-            return False
-        y = y.value
+    y, y_bias = _branch(y)
+    if y_bias is not None and (y_bias.dtype != y.dtype or y_bias.shape != y.shape[-1:]):
+        return False
     width, rows = x.shape[-1], int(np.prod(x.shape[:-1]))
     return (x.dtype == jnp.bfloat16 and y.dtype == jnp.bfloat16 and x.shape == y.shape
             and 16 <= _next_pow2(width) <= 1024 and _norm_rows(rows, width) > 0)
@@ -605,20 +609,25 @@ def _sum_and_norm(x, y, y_bias, scale, bias, *, eps, dtype, width, valid=None):
     return s, n.astype(dtype)
 
 
-def _add_norm_kernel(x_ref, y_ref, *refs, eps, y_bias: bool):
-    """One (rows, width) tile of a power-of-two width. ``refs``: the branch's bias if
-    ``y_bias``, the norm's scale and bias, then the two outputs."""
-    yb_ref, g_ref, b_ref, s_ref, n_ref = refs if y_bias else (None, *refs)
+def _norm_refs(refs) -> tuple:
+    """A kernel's refs after ``x`` and ``y``: the branch's bias (None when the call has
+    none), the norm's scale and bias, the sum and norm outputs."""
+    return refs if len(refs) == 5 else (None, *refs)
+
+
+def _add_norm_kernel(x_ref, y_ref, *refs, eps):
+    """One (rows, width) tile of a power-of-two width."""
+    yb_ref, g_ref, b_ref, s_ref, n_ref = _norm_refs(refs)
     s_ref[...], n_ref[...] = _sum_and_norm(
         x_ref[...], y_ref[...], None if yb_ref is None else yb_ref[...], g_ref[...],
         b_ref[...], eps=eps, dtype=s_ref.dtype, width=None)
 
 
-def _add_norm_masked_kernel(x_ref, y_ref, *refs, eps, y_bias: bool, rows, tile):
+def _add_norm_masked_kernel(x_ref, y_ref, *refs, eps, rows, tile):
     """``rows`` rows of a width that is not a power of two, in a ``tile``-wide block whose
     columns past the width are masked loads (zero) and masked stores. The refs are the
     whole arrays: Triton's blocks must be powers of two, so this program indexes them."""
-    yb_ref, g_ref, b_ref, s_ref, n_ref = refs if y_bias else (None, *refs)
+    yb_ref, g_ref, b_ref, s_ref, n_ref = _norm_refs(refs)
     width = x_ref.shape[-1]
     r = pl.program_id(0) * rows + jax.lax.iota(jnp.int32, rows)
     c = jax.lax.iota(jnp.int32, tile)
@@ -644,18 +653,17 @@ def _add_norm_masked_kernel(x_ref, y_ref, *refs, eps, y_bias: bool, rows, tile):
 def pallas_add_layer_norm(p, x, y, *, eps: float, interpret: bool = False):
     """The kernel on (..., C) tokens: one read of ``x`` and ``y`` (a ``layers.Biased`` or
     an array), one write of the sum and of its norm. ``interpret=True`` runs it anywhere."""
-    y, y_bias = (y.value, y.bias) if isinstance(y, layers.Biased) else (y, None)
+    y, y_bias = _branch(y)
     vectors = ([] if y_bias is None else [y_bias]) + [p["scale"], p["bias"]]
     width = x.shape[-1]
     xs, ys = x.reshape(-1, width), y.reshape(-1, width)
     bm = _norm_rows(xs.shape[0], width)
     tile = _next_pow2(width)
     if tile == width:
-        kernel = functools.partial(_add_norm_kernel, eps=eps, y_bias=y_bias is not None)
+        kernel = functools.partial(_add_norm_kernel, eps=eps)
         block = pl.BlockSpec((bm, width), lambda i: (i, 0))
     else:
-        kernel = functools.partial(_add_norm_masked_kernel, eps=eps,
-                                   y_bias=y_bias is not None, rows=bm, tile=tile)
+        kernel = functools.partial(_add_norm_masked_kernel, eps=eps, rows=bm, tile=tile)
         block = _whole(xs)
     s, n = pl.pallas_call(
         kernel,

@@ -132,11 +132,10 @@ def linear(p: Params, x, dtype=None, *, defer_bias: bool = False):
     value once ``add_bias`` adds the bias, rounded the same way)."""
     dtype = dtype or x.dtype
     y = jnp.matmul(x.astype(dtype), p["kernel"].astype(dtype))
-    if "bias" in p:
-        if defer_bias:
-            return Biased(y, p["bias"].astype(dtype))
-        y = y + p["bias"].astype(dtype)
-    return y
+    if "bias" not in p:
+        return y
+    y = Biased(y, p["bias"].astype(dtype))
+    return y if defer_bias else add_bias(y)
 
 
 def layer_norm(p: Params, x, eps: float):
