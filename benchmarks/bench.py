@@ -47,7 +47,10 @@ loaded when used, not prefetched an iteration ahead), ``conv.KEY=N`` (one of tha
 kernel's settings, ``nn.fused.CONV_BLOCKS[KEY]``: e.g. ``conv.pad=0``), ``attnblk=QxW``
 (the fused attention kernel's query rows and warps; ``attn=xla`` turns it off), and
 ``trainfused`` (``0``: the attention and v1 MLP kernels at inference only, as before they
-ran in training too; ``conv``: v2's conv MLP kernel in training too where dropout is 0),
+ran in training too), ``trainconv`` (v2 training, where dropout is 0: ``xla``: the conv MLP
+as XLA ops, as before the conv kernel ran in training; ``xlagrad``: the conv kernel with
+XLA's gradient recomputed from its inputs instead of the backward kernels),
+``convgrad.KEY=N`` (``nn.fused.CONV_GRAD_BLOCKS[KEY]``, the backward kernels' tiles),
 ``kgelu`` (``rational``: the kernels' GELU through the XLA path's rational erf instead of
 A&S 7.1.26), ``addnorm`` (``xla``: each block's residual add and the LayerNorm after it as
 XLA ops instead of one kernel at inference). ``convdiag=nogelu`` (the conv kernel without
@@ -183,12 +186,11 @@ def _pvt_mlp_xla_in_training(p, x, rngs, *, cfg):
         return _ORIGINAL["pvt_mlp"](p, x, rngs, cfg=cfg)
 
 
-def _pvt_v2_mlp_fused_in_training(p, x, rngs, *, hw, cfg):
-    """PVT v2's MLP with its rngs dropped where the dropout rate is 0 (the same function),
-    so that training takes the conv kernel too (XLA-recomputed backward)."""
-    if cfg.drop_rate == 0:
-        rngs = [None] * len(rngs)
-    return _ORIGINAL["pvt_v2_mlp"](p, x, rngs, hw=hw, cfg=cfg)
+def _pvt_v2_mlp_xla_in_training(p, x, rngs, **kw):
+    """PVT v2's MLP as before the conv kernel ran in training: XLA ops (cuDNN's depthwise
+    conv) whenever rngs are given (the same function)."""
+    with _fused_off() if rngs[0] is not None else contextlib.nullcontext():
+        return _ORIGINAL["pvt_v2_mlp"](p, x, rngs, **kw)
 
 
 def _attend_xla_in_training(q, k, v, *, scale, dtype, attn_drop, rng):
@@ -221,8 +223,11 @@ PATCHES = {
              "dpa": {"attend": _attend_with("dpa")},
              "bf16logits": {"attend": _attend_with("bf16logits")}},
     "trainfused": {"lib": {}, "0": {"attend": _attend_xla_in_training,
-                                    "pvt_mlp": _pvt_mlp_xla_in_training},
-                   "conv": {"pvt_v2_mlp": _pvt_v2_mlp_fused_in_training}},
+                                    "pvt_mlp": _pvt_mlp_xla_in_training}},
+    # v2 training: the conv MLP through XLA (the path before), or the conv kernel with
+    # XLA's gradient recomputed from its inputs instead of the backward kernels
+    "trainconv": {"lib": {}, "xla": {"pvt_v2_mlp": _pvt_v2_mlp_xla_in_training},
+                  "xlagrad": {"CONV_GRAD_BLOCKS": {**lfused.CONV_GRAD_BLOCKS, "own": False}}},
     "kgelu": {"lib": {}, "rational": {"BLOCKS": {**lfused.BLOCKS, "erf": "rational"}}},
     "addnorm": {"lib": {}, "xla": {"add_layer_norm": lfused.reference_add_layer_norm},
                 "pow2": {"supported_add_layer_norm": _add_norm_pow2_only},
@@ -263,6 +268,10 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
         elif key.startswith("conv.") and key[5:] in CONV_OPTIONS and value.isdigit():
             patches["CONV_BLOCKS"] = {**patches.get("CONV_BLOCKS", lfused.CONV_BLOCKS),
                                       key[5:]: int(value)}
+        elif (key.startswith("convgrad.") and key[9:] in lfused.CONV_GRAD_BLOCKS
+              and value.isdigit()):
+            patches["CONV_GRAD_BLOCKS"] = {
+                **patches.get("CONV_GRAD_BLOCKS", lfused.CONV_GRAD_BLOCKS), key[9:]: int(value)}
         elif key == "attnblk" and len(value.split("x")) == 2:  # attention: QUERIESxWARPS
             q, w = (int(v) for v in value.split("x"))
             patches["ATTN_BLOCKS"] = {"block_q": q, "num_warps": w}
@@ -273,6 +282,7 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
                            "n: no prefetch of the next row]")
             allowed.append("attnblk=<query rows>x<warps>")
             allowed.append(f"conv.<{'|'.join(CONV_OPTIONS)}>=<integer>")
+            allowed.append(f"convgrad.<{'|'.join(lfused.CONV_GRAD_BLOCKS)}>=<integer>")
             raise SystemExit(f"bad variant item {item!r} in {spec!r}; allowed: "
                              f"{', '.join(allowed)}")
     return kwargs, patches
@@ -287,7 +297,7 @@ def patched(patches: dict):
                "ATTN_BLOCKS": [lfused], "pvt_mlp": [(lpvt, "mlp")],
                "pvt_v2_mlp": [(lpvt_v2, "mlp")], "enabled": [lfused],
                "add_layer_norm": [lfused], "supported_add_layer_norm": [lfused],
-               "NORM_BLOCKS": [lfused]}
+               "NORM_BLOCKS": [lfused], "CONV_GRAD_BLOCKS": [lfused]}
     saved = []
     try:
         for name, fn in patches.items():
@@ -473,6 +483,8 @@ def bench_ours(name, arch, spec, mode, batch, args, dtype) -> dict:
 
 def op_category(name: str) -> str:
     """A kernel or XLA op name from the trace, by what does the work."""
+    if name.startswith("lucid_fn_fused"):  # before the names' "transpose" and "gemm"
+        return "lucid_fn kernels"
     if name.startswith(("nvjet", "sm90_xmma_gemm", "cutlass", "gemm")) and "fusion" not in name:
         return "cuBLAS gemm"
     if name.startswith(("gemm_fusion", "triton_gemm")):

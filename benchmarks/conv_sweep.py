@@ -41,26 +41,32 @@ VARIANTS = [  # the second call's (explore_gpu20.sh); explore_gpu18.sh swept the
 
 
 def parse(spec: str) -> tuple[str, dict]:
+    """``name:key=value,...`` over ``nn.fused.CONV_BLOCKS`` and ``CONV_GRAD_BLOCKS`` (the
+    backward kernels'; their keys differ)."""
     name, _, items = spec.partition(":")
     out = {}
     for item in filter(None, items.split(",")):
         k, _, v = item.partition("=")
-        if k not in fused.CONV_BLOCKS:
-            raise SystemExit(f"unknown CONV_BLOCKS key {k!r} in {spec!r}")
+        if k not in fused.CONV_BLOCKS and k not in fused.CONV_GRAD_BLOCKS:
+            raise SystemExit(f"unknown CONV_BLOCKS / CONV_GRAD_BLOCKS key {k!r} in {spec!r}")
         out[k] = int(v)
     return name, out
 
 
 @contextlib.contextmanager
 def conv_blocks(settings: dict):
-    """``nn.fused.CONV_BLOCKS`` with ``settings`` while tracing, restored after."""
-    saved = dict(fused.CONV_BLOCKS)
-    fused.CONV_BLOCKS.update(settings)
+    """``nn.fused.CONV_BLOCKS`` and ``CONV_GRAD_BLOCKS`` with ``settings`` while tracing,
+    restored after."""
+    tables = (fused.CONV_BLOCKS, fused.CONV_GRAD_BLOCKS)
+    saved = [dict(t) for t in tables]
+    for k, v in settings.items():
+        (fused.CONV_BLOCKS if k in fused.CONV_BLOCKS else fused.CONV_GRAD_BLOCKS)[k] = v
     try:
         yield
     finally:
-        fused.CONV_BLOCKS.clear()
-        fused.CONV_BLOCKS.update(saved)
+        for t, old in zip(tables, saved):
+            t.clear()
+            t.update(old)
 
 
 def timed(fn, *args, timing=(5, 20)) -> float:

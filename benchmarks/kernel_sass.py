@@ -135,6 +135,23 @@ def conv_case(shape, blocks: dict):
     return [(m, warps) for m in mods], tiles["bx"] * tiles["bc"] // (32 * warps), tiles
 
 
+def conv_backward_case(shape, blocks: dict):
+    """The conv kernel's two backward kernels (g GELU'(z); the transposed conv with the
+    taps' gradient) at a (B, H, W, hidden) map, and the elements each thread handles per
+    loop iteration of the second."""
+    b, hh, ww, hidden = shape
+    m = jax.ShapeDtypeStruct((b * hh * ww, hidden), jnp.bfloat16)
+    taps = jax.ShapeDtypeStruct((9, hidden), jnp.bfloat16)
+    table = jax.ShapeDtypeStruct((16, hidden), jnp.float32)
+    with conv_blocks(blocks):
+        mods = capture_triton_modules(
+            lambda h, t, e, g: fused._conv_gelu_table_bwd((b, (hh, ww), False), (h, t, e), g),
+            m, taps, table, m)
+        tiles = fused.conv_tiles(b, (hh, ww), hidden, fused.CONV_GRAD_BLOCKS["transpose_size"])
+        warps = (fused.CONV_GRAD_BLOCKS["gelu_warps"], fused.CONV_GRAD_BLOCKS["transpose_warps"])
+    return list(zip(mods, warps)), tiles["bx"] * tiles["bc"] // (32 * warps[1]), tiles
+
+
 def norm_case(shape):
     """The add+norm kernel's Triton modules on (B, N, C) tokens, and the elements each
     thread handles (its one tile, padded to a power of two)."""
@@ -149,12 +166,13 @@ def norm_case(shape):
     return [(m, warps) for m in mods], rows * tile // (32 * warps), {"rows": rows, "tile": tile}
 
 
-DEFAULT_SHAPES = {"conv": (256, 56, 56, 512), "norm": (256, 196, 320)}
+DEFAULT_SHAPES = {"conv": (256, 56, 56, 512), "conv_backward": (128, 56, 56, 512),
+                  "norm": (256, 196, 320)}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kernel", choices=("conv", "norm"))
+    ap.add_argument("kernel", choices=("conv", "conv_backward", "norm"))
     ap.add_argument("--shape", type=int, nargs="+", default=None,
                     help="conv: B H W HIDDEN (default 256 56 56 512); norm: B N C "
                          "(default 256 196 320)")
@@ -170,7 +188,8 @@ def main(argv=None):
         mods, per_thread, tiles = norm_case(shape)
     else:
         _, blocks = parse(":" + ",".join(args.blocks))
-        mods, per_thread, tiles = conv_case(shape, blocks)
+        case = conv_case if args.kernel == "conv" else conv_backward_case
+        mods, per_thread, tiles = case(shape, blocks)
     print("tiles", tiles, "elements per thread per iteration", per_thread)
     for text, warps in mods:
         r = report(text, warps, per_thread)

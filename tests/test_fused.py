@@ -3,6 +3,7 @@ the XLA ops it replaces; when it is used, and its gradient."""
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -175,6 +176,94 @@ def test_conv_kernel_matches_xla(monkeypatch, edge_bias, relu, b, hw, c, hidden,
     assert err <= err16 * 1.1, (err, err16)
 
 
+def _bf16_exact(a):
+    """``a`` rounded to bf16 and back: inputs the kernels read without rounding."""
+    return a.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+@pytest.mark.parametrize("b,hw,hidden,tiling", [
+    (2, (7, 9), 128, {}),    # 9 columns: two 8-wide strips that overlap by 7
+    (1, (4, 4), 64, {}),     # every position at an edge
+    # 20 columns in five 4-wide strips, 5 rows in 3 bands of 2 (the last overlaps one row)
+    (2, (5, 20), 128, {"block_x": 4, "block_h": 32, "min_programs": 30}),
+    (2, (6, 6), 64, {"chunks_first": True, "min_programs": 1}),
+])
+def test_conv_backward_kernels_match_the_float32_gradient(monkeypatch, b, hw, hidden, tiling):
+    """Both backward kernels on bf16 inputs against the float32 VJP of the conv + GELU on
+    the same values: the taps' gradient is a float32 sum (no bf16 step), g GELU'(z) and
+    the input gradient are one bf16 rounding away. Overlapping strips and bands must count
+    each position once in the taps' sums."""
+    for key, value in tiling.items():
+        monkeypatch.setitem(fused.CONV_BLOCKS, key, value)
+    k = jax.random.split(jax.random.key(2), 4)
+    n = b * hw[0] * hw[1]
+    h = _bf16_exact(jax.random.normal(k[0], (n, hidden)))
+    taps = _bf16_exact(jax.random.normal(k[1], (9, hidden)) / 3)
+    table = jax.random.normal(k[2], (16, hidden)) * 0.3
+    g = _bf16_exact(jax.random.normal(k[3], (n, hidden)))
+    ref = functools.partial(fused.reference_conv_gelu, hw=hw)
+    _, vjp = jax.vjp(ref, h, taps, table)
+    dh, dtaps, dtable = vjp(g)
+    # the first kernel alone: g GELU'(z), z from the taps and table as the forward has it
+    zero = jnp.zeros((hidden,), jnp.bfloat16)
+    gz = fused.conv_gelu(h.astype(jnp.bfloat16), zero, taps.astype(jnp.bfloat16), table,
+                         batch=b, hw=hw, relu=False, padded=False, interpret=True,
+                         g=g.astype(jnp.bfloat16))
+    want_gz = jax.vjp(lambda z: layers.gelu(z, approximate=False),
+                      _conv_preactivation(h, taps, table, hw))[1](g)[0]
+    np.testing.assert_allclose(gz.astype(jnp.float32), want_gz, rtol=2**-8, atol=1e-5)
+    # the second: from that bf16 g GELU'(z), the input and taps' gradients
+    gz32 = gz.astype(jnp.float32)
+    conv = lambda hh, t: _conv_preactivation(hh, t, jnp.zeros_like(table), hw)  # noqa: E731
+    want_dh, want_dtaps = jax.vjp(conv, h, taps)[1](gz32)
+    got_dh, got_dtaps = fused.conv_transpose(gz, h.astype(jnp.bfloat16), taps.astype(
+        jnp.bfloat16), batch=b, hw=hw, interpret=True)
+    np.testing.assert_allclose(got_dtaps, want_dtaps, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got_dh.astype(jnp.float32), want_dh, rtol=2**-8, atol=1e-5)
+    np.testing.assert_allclose(fused.edge_class_sums(gz, batch=b, hw=hw),
+                               jax.vjp(lambda t: _conv_preactivation(h, taps, t, hw), table)[1](
+                                   gz32)[0], rtol=1e-5, atol=1e-4)
+    # and the custom VJP puts them together as the float32 VJP, up to those roundings
+    got = jax.vjp(lambda *a: fused.conv_gelu_table(*a, (b, hw, True)), h.astype(jnp.bfloat16),
+                  taps.astype(jnp.bfloat16), table)[1](g.astype(jnp.bfloat16))
+    for a, w in zip(got, (dh, dtaps, dtable)):
+        err = float(jnp.abs(a.astype(jnp.float32) - w).max() / jnp.abs(w).max())
+        assert err < 2e-2, err
+
+
+def _conv_preactivation(h, taps, table, hw):
+    """z = the zero-padded depthwise conv of h + the edge table, float32."""
+    hidden = h.shape[-1]
+    z = fused.layers.conv({"kernel": taps.reshape(3, 3, 1, hidden), "bias": jnp.zeros(hidden)},
+                          h.reshape(-1, *hw, hidden), stride=1, padding=1, groups=hidden)
+    cls = [[4 * (2 * (y == 0) + (y == hw[0] - 1)) + 2 * (x == 0) + (x == hw[1] - 1)
+            for x in range(hw[1])] for y in range(hw[0])]
+    return (z + table[np.array(cls)]).reshape(h.shape)
+
+
+@pytest.mark.parametrize("b,hw,c,hidden", [(2, (7, 9), 32, 128), (1, (4, 4), 16, 64)])
+def test_conv_mlp_gradient_through_the_kernels_is_as_close_as_xlas(b, hw, c, hidden):
+    """The whole v2 MLP's gradient (fc1, the conv, fc2, the tokens) with the conv kernel
+    and its backward kernels, against float32: no worse than XLA's bf16 path."""
+    fc1, dwconv, fc2 = _conv_params(c, hidden)
+    x = jax.random.normal(jax.random.key(5), (b, hw[0] * hw[1], c))
+    cot = jax.random.normal(jax.random.key(7), x.shape)
+
+    def grads(fn, dtype, **kw):
+        loss = lambda *a: (fn(*a, hw=hw, relu=False, dtype=dtype, **kw)  # noqa: E731
+                           .astype(jnp.float32) * cot).sum()
+        return jax.tree.leaves(jax.grad(loss, argnums=(0, 1, 2, 3))(fc1, dwconv, fc2, x))
+
+    want = grads(fused.reference_conv_mlp, jnp.float32)
+    xla16 = grads(fused.reference_conv_mlp, jnp.bfloat16)
+    got = grads(fused.pallas_conv_mlp, jnp.bfloat16, interpret=True)
+    for a, r, w in zip(got, xla16, want):
+        scale = float(jnp.abs(w).max())
+        err = float(jnp.abs(a.astype(jnp.float32) - w).max()) / scale
+        err16 = float(jnp.abs(r.astype(jnp.float32) - w).max()) / scale
+        assert err <= 1.5 * err16 + 2e-3, (a.shape, err, err16)
+
+
 @pytest.mark.parametrize("exact_min", [0, 4])
 @pytest.mark.parametrize("b", [1, 3, 256])
 @pytest.mark.parametrize("hw,hidden", [((56, 56), 512), ((28, 28), 1024), ((14, 14), 1280),
@@ -246,12 +335,33 @@ def test_pvt_v2_inference_uses_the_conv_kernel_on_cuda_in_bf16_only(monkeypatch,
     hlo = _cuda_hlo(registry[name](dtype=jnp.bfloat16, **arch))
     assert hlo.count("lucid_fn_fused_conv_gelu") >= 4  # one per stage
     assert "lucid_fn_fused_conv" not in _cuda_hlo(registry[name](**arch))
-    train = _cuda_hlo(registry[name](dtype=jnp.bfloat16, **arch), train=True,
-                      rng=jax.random.key(1))
-    assert "lucid_fn_fused_conv" not in train  # dropout lives between conv and fc2
     monkeypatch.setenv("LUCID_FN_FUSED", "off")
     assert "lucid_fn_fused_conv" not in _cuda_hlo(
         registry[name](dtype=jnp.bfloat16, **arch))
+
+
+def _cuda_grad_hlo(model, **kw):
+    """The HLO of the model's training gradient, lowered for CUDA (no GPU needed)."""
+    params = jax.eval_shape(model.init, jax.random.key(0))
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    loss = lambda p, v: model.apply(p, v, train=True, rng=jax.random.key(1)).sum()  # noqa
+    return jax.jit(jax.grad(loss)).trace(params, x).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_pvt_v2_training_runs_the_conv_kernels_where_dropout_is_off():
+    """At the builders' default dropout of 0, v2 training takes the conv kernel and its
+    backward kernels at every stage and no depthwise conv is left to XLA; a dropout
+    between the conv and fc2 keeps the XLA ops; b2_li (ReLU before the conv) takes the
+    forward kernel with XLA's recomputed gradient."""
+    arch = dict(img_size=64, num_classes=10, depths=(1, 1, 1, 1), dtype=jnp.bfloat16)
+    hlo = _cuda_grad_hlo(registry["pvt_v2_b0"](**arch))
+    for kernel in ("conv_gelu", "conv_gelu_grad", "conv_transpose"):
+        assert len(re.findall(rf'"lucid_fn_fused_{kernel}"', hlo)) >= 4, kernel
+    assert set(re.findall(r"feature_group_count = (\d+)", hlo)) == {"1"}  # no depthwise
+    hlo = _cuda_grad_hlo(registry["pvt_v2_b0"](drop_rate=0.1, **arch))
+    assert "lucid_fn_fused_conv" not in hlo
+    hlo = _cuda_grad_hlo(registry["pvt_v2_b2_li"](**arch))
+    assert "lucid_fn_fused_conv_gelu" in hlo and "lucid_fn_fused_conv_transpose" not in hlo
 
 
 # ------------------------------------------------------------ SRA attention core

@@ -118,7 +118,9 @@ def init_mlp(cfg: PVTv2Config, stage: int) -> dict:
 
 def mlp(p, x, rngs, *, hw, cfg: PVTv2Config, defer_bias: bool = False):
     """``defer_bias`` (at inference): fc2's bias not added, as a ``nn.Biased``."""
-    if rngs[0] is None:  # inference: fc1 bias, conv, bias and GELU in one kernel (nn.fused)
+    # fc1 bias, conv, bias and GELU in one kernel (nn.fused) where no dropout sits between
+    # the conv and fc2: at inference, and in training at a dropout rate of 0
+    if rngs[0] is None or cfg.drop_rate == 0:
         fc2 = {"kernel": p["fc2"]["kernel"]} if defer_bias else p["fc2"]
         y = nn.fused.conv_mlp(p["fc1"], p["dwconv"], fc2, x, hw=hw, relu=cfg.linear,
                               dtype=cfg.dtype)

@@ -151,6 +151,20 @@ def _gelu_f32(h, approximate: bool, fast_recip: bool = False):
     return h * layers.gelu_cdf_f32(h, _rcp_approx if fast_recip else None)
 
 
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _gelu_grad_f32(h, fast_recip: bool = False):
+    """d/dh of exact GELU, Phi(h) + h phi(h), in float32: the conv kernel's backward.
+    With A&S, phi comes from the exp2 that Phi(-|h|) already takes."""
+    if BLOCKS.get("erf") == "as":
+        tp, e = _phi_of_minus(jnp.abs(h), fast_recip)
+        q = tp * e
+        return jnp.where(h >= 0, 1.0 - q, q) + h * (e * _INV_SQRT_2PI)
+    return (layers.gelu_cdf_f32(h, _rcp_approx if fast_recip else None)
+            + h * (jnp.exp(-0.5 * h * h) * _INV_SQRT_2PI))
+
+
 def _kernel(x_ref, w1_ref, b1_ref, w2_ref, b2_ref, o_ref, *, block_h, approximate,
             fast_recip):
     x = x_ref[...]
@@ -221,6 +235,12 @@ def mlp_gelu(fc1, fc2, x, *, approximate: bool, dtype=None):
 CONV_BLOCKS = {"block_x": 32, "block_h": 64, "num_warps": 4, "min_programs": 1024,
                "edge_bias": True, "pad": False, "masked_loads": True, "exact_min": 4,
                "max_h": 256, "max_h_narrow": 128, "prefetch": 1, "chunks_first": False}
+# The conv kernel's backward (conv_gelu_table): elements per tile row and warps of its
+# two kernels (the transposed conv carries nine weight-gradient accumulators per element,
+# so its tiles are smaller); prefetch_g: the first loads the cotangent's row a step ahead;
+# own: off, the conv kernel's gradient is XLA's, recomputed (NOTES.md).
+CONV_GRAD_BLOCKS = {"gelu_size": 2048, "gelu_warps": 4, "transpose_size": 1024,
+                    "transpose_warps": 4, "prefetch_g": False, "own": True}
 # Which of the offsets -1, 0, +1 stay inside the map, for a position's edge class
 # 2 * (first row/column) + (last row/column).
 _VALID_OFFSETS = np.array([[1, 1, 1], [1, 1, 0], [0, 1, 1], [0, 1, 0]], np.float32)
@@ -269,15 +289,16 @@ def _strip_width(ww: int) -> int:
     return min(widths, key=lambda bx: (-(-ww // bx) * bx, -bx))
 
 
-def conv_tiles(b: int, hw, hidden: int) -> dict:
-    """The conv kernel's tiling of a (b, hw, hidden) map: a program takes ``by`` rows of
-    ``bx`` columns of ``bc`` channels of one image. Tiles never reach past the map: the
-    last strip and band start early and overlap their neighbours (the overlap is computed
-    twice and written with the same values), so no store needs a mask."""
+def conv_tiles(b: int, hw, hidden: int, size: int | None = None) -> dict:
+    """The conv kernels' tiling of a (b, hw, hidden) map: a program takes ``by`` rows of
+    ``bx`` columns of ``bc`` channels of one image, about ``size`` elements per row
+    (default ``block_x * block_h``). Tiles never reach past the map: the last strip and
+    band start early and overlap their neighbours (the overlap is computed twice and
+    written with the same values), so no store needs a mask."""
     hh, ww = hw
     bx = _strip_width(ww)
     bc = CONV_BLOCKS["block_h"]
-    size = CONV_BLOCKS["block_x"] * CONV_BLOCKS["block_h"]
+    size = size or CONV_BLOCKS["block_x"] * CONV_BLOCKS["block_h"]
     while (bx * bc * 2 <= size and hidden % (2 * bc) == 0
            and 2 * bc <= CONV_BLOCKS["max_h" if bx >= 8 else "max_h_narrow"]):
         bc *= 2  # narrow maps: more channels per program, so tiles keep their size
@@ -299,12 +320,13 @@ def _conv_program_ids() -> tuple:
     return ids[::-1] if CONV_BLOCKS["chunks_first"] else ids
 
 
-def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, tiles, relu,
+def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, *refs, hw, tiles, relu,
                       fast_recip, padded):
     """GELU(dwconv3x3(h + b1) + conv bias) for ``by`` rows of ``bx`` columns and ``bc``
     channels of one image, where ``h`` is fc1's matmul (its bias is added here, not in a
     pass of its own): with a 16-row ``bias_ref`` (no ReLU) through the edge-class table,
-    else per tap.
+    else per tap. With ``refs = (g_ref, o_ref)`` (the backward) it writes instead
+    g GELU'(z), z the conv's output recomputed, g the cotangent of GELU's output.
 
     The program walks down the map. Each input row is loaded once, at three horizontal
     shifts, and added into the three output rows it touches; the program carries the two
@@ -317,6 +339,7 @@ def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, tiles, re
     ``padded``: ``h`` is fc1 of the tokens with a ring of zeros around each image, so it
     is zero there (fc1's bias comes in through the table): rows load as plain windows,
     with no clamped indices and no masks."""
+    *g_ref, o_ref = refs
     hh, ww = hw
     bx, bc, by, bands = tiles["bx"], tiles["bc"], tiles["by"], tiles["bands"]
     band, strip, chunk = _conv_program_ids()
@@ -380,9 +403,19 @@ def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, tiles, re
     masked_loads = table and not padded and bool(CONV_BLOCKS["masked_loads"])
     depth = int(CONV_BLOCKS["prefetch"])  # input rows loaded ahead of their use
 
+    def load_g(yo):
+        return g_ref[0][pl.ds(image + jnp.clip(yo, 0, hh - 1) * ww + x0, bx), cols]
+
+    # the backward: the cotangent's row loaded a step before its use
+    g_ahead = bool(g_ref) and bool(CONV_GRAD_BLOCKS["prefetch_g"])
+
     def step(i, carry):
+        if g_ahead:
+            g_row, *carry = carry
         above, here, *ahead = carry  # output rows yi - 1 and yi; input rows yi .. yi+depth-1
         yi = y0 - 1 + i
+        if g_ahead:
+            g_now, g_row = g_row, load_g(yi)
         if depth:  # issue the loads of row yi + depth before this row's arithmetic
             raw, ahead = ahead[0], [*ahead[1:], load_row(yi + depth)]
         else:
@@ -397,13 +430,19 @@ def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, o_ref, *, hw, tiles, re
         @pl.when(i >= 2)  # output rows y0 .. y0 + by - 1 are finished here
         def _():
             row = pl.ds(image + (yi - 1) * ww + x0, bx)
-            o_ref[row, cols] = _gelu_f32(above, False, fast_recip).astype(o_ref.dtype)
+            if g_ref:
+                g = g_now if g_ahead else g_ref[0][row, cols]
+                out = g.astype(jnp.float32) * _gelu_grad_f32(above, fast_recip)
+            else:
+                out = _gelu_f32(above, False, fast_recip)
+            o_ref[row, cols] = out.astype(o_ref.dtype)
 
-        return (here, below, *ahead)
+        return ((g_row,) if g_ahead else ()) + (here, below, *ahead)
 
     zeros = jnp.zeros((bx, bc), jnp.float32)
     first = [load_row(y0 - 1 + k) for k in range(depth)]
-    jax.lax.fori_loop(0, by + 2, step, (zeros, zeros, *first))
+    g_first = (load_g(y0 - 2),) if g_ahead else ()
+    jax.lax.fori_loop(0, by + 2, step, (*g_first, zeros, zeros, *first))
 
 
 def _whole(a):
@@ -431,15 +470,18 @@ def conv_inputs(fc1, dwconv, x, *, hw, relu: bool, dtype):
 
 
 def conv_gelu(h, b1, taps, bias, *, batch: int, hw, relu: bool, padded: bool,
-              interpret: bool = False):
+              interpret: bool = False, g=None):
     """The conv kernel's call on :func:`conv_inputs`: the activated (B * H * W, hidden)
-    map. ``interpret=True`` runs it anywhere."""
+    map; given ``g``, the cotangent of that map, g GELU'(z) instead (the backward's first
+    kernel). ``interpret=True`` runs it anywhere."""
     hidden = taps.shape[1]
-    tiles = conv_tiles(batch, hw, hidden)
+    size = None if g is None else CONV_GRAD_BLOCKS["gelu_size"]
+    tiles = conv_tiles(batch, hw, hidden, size)
     kw = dict(hw=tuple(hw), tiles=tiles, relu=relu, padded=padded,
               fast_recip=bool(BLOCKS.get("approx_recip")) and not interpret)
-    params = plt.CompilerParams(num_warps=CONV_BLOCKS["num_warps"], num_stages=1)
-    args = (h, b1, taps, bias)
+    warps = CONV_BLOCKS["num_warps"] if g is None else CONV_GRAD_BLOCKS["gelu_warps"]
+    params = plt.CompilerParams(num_warps=warps, num_stages=1)
+    args = (h, b1, taps, bias) + (() if g is None else (g,))
     # Programs write rows anywhere in it.
     out = jax.ShapeDtypeStruct((batch * hw[0] * hw[1], hidden), h.dtype)
     return pl.pallas_call(
@@ -448,8 +490,165 @@ def conv_gelu(h, b1, taps, bias, *, batch: int, hw, relu: bool, padded: bool,
         grid=_conv_grid(batch, tiles),
         in_specs=[_whole(a) for a in args],
         out_specs=_whole(out),
-        compiler_params=params, interpret=interpret, name="lucid_fn_fused_conv_gelu",
+        compiler_params=params, interpret=interpret,
+        name="lucid_fn_fused_conv_gelu" + ("" if g is None else "_grad"),
     )(*args)
+
+
+
+
+def _tap(dy: int, dx: int) -> int:
+    """Index of the tap at offset (dy, dx) in the (9, hidden) HWIO-ordered taps."""
+    return 3 * (dy + 1) + (dx + 1)
+
+
+def _conv_transpose_kernel(g_ref, h_ref, taps_ref, dh_ref, dtaps_ref, *, hw, tiles):
+    """The depthwise conv's backward for ``by`` rows of ``bx`` columns and ``bc`` channels
+    of one image, from g (the cotangent of the conv's output z) and h (its input):
+
+    - ``dh``: the transposed conv, dh[q] = sum_k w[k] g[q - k] (zero outside the map),
+      written for the program's tile (overlaps twice, with the same values);
+    - ``dtaps``: this program's part of dw[k] = sum_q h[q] g[q - k], over the positions q
+      it owns (its tile less the rows and columns a neighbour's tile also covers), so
+      that the partial sums add up to each position once.
+
+    The program walks down the map as the forward kernel does: each row of g is loaded
+    once at three horizontal shifts and meets the rows of h above, at and below it
+    (loaded once each, zero where not owned) and the three dh rows it touches."""
+    hh, ww = hw
+    bx, bc, by, bands = tiles["bx"], tiles["bc"], tiles["by"], tiles["bands"]
+    band, strip, chunk = _conv_program_ids()
+    img = band // bands
+    image = img * (hh * ww)
+    own_y = (band % bands) * by      # rows from here to y0 + by are this program's own
+    y0 = jnp.minimum(own_y, hh - by)
+    x0 = jnp.minimum(strip * bx, ww - bx)
+    cols = pl.ds(pl.multiple_of(chunk * bc, bc), bc)
+    channels = pl.multiple_of(chunk * bc, bc) + jax.lax.iota(jnp.int32, bc)
+    xs = x0 + jax.lax.iota(jnp.int32, bx)
+    own_x = xs >= strip * bx
+    w = [taps_ref[k, cols].astype(jnp.float32)[None, :] for k in range(9)]
+
+    def load(ref, yi, dx, mask):
+        r = image + jnp.clip(yi, 0, hh - 1) * ww + jnp.clip(xs + dx, 0, ww - 1)
+        return plt.load(ref.at[r[:, None], channels[None, :]], other=0.0,
+                        mask=jnp.broadcast_to(mask[:, None], (bx, bc)))
+
+    def load_g(yi):
+        """Row ``yi`` of g at columns ``xs - 1``, ``xs``, ``xs + 1``; zero outside the map."""
+        inside = (yi >= 0) & (yi < hh)
+        return tuple(load(g_ref, yi, dx, inside & (xs + dx >= 0) & (xs + dx < ww))
+                     for dx in (-1, 0, 1))
+
+    def load_h(yq):
+        """Row ``yq`` of h in float32 where this program owns it, else zero."""
+        owned = own_x & (yq >= own_y) & (yq < y0 + by) & (yq >= 0)
+        return load(h_ref, yq, 0, owned).astype(jnp.float32)
+
+    def step(i, carry):
+        above, here, h_up, h_mid, h_down, raw, *dw = carry
+        yi = y0 - 1 + i            # this step's row of g; h rows yi - 1, yi, yi + 1
+        raw, nxt = load_g(yi + 1), raw   # the next row's loads before this row's arithmetic
+        h_next = load_h(yi + 2)
+        below = jnp.zeros_like(above)
+        for s, v in zip((-1, 0, 1), nxt):   # v = g[yi, x + s] pairs with h[yi + dy, x]
+            v = v.astype(jnp.float32)
+            above = above + v * w[_tap(-1, -s)]
+            here = here + v * w[_tap(0, -s)]
+            below = below + v * w[_tap(1, -s)]
+            for dy, hq in zip((-1, 0, 1), (h_up, h_mid, h_down)):
+                dw[_tap(dy, -s)] = dw[_tap(dy, -s)] + hq * v
+
+        @pl.when(i >= 2)  # dh rows y0 .. y0 + by - 1 are finished here
+        def _():
+            dh_ref[pl.ds(image + (yi - 1) * ww + x0, bx), cols] = above.astype(dh_ref.dtype)
+
+        return (here, below, h_mid, h_down, h_next, raw, *dw)
+
+    zeros = jnp.zeros((bx, bc), jnp.float32)
+    carry = (zeros, zeros, load_h(y0 - 2), load_h(y0 - 1), load_h(y0), load_g(y0 - 1),
+             *([zeros] * 9))
+    dw = jax.lax.fori_loop(0, by + 2, step, carry)[6:]
+    part = band * tiles["strips"] + strip
+    for k in range(9):
+        dtaps_ref[part, k, cols] = jnp.sum(dw[k], axis=0)
+
+
+def conv_transpose(g, h, taps, *, batch: int, hw, interpret: bool = False):
+    """(dh, dtaps): the depthwise conv's input gradient (B * H * W, hidden) in g's dtype
+    and its taps' gradient (9, hidden) in float32, from one kernel that reads g and h once
+    (:func:`_conv_transpose_kernel`) and XLA's sum of its per-program parts."""
+    hidden = taps.shape[1]
+    tiles = conv_tiles(batch, hw, hidden, CONV_GRAD_BLOCKS["transpose_size"])
+    parts = batch * tiles["bands"] * tiles["strips"]
+    args = (g, h, taps)
+    out = (jax.ShapeDtypeStruct(g.shape, g.dtype),
+           jax.ShapeDtypeStruct((parts, 9, hidden), jnp.float32))
+    dh, dtaps = pl.pallas_call(
+        functools.partial(_conv_transpose_kernel, hw=tuple(hw), tiles=tiles),
+        out_shape=out,
+        grid=_conv_grid(batch, tiles),
+        in_specs=[_whole(a) for a in args],
+        out_specs=tuple(_whole(o) for o in out),
+        compiler_params=plt.CompilerParams(num_warps=CONV_GRAD_BLOCKS["transpose_warps"],
+                                           num_stages=1),
+        interpret=interpret, name="lucid_fn_fused_conv_transpose",
+    )(*args)
+    return dh, dtaps.sum(axis=0)
+
+
+def _edge_classes(n: int) -> np.ndarray:
+    """(n, 4) one-hot of each row's (or column's) edge class 2 * first + last."""
+    i = np.arange(n)
+    return np.eye(4, dtype=np.float32)[2 * (i == 0) + (i == n - 1)]
+
+
+def edge_class_sums(g, *, batch: int, hw):
+    """(16, hidden) float32: g summed over the positions of each edge class, the edge
+    table's gradient."""
+    hh, ww = hw
+    s = g.reshape(batch, hh, ww, -1).astype(jnp.float32).sum(axis=0)
+    return jnp.einsum("hwc,hr,wk->rkc", s, _edge_classes(hh), _edge_classes(ww)).reshape(16, -1)
+
+
+def reference_conv_gelu(h, taps, table, *, hw):
+    """What :func:`conv_gelu_table` computes, as XLA ops in h's dtype: GELU(the zero-padded
+    depthwise conv of the (B * H * W, hidden) map h + the edge table's row for each
+    position)."""
+    hh, ww = hw
+    hidden = h.shape[-1]
+    kernel = {"kernel": taps.reshape(3, 3, 1, hidden), "bias": jnp.zeros((hidden,), taps.dtype)}
+    z = layers.conv(kernel, h.reshape(-1, hh, ww, hidden), stride=1, padding=1, groups=hidden)
+    cls = 4 * (_edge_classes(hh) @ np.arange(4))[:, None] + (_edge_classes(ww) @ np.arange(4))
+    z = z.astype(jnp.float32) + table[cls.astype(np.int32)]
+    return layers.gelu(z, approximate=False).astype(h.dtype).reshape(h.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def conv_gelu_table(h, taps, table, static):
+    """The conv kernel with its edge table (no ReLU), differentiable by kernels of its
+    own: ``static = (batch, hw, interpret)``. Its backward reads h and the cotangent and
+    writes g GELU'(z) (the forward kernel, recomputing z), then one kernel reads that and
+    h for the input and taps' gradients, and XLA sums it by edge class for the table's."""
+    batch, hw, interpret = static
+    return conv_gelu(h, jnp.zeros(taps.shape[1:], h.dtype), taps, table, batch=batch, hw=hw,
+                     relu=False, padded=False, interpret=interpret)
+
+
+def _conv_gelu_table_fwd(h, taps, table, static):
+    return conv_gelu_table(h, taps, table, static), (h, taps, table)
+
+
+def _conv_gelu_table_bwd(static, res, g):
+    batch, hw, interpret = static
+    h, taps, table = res
+    gz = conv_gelu(h, jnp.zeros(taps.shape[1:], h.dtype), taps, table, batch=batch, hw=hw,
+                   relu=False, padded=False, interpret=interpret, g=g)
+    dh, dtaps = conv_transpose(gz, h, taps, batch=batch, hw=hw, interpret=interpret)
+    return dh, dtaps.astype(taps.dtype), edge_class_sums(gz, batch=batch, hw=hw)
+
+
+conv_gelu_table.defvjp(_conv_gelu_table_fwd, _conv_gelu_table_bwd)
 
 
 def pallas_conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype, interpret: bool = False):
@@ -459,21 +658,36 @@ def pallas_conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype, interpret: bo
     runs it anywhere."""
     b, n, _ = x.shape
     h, b1, taps, bias, padded = conv_inputs(fc1, dwconv, x, hw=hw, relu=relu, dtype=dtype)
-    g = conv_gelu(h, b1, taps, bias, batch=b, hw=hw, relu=relu, padded=padded,
-                  interpret=interpret)
+    if bias.shape[0] == 16 and not padded:  # the edge table: the kernels' own gradient
+        g = conv_gelu_table(h, taps, bias, (b, tuple(hw), interpret))
+    else:
+        g = conv_gelu(h, b1, taps, bias, batch=b, hw=hw, relu=relu, padded=padded,
+                      interpret=interpret)
     return layers.linear(fc2, g, dtype).reshape(b, n, fc2["kernel"].shape[1])
 
 
 def conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool = False, dtype=None):
     """PVT v2's ``fc2(gelu(dwconv(fc1(x))))`` (ReLU after fc1 when ``relu``): the fused
-    kernel where :func:`supported_conv_mlp`, else XLA ops."""
+    kernel where :func:`supported_conv_mlp`, else XLA ops. With the edge table (no ReLU)
+    its gradient is the backward kernels' (:func:`conv_gelu_table`); otherwise XLA's,
+    recomputed from the inputs."""
     dtype = dtype or x.dtype
     kw = dict(hw=tuple(hw), relu=relu, dtype=dtype)
     if enabled() and supported_conv_mlp(fc1, dwconv, fc2, x, dtype):
-        return kernel_with_xla_grad(functools.partial(pallas_conv_mlp, **kw),
-                                    functools.partial(reference_conv_mlp, **kw),
-                                    fc1, dwconv, fc2, x)
+        kernel = functools.partial(pallas_conv_mlp, **kw)
+        reference = functools.partial(reference_conv_mlp, **kw)
+        if conv_has_own_grad(relu):
+            return jax.lax.platform_dependent(fc1, dwconv, fc2, x, cuda=kernel,
+                                              default=reference)
+        return kernel_with_xla_grad(kernel, reference, fc1, dwconv, fc2, x)
     return reference_conv_mlp(fc1, dwconv, fc2, x, **kw)
+
+
+def conv_has_own_grad(relu: bool) -> bool:
+    """Whether the conv kernel's call is differentiated by the backward kernels: with the
+    edge table, unpadded (``CONV_GRAD_BLOCKS["own"]`` off: XLA's recomputed gradient)."""
+    return (CONV_GRAD_BLOCKS["own"] and CONV_BLOCKS["edge_bias"] and not relu
+            and not CONV_BLOCKS["pad"])
 
 
 # ------------------------------------------------------------ SRA attention core
