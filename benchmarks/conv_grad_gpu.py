@@ -36,12 +36,8 @@ PATHS = ("kernels", "xlagrad", "xla")
 @contextlib.contextmanager
 def path(name: str):
     """The conv MLP through one of PATHS while tracing."""
-    saved = dict(fused.CONV_GRAD_BLOCKS)
-    fused.CONV_GRAD_BLOCKS["own"] = name == "kernels"
-    try:
+    with conv_blocks({"own": name == "kernels"}):
         yield fused.reference_conv_mlp if name == "xla" else fused.conv_mlp
-    finally:
-        fused.CONV_GRAD_BLOCKS.update(saved)
 
 
 def grad_fn(mlp, hw, dtype, cotangent):

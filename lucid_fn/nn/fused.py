@@ -320,6 +320,11 @@ def _conv_program_ids() -> tuple:
     return ids[::-1] if CONV_BLOCKS["chunks_first"] else ids
 
 
+def _tap(dy: int, dx: int) -> int:
+    """Index of the tap at offset (dy, dx) in the (9, hidden) HWIO-ordered taps."""
+    return 3 * (dy + 1) + (dx + 1)
+
+
 def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, *refs, hw, tiles, relu,
                       fast_recip, padded):
     """GELU(dwconv3x3(h + b1) + conv bias) for ``by`` rows of ``bx`` columns and ``bc``
@@ -423,9 +428,9 @@ def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, *refs, hw, tiles, relu,
         below = start(yi + 1)
         for dx in (-1, 0, 1):
             v = shifted(raw, yi, dx)
-            above = above + v * w[6 + dx + 1]   # dy = +1 for output row yi - 1
-            here = here + v * w[3 + dx + 1]     # dy = 0
-            below = below + v * w[dx + 1]       # dy = -1 for output row yi + 1
+            above = above + v * w[_tap(1, dx)]   # dy = +1 for output row yi - 1
+            here = here + v * w[_tap(0, dx)]
+            below = below + v * w[_tap(-1, dx)]  # dy = -1 for output row yi + 1
 
         @pl.when(i >= 2)  # output rows y0 .. y0 + by - 1 are finished here
         def _():
@@ -449,6 +454,13 @@ def _whole(a):
     return pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
 
 
+def _conv_layout(relu: bool) -> tuple[bool, bool]:
+    """(table, padded): fc1's bias through the edge table (no ReLU between it and the
+    conv), and fc1 run on zero-ringed tokens (with the table only)."""
+    table = bool(CONV_BLOCKS["edge_bias"]) and not relu
+    return table, table and bool(CONV_BLOCKS["pad"])
+
+
 def conv_inputs(fc1, dwconv, x, *, hw, relu: bool, dtype):
     """What the conv kernel reads: fc1's matmul ``h`` of the (B, N, C) tokens (with a
     zero ring around each image when the kernel runs ``padded``), fc1's bias, the nine
@@ -456,8 +468,7 @@ def conv_inputs(fc1, dwconv, x, *, hw, relu: bool, dtype):
     the conv)."""
     b, _, c_in = x.shape
     hidden = fc1["kernel"].shape[1]
-    table = CONV_BLOCKS["edge_bias"] and not relu
-    padded = table and bool(CONV_BLOCKS["pad"])
+    table, padded = _conv_layout(relu)
     tokens = x.astype(dtype)
     if padded:  # fc1 has no bias in this matmul, so it is zero on the ring
         tokens = jnp.pad(tokens.reshape(b, *hw, c_in), ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -493,13 +504,6 @@ def conv_gelu(h, b1, taps, bias, *, batch: int, hw, relu: bool, padded: bool,
         compiler_params=params, interpret=interpret,
         name="lucid_fn_fused_conv_gelu" + ("" if g is None else "_grad"),
     )(*args)
-
-
-
-
-def _tap(dy: int, dx: int) -> int:
-    """Index of the tap at offset (dy, dx) in the (9, hidden) HWIO-ordered taps."""
-    return 3 * (dy + 1) + (dx + 1)
 
 
 def _conv_transpose_kernel(g_ref, h_ref, taps_ref, dh_ref, dtaps_ref, *, hw, tiles):
@@ -597,10 +601,15 @@ def conv_transpose(g, h, taps, *, batch: int, hw, interpret: bool = False):
     return dh, dtaps.sum(axis=0)
 
 
-def _edge_classes(n: int) -> np.ndarray:
-    """(n, 4) one-hot of each row's (or column's) edge class 2 * first + last."""
+def _edge_class(n: int) -> np.ndarray:
+    """Each row's (or column's) edge class 2 * first + last, as the table indexes it."""
     i = np.arange(n)
-    return np.eye(4, dtype=np.float32)[2 * (i == 0) + (i == n - 1)]
+    return 2 * (i == 0) + (i == n - 1)
+
+
+def _edge_classes(n: int) -> np.ndarray:
+    """(n, 4) one-hot of :func:`_edge_class`."""
+    return np.eye(4, dtype=np.float32)[_edge_class(n)]
 
 
 def edge_class_sums(g, *, batch: int, hw):
@@ -619,8 +628,7 @@ def reference_conv_gelu(h, taps, table, *, hw):
     hidden = h.shape[-1]
     kernel = {"kernel": taps.reshape(3, 3, 1, hidden), "bias": jnp.zeros((hidden,), taps.dtype)}
     z = layers.conv(kernel, h.reshape(-1, hh, ww, hidden), stride=1, padding=1, groups=hidden)
-    cls = 4 * (_edge_classes(hh) @ np.arange(4))[:, None] + (_edge_classes(ww) @ np.arange(4))
-    z = z.astype(jnp.float32) + table[cls.astype(np.int32)]
+    z = z.astype(jnp.float32) + table[4 * _edge_class(hh)[:, None] + _edge_class(ww)]
     return layers.gelu(z, approximate=False).astype(h.dtype).reshape(h.shape)
 
 
@@ -630,9 +638,15 @@ def conv_gelu_table(h, taps, table, static):
     own: ``static = (batch, hw, interpret)``. Its backward reads h and the cotangent and
     writes g GELU'(z) (the forward kernel, recomputing z), then one kernel reads that and
     h for the input and taps' gradients, and XLA sums it by edge class for the table's."""
+    return _table_conv_gelu(h, taps, table, static)
+
+
+def _table_conv_gelu(h, taps, table, static, g=None):
+    """:func:`conv_gelu` with the edge table (fc1's bias is in it: the kernel's own b1
+    input goes unread, zeros)."""
     batch, hw, interpret = static
     return conv_gelu(h, jnp.zeros(taps.shape[1:], h.dtype), taps, table, batch=batch, hw=hw,
-                     relu=False, padded=False, interpret=interpret)
+                     relu=False, padded=False, interpret=interpret, g=g)
 
 
 def _conv_gelu_table_fwd(h, taps, table, static):
@@ -642,8 +656,7 @@ def _conv_gelu_table_fwd(h, taps, table, static):
 def _conv_gelu_table_bwd(static, res, g):
     batch, hw, interpret = static
     h, taps, table = res
-    gz = conv_gelu(h, jnp.zeros(taps.shape[1:], h.dtype), taps, table, batch=batch, hw=hw,
-                   relu=False, padded=False, interpret=interpret, g=g)
+    gz = _table_conv_gelu(h, taps, table, static, g)
     dh, dtaps = conv_transpose(gz, h, taps, batch=batch, hw=hw, interpret=interpret)
     return dh, dtaps.astype(taps.dtype), edge_class_sums(gz, batch=batch, hw=hw)
 
@@ -686,8 +699,8 @@ def conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool = False, dtype=None):
 def conv_has_own_grad(relu: bool) -> bool:
     """Whether the conv kernel's call is differentiated by the backward kernels: with the
     edge table, unpadded (``CONV_GRAD_BLOCKS["own"]`` off: XLA's recomputed gradient)."""
-    return (CONV_GRAD_BLOCKS["own"] and CONV_BLOCKS["edge_bias"] and not relu
-            and not CONV_BLOCKS["pad"])
+    table, padded = _conv_layout(relu)
+    return bool(CONV_GRAD_BLOCKS["own"]) and table and not padded
 
 
 # ------------------------------------------------------------ SRA attention core
