@@ -151,6 +151,30 @@ def _conv_im2col(p, x, *, stride, padding, groups=1, dtype=None):
     return patches @ kernel + p["bias"].astype(dtype)
 
 
+def _conv_s2d(max_c_in: int):
+    """Dense strided convs over at most ``max_c_in`` input channels (v2's patch
+    embeddings) through ``nn.space_to_depth_conv``: the same function."""
+
+    def conv(p, x, *, stride, padding, groups=1, dtype=None):
+        kh, kw, c_in, _ = p["kernel"].shape
+        if groups != 1 or stride == 1 or c_in > max_c_in:
+            return _ORIGINAL["conv"](p, x, stride=stride, padding=padding, groups=groups,
+                                     dtype=dtype)
+        return llayers.space_to_depth_conv(p, x, stride=stride, padding=padding, dtype=dtype)
+
+    return conv
+
+
+def _conv_lax(p, x, *, stride, padding, dtype=None):
+    return _ORIGINAL["conv"](p, x, stride=stride, padding=padding, dtype=dtype)
+
+
+def _s2d_after_barrier(p, x, *, stride, padding, dtype=None):
+    """The stem's input converted in a fusion of its own, then blocked (diagnostic)."""
+    x = jax.lax.optimization_barrier(x.astype(dtype or x.dtype))
+    return _ORIGINAL["space_to_depth_conv"](p, x, stride=stride, padding=padding, dtype=dtype)
+
+
 def _mlp_xla(fc1, fc2, x, *, approximate, dtype=None):
     return lfused.reference(fc1, fc2, x, approximate=approximate, dtype=dtype or x.dtype)
 
@@ -208,14 +232,21 @@ def _fused_off():
     return patched({"enabled": lambda: False})
 
 
-_ORIGINAL = {"conv": llayers.conv, "attend": lattention.attend, "pvt_mlp": lpvt.mlp,
+_ORIGINAL = {"conv": llayers.conv, "space_to_depth_conv": llayers.space_to_depth_conv,
+             "attend": lattention.attend, "pvt_mlp": lpvt.mlp,
              "pvt_v2_mlp": lpvt_v2.mlp,
              "supported_add_layer_norm": lfused.supported_add_layer_norm}
 PATCHES = {
     # switch -> value -> {name in lucid_fn.nn: replacement}
     "gelu": {"lib": {}, "xla": {"gelu": _gelu_xla}, "tanh": {"gelu": _gelu_tanh}},
     "dwconv": {"lib": {}, "shift": {"conv": _conv_shift}},
-    "embed": {"lib": {}, "im2col": {"conv": _conv_im2col}},
+    # v2's patch embeddings: the stem through lax.conv (the path before) or strided slices
+    # and a matmul, every strided conv over space-to-depth blocks (s2dstem, the stem only,
+    # is now the default), the stem's input rounded to bf16 in a pass of its own
+    "embed": {"lib": {}, "s2dstem": {}, "lax": {"space_to_depth_conv": _conv_lax},
+              "im2col": {"conv": _conv_im2col, "space_to_depth_conv": _conv_im2col},
+              "s2d": {"conv": _conv_s2d(1 << 30)},
+              "s2dsplit": {"space_to_depth_conv": _s2d_after_barrier}},
     "patchify": {"lib": {}, "conv": {"patchify_conv": _patchify_conv_xla}},
     "mlp": {"lib": {}, "xla": {"mlp_gelu": _mlp_xla, "conv_mlp": _conv_mlp_xla}},
     "attn": {"lib": {}, "xla": {"attend": lattention.attend_xla},
@@ -297,7 +328,8 @@ def patched(patches: dict):
                "ATTN_BLOCKS": [lfused], "pvt_mlp": [(lpvt, "mlp")],
                "pvt_v2_mlp": [(lpvt_v2, "mlp")], "enabled": [lfused],
                "add_layer_norm": [lfused], "supported_add_layer_norm": [lfused],
-               "NORM_BLOCKS": [lfused], "CONV_GRAD_BLOCKS": [lfused]}
+               "NORM_BLOCKS": [lfused], "CONV_GRAD_BLOCKS": [lfused],
+               "space_to_depth_conv": [lnn, llayers]}
     saved = []
     try:
         for name, fn in patches.items():

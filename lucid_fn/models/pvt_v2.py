@@ -38,6 +38,10 @@ from lucid_fn.models import common
 from lucid_fn.registry import Model, register_model
 
 PATCH_NORM_EPS = 1e-5  # OverlapPatchEmbed keeps nn.LayerNorm's default
+# Patch embeddings over at most this many input channels (the stem on RGB) run as a
+# stride-1 conv over space-to-depth blocks: cuDNN was slow on 3 channels, while the 3x3/2
+# embeddings were slower that way (benchmarks/NOTES.md).
+S2D_MAX_CHANNELS = 8
 STRIDES = (4, 2, 2, 2)
 TOTAL_STRIDE = 32
 
@@ -166,8 +170,9 @@ def init_stage(cfg: PVTv2Config, stage: int) -> dict:
 def stage_forward(p, x, rng, path_rates, *, cfg: PVTv2Config, stage: int):
     """Overlapping patch embedding, blocks, stage norm: NHWC map in, NHWC map out."""
     k = cfg.kernel_sizes[stage]
-    m = nn.conv(p["patch_embed"]["proj"], x, stride=STRIDES[stage], padding=k // 2,
-                dtype=cfg.dtype)
+    embed = nn.space_to_depth_conv if x.shape[-1] <= S2D_MAX_CHANNELS else nn.conv
+    m = embed(p["patch_embed"]["proj"], x, stride=STRIDES[stage], padding=k // 2,
+              dtype=cfg.dtype)
     b, h, w, c = m.shape
     t = nn.layer_norm(p["patch_embed"]["norm"], m.reshape(b, h * w, c), PATCH_NORM_EPS)
     t = nn.run_blocks(block_fn(cfg, stage, (h, w)), p["blocks"], t, rng, path_rates,

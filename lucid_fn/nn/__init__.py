@@ -22,6 +22,7 @@ from lucid_fn.nn.layers import (
     materialize,
     normal,
     patchify_conv,
+    space_to_depth_conv,
     resize_pos_embed,
     stack,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "materialize",
     "normal",
     "patchify_conv",
+    "space_to_depth_conv",
     "resize_pos_embed",
     "run_blocks",
     "sra",

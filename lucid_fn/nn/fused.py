@@ -234,12 +234,12 @@ def mlp_gelu(fc1, fc2, x, *, approximate: bool, dtype=None):
 # launch order (_conv_grid). NOTES.md has the measurements.
 CONV_BLOCKS = {"block_x": 32, "block_h": 64, "num_warps": 4, "min_programs": 1024,
                "edge_bias": True, "pad": False, "masked_loads": True, "exact_min": 4,
-               "max_h": 256, "max_h_narrow": 128, "prefetch": 1, "chunks_first": False}
+               "max_h": 256, "max_h_narrow": 128, "prefetch": 1, "chunks_first": True}
 # The conv kernel's backward (conv_gelu_table): elements per tile row and warps of its
 # two kernels (the transposed conv carries nine weight-gradient accumulators per element,
 # so its tiles are smaller); prefetch_g: the first loads the cotangent's row a step ahead;
 # own: off, the conv kernel's gradient is XLA's, recomputed (NOTES.md).
-CONV_GRAD_BLOCKS = {"gelu_size": 2048, "gelu_warps": 4, "transpose_size": 1024,
+CONV_GRAD_BLOCKS = {"gelu_size": 2048, "gelu_warps": 4, "transpose_size": 512,
                     "transpose_warps": 4, "prefetch_g": False, "own": True}
 # Which of the offsets -1, 0, +1 stay inside the map, for a position's edge class
 # 2 * (first row/column) + (last row/column).

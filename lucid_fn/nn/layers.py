@@ -175,6 +175,41 @@ def conv(p: Params, x, *, stride: int, padding: int, groups: int = 1, dtype=None
     return y + p["bias"].astype(dtype)
 
 
+def _s2d_geometry(k: int, stride: int, padding: int, n: int) -> tuple[int, int, int, int]:
+    """(top pad, offset d, blocks per kernel side kb, output size) of a stride-``stride``
+    conv over ``n`` rows written over stride x stride blocks: the top pad is ``padding``
+    rounded up to whole blocks, so output row o reads padded rows s o + d .. s o + d + k - 1,
+    which are blocks o .. o + kb - 1."""
+    top = stride * -(-padding // stride)
+    d = top - padding
+    return top, d, -(-(d + k) // stride), (n + 2 * padding - k) // stride + 1
+
+
+def space_to_depth_conv(p: Params, x, *, stride: int, padding: int, dtype=None):
+    """The same function as :func:`conv` (dense, ``stride`` > 1) computed as a stride-1
+    conv over ``stride`` x ``stride`` blocks of the input stacked into channels, with the
+    kernel zero-padded onto the blocks (kb x kb taps of s*s*C_in channels).
+
+    For v2's first patch embedding (7x7 stride 4 over 3 channels) that is a 2x2 conv over
+    48 channels: cuDNN's kernel for 3 input channels ran at about a tenth of its memory
+    floor, with a padding pass of its own (benchmarks/NOTES.md)."""
+    kh, kw, c_in, c_out = p["kernel"].shape
+    b, h, w, c = x.shape
+    s = stride
+    top, dy, kby, ho = _s2d_geometry(kh, s, padding, h)
+    left, dx, kbx, wo = _s2d_geometry(kw, s, padding, w)
+    rows, cols = s * (ho + kby - 1), s * (wo + kbx - 1)  # padded extent the blocks cover
+    x = x.astype(dtype or x.dtype)
+    x = jnp.pad(x, ((0, 0), (top, max(0, rows - top - h)), (left, max(0, cols - left - w)),
+                    (0, 0)))[:, :rows, :cols]
+    x = x.reshape(b, rows // s, s, cols // s, s, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, rows // s, cols // s, s * s * c)
+    k = jnp.pad(p["kernel"], ((dy, s * kby - dy - kh), (dx, s * kbx - dx - kw), (0, 0), (0, 0)))
+    k = k.reshape(kby, s, kbx, s, c_in, c_out).transpose(0, 2, 1, 3, 4, 5)
+    k = k.reshape(kby, kbx, s * s * c_in, c_out)
+    return conv({"kernel": k, "bias": p["bias"]}, x, stride=1, padding=0, dtype=dtype)
+
+
 def depthwise_conv3x3(p: Params, x, hw, dtype=None):
     """PVT v2's depthwise 3x3 conv (padding 1, bias) on (B, N, C) tokens laid out on an
     ``hw`` map; tokens in, tokens out."""
