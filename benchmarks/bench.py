@@ -189,6 +189,7 @@ def _attend_with(layout: str):
     way; the same function of the same params."""
 
     def attend(q, k, v, *, scale, dtype, attn_drop, rng):
+        q = llayers.add_bias(q)
         s = scale or q.shape[-1] ** -0.5
         if layout == "dpa":
             return jax.nn.dot_product_attention(q, k, v, scale=s)
@@ -265,6 +266,9 @@ PATCHES = {
                 "train": {"NORM_BLOCKS": {**lfused.NORM_BLOCKS, "train": True}}},
     # the branches' output biases added by XLA before the add+norm (the path before)
     "bias": {"lib": {}, "added": {"NORM_BLOCKS": {**lfused.NORM_BLOCKS, "branch_bias": False}}},
+    # the queries' bias added in the attention kernel, or by XLA before it (the default)
+    "qbias": {"lib": {}, "added": {"ATTN_BLOCKS": {**lfused.ATTN_BLOCKS, "q_bias": False}},
+              "kernel": {"ATTN_BLOCKS": {**lfused.ATTN_BLOCKS, "q_bias": True}}},
     # Diagnostics only, not the same function: where the v2 conv kernel's time goes.
     "convdiag": {"lib": {}, "nogelu": {"_gelu_f32": lambda h, *a: h}},
 }
@@ -305,7 +309,7 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
                 **patches.get("CONV_GRAD_BLOCKS", lfused.CONV_GRAD_BLOCKS), key[9:]: int(value)}
         elif key == "attnblk" and len(value.split("x")) == 2:  # attention: QUERIESxWARPS
             q, w = (int(v) for v in value.split("x"))
-            patches["ATTN_BLOCKS"] = {"block_q": q, "num_warps": w}
+            patches["ATTN_BLOCKS"] = {**lfused.ATTN_BLOCKS, "block_q": q, "num_warps": w}
         else:
             allowed = [f"{k}={'|'.join(v)}" for k, v in {**BUILDER_KEYS, **PATCHES}.items()]
             allowed.append("mlpblk=<rows>x<hidden chunk>x<warps>[xr: approximate reciprocal]")

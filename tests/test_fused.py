@@ -383,9 +383,13 @@ def _bf16(*arrays):
     (1, 64, 7, 1, 64, 0.3),     # few keys (padded to 16 in the kernel), an explicit scale
     (2, 50, 50, 4, 16, None),   # PVT v1's last stage: class token, nothing reduced
 ])
-def test_attention_kernel_matches_xla(b, n, m, heads, d, scale):
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_attention_kernel_matches_xla(b, n, m, heads, d, scale, with_bias):
     q, k, v = _bf16(*_qkv(b, n, m, heads, d))
-    out = fused.pallas_attention(q, k, v, scale=scale, dtype=jnp.bfloat16, interpret=True)
+    bias = (jax.random.normal(jax.random.key(9), (heads, d)) * with_bias).astype(jnp.bfloat16)
+    out = fused.pallas_attention(q, bias, k, v, scale=scale, dtype=jnp.bfloat16,
+                                 interpret=True)
+    q = layers.add_bias(layers.Biased(q, bias))  # the kernel adds it as the linear layer
     assert out.shape == (b, n, heads, d) and out.dtype == jnp.bfloat16
     ref32 = attention.attend_xla(*(a.astype(jnp.float32) for a in (q, k, v)), scale=scale,
                                  dtype=jnp.float32)
@@ -559,6 +563,38 @@ def test_branches_hand_their_output_bias_to_the_add_norm(monkeypatch, name):
     seen.clear()
     model.apply(params, x, train=True, rng=jax.random.key(2))
     assert seen and not any(seen)
+
+
+@pytest.mark.parametrize("name", ["pvt_small", "pvt_v2_b0"])
+def test_queries_reach_the_attention_with_their_bias_at_inference(monkeypatch, name):
+    """With ATTN_BLOCKS["q_bias"], at inference the query projection's bias goes to the
+    attention kernel un-added (no pass of its own), the logits unchanged; in training, and
+    with the option off (the default until timed), the queries arrive added."""
+    arch = dict(img_size=64, num_classes=10, depths=(1, 1, 1, 1))
+    if name == "pvt_small":
+        arch["flavor"] = "paper"
+    model = registry[name](dtype=jnp.bfloat16, **arch)
+    params = model.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+    seen, original = [], fused.attention
+
+    def spy(q, k, v, **kw):
+        seen.append(isinstance(q, layers.Biased))
+        return original(q, k, v, **kw)
+
+    monkeypatch.setattr(fused, "attention", spy)
+    monkeypatch.setitem(fused.ATTN_BLOCKS, "q_bias", True)
+    deferred = model.apply(params, x)
+    assert seen == [True] * 4, seen
+    seen.clear()
+    model.apply(params, x, train=True, rng=jax.random.key(2))
+    assert seen and not any(seen)
+    seen.clear()
+    monkeypatch.setitem(fused.ATTN_BLOCKS, "q_bias", False)
+    added = model.apply(params, x)
+    assert seen and not any(seen)
+    # off the GPU both add the bias in bf16 before the XLA attention: the same logits
+    np.testing.assert_array_equal(np.asarray(deferred), np.asarray(added))
 
 
 @pytest.mark.parametrize("name", ["pvt_small", "pvt_v2_b0"])

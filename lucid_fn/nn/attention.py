@@ -48,12 +48,18 @@ def reduce_tokens(p, x, hw, *, linear: bool, dtype):
     return layers.gelu(t, approximate=False) if linear else t
 
 
-def queries_keys_values(p, x, hw, *, heads: int, dtype, linear: bool = False):
+def queries_keys_values(p, x, hw, *, heads: int, dtype, linear: bool = False,
+                        defer_q_bias: bool = False):
     """Per-head queries (B, N, heads, d) from every token, keys and values (B, M, heads, d)
-    from the reduced map."""
+    from the reduced map. ``defer_q_bias``: the queries as a ``layers.Biased`` (bias
+    (heads, d)) when their projection has a bias."""
     b, n, c = x.shape
     d = c // heads
-    q = layers.linear(p["q"], x, dtype).reshape(b, n, heads, d)
+    q = layers.linear(p["q"], x, dtype, defer_bias=defer_q_bias)
+    if isinstance(q, layers.Biased):
+        q = layers.Biased(q.value.reshape(b, n, heads, d), q.bias.reshape(heads, d))
+    else:
+        q = q.reshape(b, n, heads, d)
     kv_in = reduce_tokens(p, x, hw, linear=linear, dtype=dtype)
     # The 2C axis of kv is [k heads..., v heads...] in every reference layout.
     kv = layers.linear(p["kv"], kv_in, dtype).reshape(b, -1, 2, heads, d)
@@ -69,7 +75,8 @@ def attention_probs(q, k, scale: float | None):
 
 def attend_xla(q, k, v, *, scale: float | None, dtype, attn_drop: float = 0.0, rng=None):
     """The attention core as XLA ops: probabilities (cast to ``dtype``, dropped out) times
-    values, (B, N, heads, d)."""
+    values, (B, N, heads, d). ``q`` may be a ``layers.Biased``."""
+    q = layers.add_bias(q)
     attn = layers.dropout(attention_probs(q, k, scale).astype(dtype), attn_drop, rng)
     return jnp.einsum("bhnm,bmhd->bnhd", attn, v)
 
@@ -78,7 +85,7 @@ def attend(q, k, v, *, scale: float | None, dtype, attn_drop: float, rng):
     """:func:`attend_xla`; with no dropout to apply (``rng`` None or a rate of 0) one fused
     kernel where it pays (``nn.fused.attention``: the float32 logits never leave the chip;
     in training its backward recomputes the XLA form)."""
-    if rng is None or attn_drop == 0:
+    if rng is None or attn_drop == 0:  # q may be a layers.Biased
         return fused.attention(q, k, v, scale=scale, dtype=dtype, reference=functools.partial(
             attend_xla, scale=scale, dtype=dtype))
     return attend_xla(q, k, v, scale=scale, dtype=dtype, attn_drop=attn_drop, rng=rng)
@@ -89,9 +96,10 @@ def sra(p, x, rngs, *, hw, heads: int, scale: float | None, dtype, attn_drop: fl
     """SRA over tokens ``x`` (B, N, C) laid out on an ``hw`` map (a class token, if any,
     only where nothing is reduced). ``rngs``: 3 keys or Nones (attention, output x2).
     ``defer_bias`` (with no output dropout): the projection's bias not added, as a
-    ``layers.Biased``."""
+    ``layers.Biased``; then the queries' bias is left to the attention kernel too."""
     b, n, c = x.shape
-    q, k, v = queries_keys_values(p, x, hw, heads=heads, dtype=dtype, linear=linear)
+    q, k, v = queries_keys_values(p, x, hw, heads=heads, dtype=dtype, linear=linear,
+                                  defer_q_bias=defer_bias and fused.ATTN_BLOCKS["q_bias"])
     out = attend(q, k, v, scale=scale, dtype=dtype, attn_drop=attn_drop,
                  rng=rngs[0]).reshape(b, n, c)
     if "proj" in p:

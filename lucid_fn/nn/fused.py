@@ -706,24 +706,30 @@ def conv_has_own_grad(relu: bool) -> bool:
 # ------------------------------------------------------------ SRA attention core
 
 # Query rows per program, warps. Keys and values (at most MAX_KEYS, 49 in every PVT at
-# 224x224) fit in one tile, so each program does the whole softmax on chip.
-ATTN_BLOCKS = {"block_q": 128, "num_warps": 4}
+# 224x224) fit in one tile, so each program does the whole softmax on chip. q_bias: at
+# inference the query projection's bias comes in un-added (layers.Biased) and the kernel
+# adds it, as the add+norm kernel does the branches' (off: XLA's add, a pass of its own).
+# Off until measured on a GPU: compiled for sm_90 here, not yet timed (NOTES.md).
+ATTN_BLOCKS = {"block_q": 128, "num_warps": 4, "q_bias": False}
 MAX_KEYS = 128
 
 
 def supported_attention(q, k, v, dtype) -> bool:
     """bf16 throughout (as the model's projections give them: then the XLA form's result
-    is bf16 too), head widths the dots take, and keys that fit one tile."""
+    is bf16 too), head widths the dots take, and keys that fit one tile. ``q`` may be a
+    ``layers.Biased``."""
+    q = q.value if isinstance(q, layers.Biased) else q
     d, m = q.shape[-1], k.shape[1]
     bf16 = jnp.dtype(jnp.bfloat16)
     return (all(a.dtype == bf16 for a in (q, k, v)) and jnp.dtype(dtype) == bf16
             and _is_pow2(d) and 16 <= d <= 128 and m <= MAX_KEYS)
 
 
-def _attention_kernel(q_ref, k_ref, v_ref, o_ref, *, n, m, scale, block_q):
+def _attention_kernel(q_ref, qb_ref, k_ref, v_ref, o_ref, *, n, m, scale, block_q):
     """softmax(q k^T * scale) v for one tile of query rows of one (image, head); logits
     and softmax in float32, probabilities cast to the compute dtype before the value
-    product, as the XLA path does."""
+    product, as the XLA path does. The query's bias (``qb_ref``, this head's) is added
+    and rounded to the query's dtype, as the linear layer would have."""
     keys = max(16, 1 << (m - 1).bit_length())  # a power of two for the dots
     rows = pl.program_id(2) * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
     # Clamped indices: the last tile's extra rows re-read and re-write row n - 1 with the
@@ -731,6 +737,7 @@ def _attention_kernel(q_ref, k_ref, v_ref, o_ref, *, n, m, scale, block_q):
     rows = jnp.minimum(rows, n - 1)
     key_rows = jnp.minimum(jax.lax.broadcasted_iota(jnp.int32, (keys,), 0), m - 1)
     q = q_ref[rows, :]
+    q = (q.astype(jnp.float32) + qb_ref[...].astype(jnp.float32)[None, :]).astype(q.dtype)
     k = k_ref[key_rows, :]
     v = v_ref[key_rows, :]
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
@@ -741,10 +748,10 @@ def _attention_kernel(q_ref, k_ref, v_ref, o_ref, *, n, m, scale, block_q):
     o_ref[rows, :] = jnp.dot(p, v, preferred_element_type=jnp.float32).astype(o_ref.dtype)
 
 
-def pallas_attention(q, k, v, *, scale: float | None, dtype, interpret: bool = False):
-    """The attention core on per-head queries (B, N, heads, d) and keys and values
-    (B, M, heads, d), heads read in place from the (B, N, heads * d) token layout (no
-    transposes). ``interpret=True`` runs it anywhere."""
+def pallas_attention(q, q_bias, k, v, *, scale: float | None, dtype, interpret: bool = False):
+    """The attention core on per-head queries (B, N, heads, d) plus their bias
+    (heads, d), keys and values (B, M, heads, d), heads read in place from the
+    (B, N, heads * d) token layout (no transposes). ``interpret=True`` runs it anywhere."""
     b, n, heads, d = q.shape
     m = k.shape[1]
     bq = ATTN_BLOCKS["block_q"]
@@ -754,21 +761,28 @@ def pallas_attention(q, k, v, *, scale: float | None, dtype, interpret: bool = F
         functools.partial(_attention_kernel, n=n, m=m, scale=scale or d ** -0.5, block_q=bq),
         out_shape=jax.ShapeDtypeStruct((b, n, heads * d), dtype),
         grid=(b, heads, -(-n // bq)),
-        in_specs=[head(n), head(m), head(m)],
+        in_specs=[head(n), pl.BlockSpec((d,), lambda i, h, j: (h,)), head(m), head(m)],
         out_specs=head(n),
         compiler_params=plt.CompilerParams(num_warps=ATTN_BLOCKS["num_warps"], num_stages=1),
         interpret=interpret, name="lucid_fn_fused_attention",
-    )(q, k, v)
+    )(q, q_bias.reshape(heads * d).astype(dtype), k, v)
     return out.reshape(b, n, heads, d)
 
 
 def attention(q, k, v, *, scale: float | None, dtype, reference):
     """``reference(q, k, v)`` (SRA's probabilities times values, no dropout) by the kernel
-    where :func:`supported_attention`, on CUDA; XLA elsewhere and for gradients."""
-    if enabled() and supported_attention(q, k, v, dtype):
-        return kernel_with_xla_grad(
-            functools.partial(pallas_attention, scale=scale, dtype=dtype), reference, q, k, v)
-    return reference(q, k, v)
+    where :func:`supported_attention`, on CUDA; XLA elsewhere and for gradients. ``q`` may
+    be a ``layers.Biased``: the kernel adds its bias, the reference gets it added."""
+    if not (enabled() and supported_attention(q, k, v, dtype)):
+        return reference(layers.add_bias(q), k, v)
+    if isinstance(q, layers.Biased):
+        q, q_bias = q.value, q.bias.astype(q.value.dtype)
+    else:
+        q_bias = jnp.zeros(q.shape[2:], q.dtype)  # adding zero keeps q as it is
+    return kernel_with_xla_grad(
+        functools.partial(pallas_attention, scale=scale, dtype=dtype),
+        lambda q, q_bias, k, v: reference(layers.add_bias(layers.Biased(q, q_bias)), k, v),
+        q, q_bias, k, v)
 
 
 # ------------------------------------------------------------ residual add + LayerNorm
