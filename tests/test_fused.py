@@ -386,10 +386,11 @@ def _bf16(*arrays):
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_attention_kernel_matches_xla(b, n, m, heads, d, scale, with_bias):
     q, k, v = _bf16(*_qkv(b, n, m, heads, d))
-    bias = (jax.random.normal(jax.random.key(9), (heads, d)) * with_bias).astype(jnp.bfloat16)
-    out = fused.pallas_attention(q, bias, k, v, scale=scale, dtype=jnp.bfloat16,
-                                 interpret=True)
-    q = layers.add_bias(layers.Biased(q, bias))  # the kernel adds it as the linear layer
+    bias = jax.random.normal(jax.random.key(9), (heads, d)).astype(jnp.bfloat16)
+    out = fused.pallas_attention(q, k, v, bias if with_bias else None, scale=scale,
+                                 dtype=jnp.bfloat16, interpret=True)
+    if with_bias:  # the kernel adds it as the linear layer would have
+        q = layers.add_bias(layers.Biased(q, bias))
     assert out.shape == (b, n, heads, d) and out.dtype == jnp.bfloat16
     ref32 = attention.attend_xla(*(a.astype(jnp.float32) for a in (q, k, v)), scale=scale,
                                  dtype=jnp.float32)

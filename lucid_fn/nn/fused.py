@@ -725,11 +725,13 @@ def supported_attention(q, k, v, dtype) -> bool:
             and _is_pow2(d) and 16 <= d <= 128 and m <= MAX_KEYS)
 
 
-def _attention_kernel(q_ref, qb_ref, k_ref, v_ref, o_ref, *, n, m, scale, block_q):
+def _attention_kernel(q_ref, *refs, n, m, scale, block_q):
     """softmax(q k^T * scale) v for one tile of query rows of one (image, head); logits
     and softmax in float32, probabilities cast to the compute dtype before the value
-    product, as the XLA path does. The query's bias (``qb_ref``, this head's) is added
-    and rounded to the query's dtype, as the linear layer would have."""
+    product, as the XLA path does. With ``refs = (qb_ref, k_ref, v_ref, o_ref)`` the
+    query's bias (this head's) is added and rounded to the query's dtype, as the linear
+    layer would have."""
+    *qb_ref, k_ref, v_ref, o_ref = refs
     keys = max(16, 1 << (m - 1).bit_length())  # a power of two for the dots
     rows = pl.program_id(2) * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
     # Clamped indices: the last tile's extra rows re-read and re-write row n - 1 with the
@@ -737,7 +739,9 @@ def _attention_kernel(q_ref, qb_ref, k_ref, v_ref, o_ref, *, n, m, scale, block_
     rows = jnp.minimum(rows, n - 1)
     key_rows = jnp.minimum(jax.lax.broadcasted_iota(jnp.int32, (keys,), 0), m - 1)
     q = q_ref[rows, :]
-    q = (q.astype(jnp.float32) + qb_ref[...].astype(jnp.float32)[None, :]).astype(q.dtype)
+    if qb_ref:
+        q = (q.astype(jnp.float32) + qb_ref[0][...].astype(jnp.float32)[None, :]
+             ).astype(q.dtype)
     k = k_ref[key_rows, :]
     v = v_ref[key_rows, :]
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
@@ -748,24 +752,27 @@ def _attention_kernel(q_ref, qb_ref, k_ref, v_ref, o_ref, *, n, m, scale, block_
     o_ref[rows, :] = jnp.dot(p, v, preferred_element_type=jnp.float32).astype(o_ref.dtype)
 
 
-def pallas_attention(q, q_bias, k, v, *, scale: float | None, dtype, interpret: bool = False):
-    """The attention core on per-head queries (B, N, heads, d) plus their bias
-    (heads, d), keys and values (B, M, heads, d), heads read in place from the
+def pallas_attention(q, k, v, q_bias=None, *, scale: float | None, dtype,
+                     interpret: bool = False):
+    """The attention core on per-head queries (B, N, heads, d) (plus their bias (heads, d),
+    if given), keys and values (B, M, heads, d), heads read in place from the
     (B, N, heads * d) token layout (no transposes). ``interpret=True`` runs it anywhere."""
     b, n, heads, d = q.shape
     m = k.shape[1]
     bq = ATTN_BLOCKS["block_q"]
     q, k, v = (a.reshape(*a.shape[:2], heads * d).astype(dtype) for a in (q, k, v))
+    bias = () if q_bias is None else (q_bias.reshape(heads * d).astype(dtype),)
+    bias_spec = [pl.BlockSpec((d,), lambda i, h, j: (h,))] * len(bias)
     head = lambda rows: pl.BlockSpec((None, rows, d), lambda i, h, j: (i, 0, h))  # noqa: E731
     out = pl.pallas_call(
         functools.partial(_attention_kernel, n=n, m=m, scale=scale or d ** -0.5, block_q=bq),
         out_shape=jax.ShapeDtypeStruct((b, n, heads * d), dtype),
         grid=(b, heads, -(-n // bq)),
-        in_specs=[head(n), pl.BlockSpec((d,), lambda i, h, j: (h,)), head(m), head(m)],
+        in_specs=[head(n), *bias_spec, head(m), head(m)],
         out_specs=head(n),
         compiler_params=plt.CompilerParams(num_warps=ATTN_BLOCKS["num_warps"], num_stages=1),
         interpret=interpret, name="lucid_fn_fused_attention",
-    )(q, q_bias.reshape(heads * d).astype(dtype), k, v)
+    )(q, *bias, k, v)
     return out.reshape(b, n, heads, d)
 
 
@@ -775,14 +782,12 @@ def attention(q, k, v, *, scale: float | None, dtype, reference):
     be a ``layers.Biased``: the kernel adds its bias, the reference gets it added."""
     if not (enabled() and supported_attention(q, k, v, dtype)):
         return reference(layers.add_bias(q), k, v)
-    if isinstance(q, layers.Biased):
-        q, q_bias = q.value, q.bias.astype(q.value.dtype)
-    else:
-        q_bias = jnp.zeros(q.shape[2:], q.dtype)  # adding zero keeps q as it is
+    kernel = functools.partial(pallas_attention, scale=scale, dtype=dtype)
+    if not isinstance(q, layers.Biased):
+        return kernel_with_xla_grad(kernel, reference, q, k, v)
     return kernel_with_xla_grad(
-        functools.partial(pallas_attention, scale=scale, dtype=dtype),
-        lambda q, q_bias, k, v: reference(layers.add_bias(layers.Biased(q, q_bias)), k, v),
-        q, q_bias, k, v)
+        kernel, lambda q, k, v, q_bias: reference(layers.add_bias(layers.Biased(q, q_bias)), k, v),
+        q.value, k, v, q.bias.astype(q.value.dtype))
 
 
 # ------------------------------------------------------------ residual add + LayerNorm
