@@ -151,22 +151,13 @@ def _conv_im2col(p, x, *, stride, padding, groups=1, dtype=None):
     return patches @ kernel + p["bias"].astype(dtype)
 
 
-def _conv_s2d(max_c_in: int):
-    """Dense strided convs over at most ``max_c_in`` input channels (v2's patch
-    embeddings) through ``nn.space_to_depth_conv``: the same function."""
-
-    def conv(p, x, *, stride, padding, groups=1, dtype=None):
-        kh, kw, c_in, _ = p["kernel"].shape
-        if groups != 1 or stride == 1 or c_in > max_c_in:
-            return _ORIGINAL["conv"](p, x, stride=stride, padding=padding, groups=groups,
-                                     dtype=dtype)
-        return llayers.space_to_depth_conv(p, x, stride=stride, padding=padding, dtype=dtype)
-
-    return conv
-
-
-def _conv_lax(p, x, *, stride, padding, dtype=None):
-    return _ORIGINAL["conv"](p, x, stride=stride, padding=padding, dtype=dtype)
+def _conv_s2d(p, x, *, stride, padding, groups=1, dtype=None):
+    """Every dense strided conv (v2's 3x3/2 patch embeddings too, not only the stem)
+    through ``nn.space_to_depth_conv``: the same function."""
+    if groups != 1 or stride == 1:
+        return _ORIGINAL["conv"](p, x, stride=stride, padding=padding, groups=groups,
+                                 dtype=dtype)
+    return llayers.space_to_depth_conv(p, x, stride=stride, padding=padding, dtype=dtype)
 
 
 def _s2d_after_barrier(p, x, *, stride, padding, dtype=None):
@@ -244,9 +235,9 @@ PATCHES = {
     # v2's patch embeddings: the stem through lax.conv (the path before) or strided slices
     # and a matmul, every strided conv over space-to-depth blocks (s2dstem, the stem only,
     # is now the default), the stem's input rounded to bf16 in a pass of its own
-    "embed": {"lib": {}, "s2dstem": {}, "lax": {"space_to_depth_conv": _conv_lax},
+    "embed": {"lib": {}, "s2dstem": {}, "lax": {"space_to_depth_conv": llayers.conv},
               "im2col": {"conv": _conv_im2col, "space_to_depth_conv": _conv_im2col},
-              "s2d": {"conv": _conv_s2d(1 << 30)},
+              "s2d": {"conv": _conv_s2d},
               "s2dsplit": {"space_to_depth_conv": _s2d_after_barrier}},
     "patchify": {"lib": {}, "conv": {"patchify_conv": _patchify_conv_xla}},
     "mlp": {"lib": {}, "xla": {"mlp_gelu": _mlp_xla, "conv_mlp": _conv_mlp_xla}},

@@ -194,7 +194,7 @@ def space_to_depth_conv(p: Params, x, *, stride: int, padding: int, dtype=None):
     48 channels: cuDNN's kernel for 3 input channels ran at about a tenth of its memory
     floor, with a padding pass of its own (benchmarks/NOTES.md)."""
     kh, kw, c_in, c_out = p["kernel"].shape
-    b, h, w, c = x.shape
+    b, h, w, _ = x.shape
     s = stride
     top, dy, kby, ho = _s2d_geometry(kh, s, padding, h)
     left, dx, kbx, wo = _s2d_geometry(kw, s, padding, w)
@@ -202,8 +202,8 @@ def space_to_depth_conv(p: Params, x, *, stride: int, padding: int, dtype=None):
     x = x.astype(dtype or x.dtype)
     x = jnp.pad(x, ((0, 0), (top, max(0, rows - top - h)), (left, max(0, cols - left - w)),
                     (0, 0)))[:, :rows, :cols]
-    x = x.reshape(b, rows // s, s, cols // s, s, c).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(b, rows // s, cols // s, s * s * c)
+    x = x.reshape(b, rows // s, s, cols // s, s, c_in).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, rows // s, cols // s, s * s * c_in)
     k = jnp.pad(p["kernel"], ((dy, s * kby - dy - kh), (dx, s * kbx - dx - kw), (0, 0), (0, 0)))
     k = k.reshape(kby, s, kbx, s, c_in, c_out).transpose(0, 2, 1, 3, 4, 5)
     k = k.reshape(kby, kbx, s * s * c_in, c_out)
