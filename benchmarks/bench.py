@@ -257,7 +257,7 @@ PATCHES = {
                 "train": {"NORM_BLOCKS": {**lfused.NORM_BLOCKS, "train": True}}},
     # the branches' output biases added by XLA before the add+norm (the path before)
     "bias": {"lib": {}, "added": {"NORM_BLOCKS": {**lfused.NORM_BLOCKS, "branch_bias": False}}},
-    # the queries' bias added in the attention kernel, or by XLA before it (the default)
+    # the queries' bias added by XLA before the attention kernel (the path before), or in it
     "qbias": {"lib": {}, "added": {"ATTN_BLOCKS": {**lfused.ATTN_BLOCKS, "q_bias": False}},
               "kernel": {"ATTN_BLOCKS": {**lfused.ATTN_BLOCKS, "q_bias": True}}},
     # Diagnostics only, not the same function: where the v2 conv kernel's time goes.

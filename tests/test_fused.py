@@ -570,7 +570,7 @@ def test_branches_hand_their_output_bias_to_the_add_norm(monkeypatch, name):
 def test_queries_reach_the_attention_with_their_bias_at_inference(monkeypatch, name):
     """With ATTN_BLOCKS["q_bias"], at inference the query projection's bias goes to the
     attention kernel un-added (no pass of its own), the logits unchanged; in training, and
-    with the option off (the default until timed), the queries arrive added."""
+    with the option off, the queries arrive added."""
     arch = dict(img_size=64, num_classes=10, depths=(1, 1, 1, 1))
     if name == "pvt_small":
         arch["flavor"] = "paper"

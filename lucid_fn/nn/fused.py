@@ -708,9 +708,9 @@ def conv_has_own_grad(relu: bool) -> bool:
 # Query rows per program, warps. Keys and values (at most MAX_KEYS, 49 in every PVT at
 # 224x224) fit in one tile, so each program does the whole softmax on chip. q_bias: at
 # inference the query projection's bias comes in un-added (layers.Biased) and the kernel
-# adds it, as the add+norm kernel does the branches' (off: XLA's add, a pass of its own).
-# Off until measured on a GPU: compiled for sm_90 here, not yet timed (NOTES.md).
-ATTN_BLOCKS = {"block_q": 128, "num_warps": 4, "q_bias": False}
+# adds it, as the add+norm kernel does the branches' (off: XLA's add, a pass of its own;
+# on, +1.9% for pvt_v2_b2 inference on the H200, benchmarks/NOTES.md).
+ATTN_BLOCKS = {"block_q": 128, "num_warps": 4, "q_bias": True}
 MAX_KEYS = 128
 
 
