@@ -260,6 +260,11 @@ PATCHES = {
     # the queries' bias added by XLA before the attention kernel (the path before), or in it
     "qbias": {"lib": {}, "added": {"ATTN_BLOCKS": {**lfused.ATTN_BLOCKS, "q_bias": False}},
               "kernel": {"ATTN_BLOCKS": {**lfused.ATTN_BLOCKS, "q_bias": True}}},
+    # v2's stage norms and patch-embedding norms through XLA's fusions (the paths before)
+    "stagenorm": {"lib": {},
+                  "xla": {"NORM_BLOCKS": {**lfused.NORM_BLOCKS, "stage_norm": False}}},
+    "embednorm": {"lib": {},
+                  "xla": {"NORM_BLOCKS": {**lfused.NORM_BLOCKS, "embed_norm": False}}},
     # Diagnostics only, not the same function: where the v2 conv kernel's time goes.
     "convdiag": {"lib": {}, "nogelu": {"_gelu_f32": lambda h, *a: h}},
 }
@@ -267,6 +272,16 @@ PATCHES = {
 CONV_OPTIONS = tuple(lfused.CONV_BLOCKS)
 BUILDER_KEYS = {"scan_blocks": {"1": True, "0": False, "none": None},
                 "remat": {"1": True, "0": False}}
+
+
+def _merge_patches(patches: dict, new: dict) -> None:
+    """Add ``new`` to ``patches``; two settings dicts of one name (``stagenorm=xla,
+    embednorm=xla``) combine their changes from the library's values."""
+    for name, value in new.items():
+        if isinstance(value, dict) and isinstance(patches.get(name), dict):
+            base = getattr(lfused, name)
+            value = {**patches[name], **{k: v for k, v in value.items() if base.get(k) != v}}
+        patches[name] = value
 
 
 def parse_variant(spec: str) -> tuple[dict, dict]:
@@ -280,7 +295,7 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
         if key in BUILDER_KEYS and value in BUILDER_KEYS[key]:
             kwargs[key] = BUILDER_KEYS[key][value]
         elif key in PATCHES and value in PATCHES[key]:
-            patches.update(PATCHES[key][value])
+            _merge_patches(patches, PATCHES[key][value])
         elif key == "mlpblk" and len(value.split("x")) in (3, 4):  # fused MLP: MxHxWARPS[xr]
             m, h, w = (int(v) for v in value.split("x")[:3])
             patches["BLOCKS"] = {**lfused.BLOCKS, "block_m": m, "block_h": h, "num_warps": w,

@@ -154,11 +154,9 @@ def _embed_v1(cfg, p, x, stage: int):
 
 def _embed_v2(cfg, p, x, stage: int):
     """Tokens entering a v2 stage's first block. v2's stage_forward ends with the stage
-    norm, so a run with no blocks would not give them: the overlapping patch embedding is
-    spelled out here as in pvt_v2.stage_forward."""
-    k = cfg.kernel_sizes[stage]
-    m = nn.conv(p["patch_embed"]["proj"], x, stride=pvt_v2.STRIDES[stage], padding=k // 2,
-                dtype=cfg.dtype)
+    norm, so a run with no blocks would not give them: its patch embedding's conv, then
+    the norm."""
+    m = pvt_v2.patch_embed_conv(p, x, cfg=cfg, stage=stage)
     b, h, w, c = m.shape
     t = nn.layer_norm(p["patch_embed"]["norm"], m.reshape(b, h * w, c), pvt_v2.PATCH_NORM_EPS)
     return t, (h, w)

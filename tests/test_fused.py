@@ -489,6 +489,39 @@ def test_add_norm_kernel_matches_xla(shape, biased):
     err_xla = float(jnp.abs(n_ref.astype(jnp.float32) - exact).max())
     assert err <= err_xla * 1.1, (err, err_xla)
     assert float((n != n_ref).mean()) < 1e-3
+    # a stage's closing norm: the same norm, no sum written
+    n_only = fused.pallas_add_layer_norm(p, x, y, eps=1e-6, keep_sum=False, interpret=True)
+    np.testing.assert_array_equal(np.asarray(n_only, np.float32), np.asarray(n, np.float32))
+
+
+@pytest.mark.parametrize("shape", [(2, 200, 64), (2, 196, 320), (4, 50, 512)])
+def test_norm_norm_kernel_matches_xla(shape):
+    """A patch embedding's norm and norm1 in one kernel (a 512-wide masked tile at 320):
+    both norms as XLA's, but for the reductions' order."""
+    p_a, x, _ = _norm_inputs(shape)
+    p, _, _ = _norm_inputs(shape, seed=1)
+    kw = dict(eps_a=1e-5, eps=1e-6)
+    t, h = fused.pallas_norm_layer_norm(p_a, p, x, **kw, interpret=True)
+    t_ref, h_ref = fused.reference_norm_layer_norm(p_a, p, x, **kw)
+    assert t.dtype == h.dtype == jnp.bfloat16 and t.shape == h.shape == x.shape
+    for out, ref, exact in ((t, t_ref, layers.layer_norm(p_a, x.astype(jnp.float32), 1e-5)),
+                            (h, h_ref, layers.layer_norm(p, t.astype(jnp.float32), 1e-6))):
+        err = float(jnp.abs(out.astype(jnp.float32) - exact).max())
+        err_xla = float(jnp.abs(ref.astype(jnp.float32) - exact).max())
+        assert err <= err_xla * 1.1, (err, err_xla)
+    assert float((t != t_ref).mean()) < 1e-3
+
+
+def test_norm_norm_off_gpu_is_the_xla_path_with_its_gradient():
+    p_a, x, _ = _norm_inputs((2, 200, 64))
+    p, _, _ = _norm_inputs((2, 200, 64), seed=1)
+
+    def loss(fn, p_a, p, x):
+        t, h = fn(p_a, p, x, eps_a=1e-5, eps=1e-6)
+        return (t.astype(jnp.float32) ** 2).sum() + (h.astype(jnp.float32) * x).sum()
+
+    _assert_xla_path_off_gpu(lambda *a: loss(fused.norm_layer_norm, *a),
+                             lambda *a: loss(fused.reference_norm_layer_norm, *a), p_a, p, x)
 
 
 def test_add_norm_supported_only_in_bf16_for_whole_tiles():
@@ -550,17 +583,18 @@ def test_branches_hand_their_output_bias_to_the_add_norm(monkeypatch, name):
     x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
     seen, reference = [], fused.reference_add_layer_norm
 
-    def spy(p, x, y, *, eps):
+    def spy(p, x, y, **kw):
         seen.append(isinstance(y, layers.Biased))
-        return reference(p, x, y, eps=eps)
+        return reference(p, x, y, **kw)
 
     monkeypatch.setattr(fused, "add_layer_norm", spy)
     monkeypatch.setattr(fused, "reference_add_layer_norm", spy)
     model.apply(params, x)
-    # per stage of 2 blocks: norm2 (attention), norm1 (MLP), norm2 (attention); v1's
-    # MLP kernel adds its own bias
-    per_stage = [True, name != "pvt_small", True]
-    assert seen == per_stage * 2 + [True, True], seen
+    # per stage of 2 blocks: norm2 (attention), norm1 (MLP), norm2 (attention), then v2's
+    # stage norm (MLP); v1's MLP kernel adds its own bias, and its stages have no norm
+    v2 = name != "pvt_small"
+    two, one = [True, v2, True] + [True] * v2, [True] + [True] * v2
+    assert seen == two * 2 + one * 2, seen
     seen.clear()
     model.apply(params, x, train=True, rng=jax.random.key(2))
     assert seen and not any(seen)
@@ -600,17 +634,17 @@ def test_queries_reach_the_attention_with_their_bias_at_inference(monkeypatch, n
 
 @pytest.mark.parametrize("name", ["pvt_small", "pvt_v2_b0"])
 def test_blocks_add_and_norm_in_one_kernel_at_inference_on_cuda(monkeypatch, name):
-    """Every block's two LayerNorms after the first read the residual add through the
-    kernel at inference in bf16, at every stage whose rows fill its tiles; training (unless
-    NORM_BLOCKS["train"]) and float32 keep XLA."""
+    """Every block's two LayerNorms after the first, and v2's stage norms, read the
+    residual add through the kernel at inference in bf16, at every stage whose rows fill
+    its tiles; training (unless NORM_BLOCKS["train"]) and float32 keep XLA."""
     arch = dict(img_size=64, num_classes=10, depths=(2, 2, 1, 1))
     if name == "pvt_small":
         arch["flavor"] = "paper"
     hlo = _cuda_hlo(registry[name](dtype=jnp.bfloat16, **arch))
     # stages 1 and 2 (2 blocks): norm2, norm1, norm2; stage 3 (1 block, 320 or 160 wide
     # in a masked tile): norm2; stage 4 (1 block) only for v2_b0 (8 rows of 256; v1's
-    # 10 rows with the class token fill no tile)
-    expected = 7 if name == "pvt_small" else 8
+    # 10 rows with the class token fill no tile); then each of v2's four stage norms
+    expected = 7 if name == "pvt_small" else 8 + 4
     assert hlo.count('name = "lucid_fn_fused_add_norm"') == expected
     assert "lucid_fn_fused_add_norm" not in _cuda_hlo(registry[name](**arch))
     train = dict(train=True, rng=jax.random.key(1))
@@ -622,3 +656,27 @@ def test_blocks_add_and_norm_in_one_kernel_at_inference_on_cuda(monkeypatch, nam
     monkeypatch.setenv("LUCID_FN_FUSED", "off")
     assert "lucid_fn_fused_add_norm" not in _cuda_hlo(registry[name](dtype=jnp.bfloat16,
                                                                       **arch))
+
+
+@pytest.mark.parametrize("embed_norm", [True, False])
+def test_v2_stages_open_with_the_norm_norm_kernel_at_inference_on_cuda(monkeypatch,
+                                                                       embed_norm):
+    """Each v2 stage's patch-embedding norm and its first norm1 are one kernel at
+    inference in bf16 (with NORM_BLOCKS["embed_norm"]); training, scanned blocks and
+    remat normalise first, through XLA. The logits do not depend on the option."""
+    monkeypatch.setitem(fused.NORM_BLOCKS, "embed_norm", embed_norm)
+    arch = dict(img_size=64, num_classes=10, depths=(2, 2, 1, 1), dtype=jnp.bfloat16)
+    name = 'name = "lucid_fn_fused_norm_norm"'
+    assert _cuda_hlo(registry["pvt_v2_b0"](**arch)).count(name) == 4 * embed_norm
+    assert name not in _cuda_hlo(registry["pvt_v2_b0"](**arch), train=True,
+                                 rng=jax.random.key(1))
+    for other in (dict(scan_blocks=True), dict(remat=True)):
+        assert name not in _cuda_hlo(registry["pvt_v2_b0"](**arch, **other))
+    assert name not in _cuda_hlo(registry["pvt_small"](**arch, flavor="paper"))
+    model = registry["pvt_v2_b0"](**arch)
+    params = model.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+    monkeypatch.setitem(fused.NORM_BLOCKS, "embed_norm", not embed_norm)
+    other = model.apply(params, x)
+    monkeypatch.setitem(fused.NORM_BLOCKS, "embed_norm", embed_norm)
+    np.testing.assert_array_equal(np.asarray(model.apply(params, x)), np.asarray(other))

@@ -167,17 +167,23 @@ def init_stage(cfg: PVTv2Config, stage: int) -> dict:
     }
 
 
-def stage_forward(p, x, rng, path_rates, *, cfg: PVTv2Config, stage: int):
-    """Overlapping patch embedding, blocks, stage norm: NHWC map in, NHWC map out."""
+def patch_embed_conv(p, x, *, cfg: PVTv2Config, stage: int):
+    """The overlapping patch embedding's conv (its norm not applied): NHWC in and out."""
     k = cfg.kernel_sizes[stage]
     embed = nn.space_to_depth_conv if x.shape[-1] <= S2D_MAX_CHANNELS else nn.conv
-    m = embed(p["patch_embed"]["proj"], x, stride=STRIDES[stage], padding=k // 2,
-              dtype=cfg.dtype)
+    return embed(p["patch_embed"]["proj"], x, stride=STRIDES[stage], padding=k // 2,
+                 dtype=cfg.dtype)
+
+
+def stage_forward(p, x, rng, path_rates, *, cfg: PVTv2Config, stage: int):
+    """Overlapping patch embedding, blocks, stage norm: NHWC map in, NHWC map out."""
+    m = patch_embed_conv(p, x, cfg=cfg, stage=stage)
     b, h, w, c = m.shape
-    t = nn.layer_norm(p["patch_embed"]["norm"], m.reshape(b, h * w, c), PATCH_NORM_EPS)
-    t = nn.run_blocks(block_fn(cfg, stage, (h, w)), p["blocks"], t, rng, path_rates,
-                      scan=cfg.scan_blocks, remat=cfg.remat)
-    return nn.layer_norm(p["norm"], t, cfg.norm_eps).reshape(b, h, w, c)
+    t = nn.run_blocks(block_fn(cfg, stage, (h, w)), p["blocks"], m.reshape(b, h * w, c), rng,
+                      path_rates, scan=cfg.scan_blocks, remat=cfg.remat,
+                      embed_norm=(p["patch_embed"]["norm"], PATCH_NORM_EPS),
+                      norm=(p["norm"], cfg.norm_eps))
+    return t.reshape(b, h, w, c)
 
 
 # ---------------------------------------------------------------------------- model

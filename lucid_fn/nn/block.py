@@ -5,12 +5,14 @@
 The families differ only in ``attn`` and ``mlp``, which come in as functions. Each
 residual add is computed together with the LayerNorm that reads its result
 (``fused.add_layer_norm``: one kernel at inference on GPUs), so a block hands its MLP
-branch to the next block un-added and the stage adds the last one.
+branch to the next block un-added and the stage adds the last one (in the same kernel
+as its closing LayerNorm, where the stage has one).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,23 @@ from lucid_fn.nn import fused, layers
 ATTN_RNGS, MLP_RNGS = 3, 2
 
 
+def _norm_kernels(inference: bool) -> tuple:
+    """(add+norm, norm+norm): the kernels run at inference; in training only with
+    NORM_BLOCKS["train"] (an option: there the add+norm measured the same as XLA's
+    fusions, benchmarks/NOTES.md)."""
+    if inference or fused.NORM_BLOCKS["train"]:
+        return fused.add_layer_norm, fused.norm_layer_norm
+    return fused.reference_add_layer_norm, fused.reference_norm_layer_norm
+
+
+class PendingNorm(NamedTuple):
+    """In a block's carry in place of a branch: the stream is not yet normalised by this
+    LayerNorm (a stage's patch-embedding norm), so that the first block computes it with
+    its norm1 in one kernel (``fused.norm_layer_norm``)."""
+    params: dict
+    eps: float
+
+
 def init_block(dim: int, attn: dict, mlp: dict) -> dict:
     return {"norm1": layers.init_layer_norm(dim), "attn": attn,
             "norm2": layers.init_layer_norm(dim), "mlp": mlp}
@@ -27,24 +46,25 @@ def init_block(dim: int, attn: dict, mlp: dict) -> dict:
 
 def block(p, carry, rng, path_rate, *, attn, mlp, eps: float):
     """One block on ``carry = (x, y)``: the residual stream and the previous block's MLP
-    branch not yet added to it (None before a stage's first block; at inference it may
-    be a ``layers.Biased``); returns its own ``(x, y)`` the same way.
+    branch not yet added to it (None before a stage's first block, or a
+    :class:`PendingNorm` still to apply to ``x``; at inference it may be a
+    ``layers.Biased``); returns its own ``(x, y)`` the same way.
     ``attn(p, x, rngs, defer_bias=...)`` and ``mlp(p, x, rngs, defer_bias=...)`` get
     ATTN_RNGS / MLP_RNGS keys, or Nones at inference (``rng`` None: no dropout, no
     drop-path), when they may return ``layers.Biased``."""
     n = ATTN_RNGS + MLP_RNGS + 2
     rngs = [None] * n if rng is None else list(jax.random.split(rng, n))
     a_rngs, m_rngs, path_rngs = rngs[:ATTN_RNGS], rngs[ATTN_RNGS:n - 2], rngs[n - 2:]
-    # The add+norm kernel runs at inference; in training only with NORM_BLOCKS["train"]
-    # (an option: there it measured the same as XLA's fusions, benchmarks/NOTES.md).
-    use_kernel = rng is None or fused.NORM_BLOCKS["train"]
-    add_norm = fused.add_layer_norm if use_kernel else fused.reference_add_layer_norm
+    inference = rng is None
+    add_norm, norm_norm = _norm_kernels(inference)
     # At inference the branches come back with their output bias not added
     # (layers.Biased): the add+norm adds it, saving a pass over the tokens per branch.
-    defer = rng is None and fused.NORM_BLOCKS["branch_bias"]
+    defer = inference and fused.NORM_BLOCKS["branch_bias"]
     x, y = carry
     if y is None:
         h = layers.layer_norm(p["norm1"], x, eps)
+    elif isinstance(y, PendingNorm):
+        x, h = norm_norm(y.params, p["norm1"], x, eps_a=y.eps, eps=eps)
     else:
         x, h = add_norm(p["norm1"], x, y, eps=eps)
     a = attn(p["attn"], h, a_rngs, defer_bias=defer)
@@ -53,9 +73,14 @@ def block(p, carry, rng, path_rate, *, attn, mlp, eps: float):
     return x, layers.drop_path(y, path_rate, path_rngs[1])
 
 
-def run_blocks(fn, blocks, x, rng, path_rates, *, scan: bool, remat: bool):
+def run_blocks(fn, blocks, x, rng, path_rates, *, scan: bool, remat: bool, norm=None,
+               embed_norm=None):
     """Run ``fn(p, (x, y), rng, path_rate) -> (x, y)`` (:func:`block`) over blocks stacked on
-    a leading axis of ``blocks``; returns the stream with the last branch added.
+    a leading axis of ``blocks``; returns the stream with the last branch added, or with
+    ``norm = (params, eps)`` the LayerNorm of that (a stage's closing norm: the last add
+    and the norm in the add+norm kernel, which then writes the norm alone).
+    ``embed_norm = (params, eps)``: ``x`` is first normalised by that (unrolled and
+    without remat, in the first block's kernel with its norm1).
 
     Scanned, compile time stays flat in depth; unrolled, XLA fuses across blocks, which
     trained faster on GPU (DESIGN.md). Both compute the same function. ``remat`` recomputes
@@ -71,6 +96,13 @@ def run_blocks(fn, blocks, x, rng, path_rates, *, scan: bool, remat: bool):
         # prevented or XLA may merge the recomputation back into the forward pass.
         fn = jax.checkpoint(fn, prevent_cse=not scan)
     keys = None if rng is None else jax.random.split(rng, depth)
+    pending = None
+    if embed_norm is not None:
+        # a scan's carry keeps one structure, and remat would trace the eps
+        if scan or remat or not depth or not fused.NORM_BLOCKS["embed_norm"]:
+            x = layers.layer_norm(embed_norm[0], x, embed_norm[1])
+        else:
+            pending = PendingNorm(*embed_norm)
     if scan:
         def body(carry, xs):
             p, key, r = xs
@@ -80,11 +112,15 @@ def run_blocks(fn, blocks, x, rng, path_rates, *, scan: bool, remat: bool):
         # A scan's carry keeps one structure: the first block adds zeros (exact).
         (x, y), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)),
                                  (blocks, keys, jnp.asarray(path_rates, jnp.float32)))
-        return x + y
-    carry = (x, None)
-    for j in range(depth):
-        p = jax.tree_util.tree_map(functools.partial(lambda a, j: a[j], j=j), blocks)
-        carry = fn(p, carry, None if keys is None else keys[j], float(path_rates[j]))
-    x, y = carry
-    # no blocks (a slice of a stage) leaves x as it was
-    return x if y is None else x + layers.add_bias(y)
+    else:
+        y = pending
+        for j in range(depth):
+            p = jax.tree_util.tree_map(functools.partial(lambda a, j: a[j], j=j), blocks)
+            x, y = fn(p, (x, y), None if keys is None else keys[j], float(path_rates[j]))
+    if norm is None:
+        # no blocks (a slice of a stage) leaves x as it was
+        return x if y is None else x + layers.add_bias(y)
+    if y is None or not fused.NORM_BLOCKS["stage_norm"]:
+        return layers.layer_norm(norm[0], x if y is None else x + layers.add_bias(y), norm[1])
+    add_norm = _norm_kernels(inference=rng is None)[0]
+    return add_norm(norm[0], x, y, eps=norm[1], keep_sum=False)

@@ -796,16 +796,21 @@ def attention(q, k, v, *, scale: float | None, dtype, reference):
 # that divides the row count, so no block is partial) and warps. train: the kernel in the
 # training forward too (its backward is XLA's): an option, off, since pvt_v2_b2's training
 # step was the same with it (benchmarks/NOTES.md). branch_bias: the blocks hand the
-# branches' output bias to the kernel at inference (layers.Biased).
+# branches' output bias to the kernel at inference (layers.Biased). stage_norm: a stage's
+# closing LayerNorm in the kernel with the last residual add (add_layer_norm, no sum
+# written); embed_norm: the patch embedding's norm and the first block's norm1 in one
+# kernel (norm_layer_norm). Off: XLA's fusions, as before (benchmarks/NOTES.md).
 NORM_BLOCKS = {"elements": 4096, "num_warps": 4, "min_rows": 8, "train": False,
-               "branch_bias": True}
+               "branch_bias": True, "stage_norm": True, "embed_norm": True}
 
 
-def reference_add_layer_norm(p, x, y, *, eps: float):
-    """``s = x + y`` (in x's dtype) and ``layer_norm(p, s)``, as XLA ops. ``y`` may be a
-    ``layers.Biased``: its bias is added first, as the linear layer would have."""
+def reference_add_layer_norm(p, x, y, *, eps: float, keep_sum: bool = True):
+    """``s = x + y`` (in x's dtype) and ``layer_norm(p, s)`` (that alone if not
+    ``keep_sum``), as XLA ops. ``y`` may be a ``layers.Biased``: its bias is added first,
+    as the linear layer would have."""
     s = x + layers.add_bias(y).astype(x.dtype)
-    return s, layers.layer_norm(p, s, eps)
+    n = layers.layer_norm(p, s, eps)
+    return (s, n) if keep_sum else n
 
 
 def _next_pow2(n: int) -> int:
@@ -825,56 +830,71 @@ def _branch(y) -> tuple:
     return (y.value, y.bias) if isinstance(y, layers.Biased) else (y, None)
 
 
-def supported_add_layer_norm(x, y) -> bool:
+def _supported_rows(x) -> bool:
     """bf16, and a width whose power-of-two tile fits (16..1024 wide: stage 3's 320 and
     160 run in 512 and 256 tiles, the columns past the width masked)."""
+    width, rows = x.shape[-1], int(np.prod(x.shape[:-1]))
+    return (x.dtype == jnp.bfloat16 and 16 <= _next_pow2(width) <= 1024
+            and _norm_rows(rows, width) > 0)
+
+
+def supported_add_layer_norm(x, y) -> bool:
+    """:func:`_supported_rows`, ``y`` (and its bias, if any) matching ``x``."""
     y, y_bias = _branch(y)
     if y_bias is not None and (y_bias.dtype != y.dtype or y_bias.shape != y.shape[-1:]):
         return False
-    width, rows = x.shape[-1], int(np.prod(x.shape[:-1]))
-    return (x.dtype == jnp.bfloat16 and y.dtype == jnp.bfloat16 and x.shape == y.shape
-            and 16 <= _next_pow2(width) <= 1024 and _norm_rows(rows, width) > 0)
+    return y.dtype == jnp.bfloat16 and x.shape == y.shape and _supported_rows(x)
 
 
-def _sum_and_norm(x, y, y_bias, scale, bias, *, eps, dtype, width, valid=None):
-    """The sum of one tile rounded to the stream's dtype, as XLA's add rounds it (with
-    ``y_bias``, the branch's bias, first added to ``y`` and rounded, as its linear layer
-    would), and the LayerNorm of that rounded sum, as ``layers.layer_norm`` computes it.
-    ``valid`` marks the tile's columns inside the width (the rest load as zero): they
-    alone enter the statistics, which divide by the true width."""
-    if y_bias is not None:
-        y = (y.astype(jnp.float32) + y_bias.astype(jnp.float32)).astype(y.dtype)
-    s = (x.astype(jnp.float32) + y.astype(jnp.float32)).astype(dtype)
+def _tile_norm(s, scale, bias, *, eps, width, valid):
+    """The LayerNorm of a tile's rows, rounded to ``s``'s dtype, as ``layers.layer_norm``
+    computes it. ``valid`` (None: the tile is the width) marks the tile's columns inside
+    the width (the rest load as zero): they alone enter the statistics, which divide by
+    the true width."""
     if valid is None:
-        return s, layers.layer_norm({"scale": scale, "bias": bias}, s, eps)
+        return layers.layer_norm({"scale": scale, "bias": bias}, s, eps)
     s32 = s.astype(jnp.float32)
     mean = jnp.sum(s32, axis=-1, keepdims=True) / width
     d = jnp.where(valid, s32 - mean, 0.0)
     var = jnp.sum(d * d, axis=-1, keepdims=True) / width
     n = d * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return s, n.astype(dtype)
+    return n.astype(s.dtype)
 
 
-def _norm_refs(refs) -> tuple:
-    """A kernel's refs after ``x`` and ``y``: the branch's bias (None when the call has
-    none), the norm's scale and bias, the sum and norm outputs."""
-    return refs if len(refs) == 5 else (None, *refs)
+def _sum_and_norm(x, y, *vectors, eps, biased, keep_sum, width, valid):
+    """The sum of one tile rounded to the stream's dtype, as XLA's add rounds it (with
+    ``biased``, the branch's bias, the first vector, first added to ``y`` and rounded, as
+    its linear layer would), and the LayerNorm of that rounded sum; the norm alone if not
+    ``keep_sum``."""
+    y_bias, scale, bias = vectors if biased else (None, *vectors)
+    if y_bias is not None:
+        y = (y.astype(jnp.float32) + y_bias.astype(jnp.float32)).astype(y.dtype)
+    s = (x.astype(jnp.float32) + y.astype(jnp.float32)).astype(x.dtype)
+    n = _tile_norm(s, scale, bias, eps=eps, width=width, valid=valid)
+    return (s, n) if keep_sum else (n,)
 
 
-def _add_norm_kernel(x_ref, y_ref, *refs, eps):
-    """One (rows, width) tile of a power-of-two width."""
-    yb_ref, g_ref, b_ref, s_ref, n_ref = _norm_refs(refs)
-    s_ref[...], n_ref[...] = _sum_and_norm(
-        x_ref[...], y_ref[...], None if yb_ref is None else yb_ref[...], g_ref[...],
-        b_ref[...], eps=eps, dtype=s_ref.dtype, width=None)
+def _norm_and_norm(x, scale_a, bias_a, scale, bias, *, eps_a, eps, width, valid):
+    """``t = LN_a(x)`` and ``LN(t)`` of one tile, each rounded as the XLA path rounds it."""
+    t = _tile_norm(x, scale_a, bias_a, eps=eps_a, width=width, valid=valid)
+    return t, _tile_norm(t, scale, bias, eps=eps, width=width, valid=valid)
 
 
-def _add_norm_masked_kernel(x_ref, y_ref, *refs, eps, rows, tile):
-    """``rows`` rows of a width that is not a power of two, in a ``tile``-wide block whose
-    columns past the width are masked loads (zero) and masked stores. The refs are the
-    whole arrays: Triton's blocks must be powers of two, so this program indexes them."""
-    yb_ref, g_ref, b_ref, s_ref, n_ref = _norm_refs(refs)
-    width = x_ref.shape[-1]
+def _rows_kernel(*refs, body, tiles: int, outs: int, rows: int, tile: int | None):
+    """One program of a row-wise kernel: ``refs`` are ``tiles`` token arrays, vectors (one
+    value per column), then ``outs`` outputs shaped as the tokens; ``body(*tiles,
+    *vectors, width=, valid=)`` gives the outputs' tiles. ``tile`` None: the width is a
+    power of two, and the refs are this program's (rows, width) blocks. Otherwise the refs
+    are the whole arrays (Triton's blocks must be powers of two) and the program reads
+    ``rows`` rows in a ``tile``-wide block whose columns past the width are masked loads
+    (zero) and masked stores."""
+    ins, out_refs = refs[:len(refs) - outs], refs[len(refs) - outs:]
+    if tile is None:
+        results = body(*(r[...] for r in ins), width=None, valid=None)
+        for ref, value in zip(out_refs, results):
+            ref[...] = value
+        return
+    width = ins[0].shape[-1]
     r = pl.program_id(0) * rows + jax.lax.iota(jnp.int32, rows)
     c = jax.lax.iota(jnp.int32, tile)
     inside = c < width
@@ -883,54 +903,92 @@ def _add_norm_masked_kernel(x_ref, y_ref, *refs, eps, rows, tile):
     def at(ref):
         return ref.at[r[:, None], c[None, :]]
 
-    def load(ref):
-        return plt.load(at(ref), mask=valid, other=0.0)
-
-    def load_vector(ref):
-        return None if ref is None else plt.load(ref.at[c], mask=inside, other=0.0)
-
-    s, n = _sum_and_norm(load(x_ref), load(y_ref), load_vector(yb_ref), load_vector(g_ref),
-                         load_vector(b_ref), eps=eps, dtype=s_ref.dtype, width=width,
-                         valid=valid)
-    plt.store(at(s_ref), s, mask=valid)
-    plt.store(at(n_ref), n, mask=valid)
+    values = [plt.load(at(ref), mask=valid, other=0.0) for ref in ins[:tiles]]
+    values += [plt.load(ref.at[c], mask=inside, other=0.0) for ref in ins[tiles:]]
+    for ref, value in zip(out_refs, body(*values, width=width, valid=valid)):
+        plt.store(at(ref), value, mask=valid)
 
 
-def pallas_add_layer_norm(p, x, y, *, eps: float, interpret: bool = False):
-    """The kernel on (..., C) tokens: one read of ``x`` and ``y`` (a ``layers.Biased`` or
-    an array), one write of the sum and of its norm. ``interpret=True`` runs it anywhere."""
-    y, y_bias = _branch(y)
-    vectors = ([] if y_bias is None else [y_bias]) + [p["scale"], p["bias"]]
+def _pallas_rows(body, tokens: list, vectors: list, outs: int, *, name: str,
+                 interpret: bool) -> tuple:
+    """Run a :func:`_rows_kernel` ``body`` over (..., C) ``tokens`` (all one shape) and
+    per-column ``vectors``; returns its ``outs`` outputs, shaped and typed as the first
+    tokens. Rows per program: :func:`_norm_rows`."""
+    x = tokens[0]
     width = x.shape[-1]
-    xs, ys = x.reshape(-1, width), y.reshape(-1, width)
-    bm = _norm_rows(xs.shape[0], width)
+    flat = [a.reshape(-1, width) for a in tokens]
+    bm = _norm_rows(flat[0].shape[0], width)
     tile = _next_pow2(width)
     if tile == width:
-        kernel = functools.partial(_add_norm_kernel, eps=eps)
-        block = pl.BlockSpec((bm, width), lambda i: (i, 0))
+        tile, block = None, pl.BlockSpec((bm, width), lambda i: (i, 0))
     else:
-        kernel = functools.partial(_add_norm_masked_kernel, eps=eps, rows=bm, tile=tile)
-        block = _whole(xs)
-    s, n = pl.pallas_call(
-        kernel,
-        out_shape=(jax.ShapeDtypeStruct(xs.shape, x.dtype),) * 2,
-        grid=(xs.shape[0] // bm,),
-        in_specs=[block, block, *map(_whole, vectors)],
-        out_specs=(block, block),
+        block = _whole(flat[0])
+    out = pl.pallas_call(
+        functools.partial(_rows_kernel, body=body, tiles=len(flat), outs=outs, rows=bm,
+                          tile=tile),
+        out_shape=(jax.ShapeDtypeStruct(flat[0].shape, x.dtype),) * outs,
+        grid=(flat[0].shape[0] // bm,),
+        in_specs=[block] * len(flat) + [_whole(v) for v in vectors],
+        out_specs=(block,) * outs,
         compiler_params=plt.CompilerParams(num_warps=NORM_BLOCKS["num_warps"], num_stages=1),
-        interpret=interpret, name="lucid_fn_fused_add_norm",
-    )(xs, ys, *vectors)
-    return s.reshape(x.shape), n.reshape(x.shape)
+        interpret=interpret, name=name,
+    )(*flat, *vectors)
+    return tuple(a.reshape(x.shape) for a in out)
 
 
-def add_layer_norm(p, x, y, *, eps: float):
+def pallas_add_layer_norm(p, x, y, *, eps: float, keep_sum: bool = True,
+                          interpret: bool = False):
+    """The kernel on (..., C) tokens: one read of ``x`` and ``y`` (a ``layers.Biased`` or
+    an array), one write of the sum (unless not ``keep_sum``: then only the norm comes
+    back) and of its norm. ``interpret=True`` runs it anywhere."""
+    y, y_bias = _branch(y)
+    vectors = ([] if y_bias is None else [y_bias]) + [p["scale"], p["bias"]]
+    body = functools.partial(_sum_and_norm, eps=eps, biased=y_bias is not None,
+                             keep_sum=keep_sum)
+    out = _pallas_rows(body, [x, y], vectors, 2 if keep_sum else 1,
+                       name="lucid_fn_fused_add_norm", interpret=interpret)
+    return out if keep_sum else out[0]
+
+
+def add_layer_norm(p, x, y, *, eps: float, keep_sum: bool = True):
     """``(x + y, layer_norm(p, x + y))``, the pre-norm block's residual add and the next
     LayerNorm (``y`` an array or a ``layers.Biased`` branch whose bias the kernel adds):
-    one kernel where :func:`supported_add_layer_norm`, else XLA ops. Through
+    one kernel where :func:`supported_add_layer_norm`, else XLA ops. Not ``keep_sum``: the
+    norm alone (a stage's closing LayerNorm; the kernel then writes no sum). Through
     XLA, each such LayerNorm was a fusion that re-read and recomputed the residual stream
     at about 3x the memory floor (benchmarks/NOTES.md)."""
     kw = dict(eps=eps)
     if enabled() and supported_add_layer_norm(x, y):
-        return kernel_with_xla_grad(functools.partial(pallas_add_layer_norm, **kw),
-                                    functools.partial(reference_add_layer_norm, **kw), p, x, y)
-    return reference_add_layer_norm(p, x, y, **kw)
+        return kernel_with_xla_grad(
+            functools.partial(pallas_add_layer_norm, **kw, keep_sum=keep_sum),
+            functools.partial(reference_add_layer_norm, **kw, keep_sum=keep_sum), p, x, y)
+    return reference_add_layer_norm(p, x, y, **kw, keep_sum=keep_sum)
+
+
+# ------------------------------------------------------------ patch embedding's norm + norm1
+
+def reference_norm_layer_norm(p_a, p, x, *, eps_a: float, eps: float):
+    """``t = layer_norm(p_a, x)`` and ``layer_norm(p, t)``, as XLA ops."""
+    t = layers.layer_norm(p_a, x, eps_a)
+    return t, layers.layer_norm(p, t, eps)
+
+
+def pallas_norm_layer_norm(p_a, p, x, *, eps_a: float, eps: float, interpret: bool = False):
+    """The kernel on (..., C) tokens: one read of ``x``, one write of each norm."""
+    body = functools.partial(_norm_and_norm, eps_a=eps_a, eps=eps)
+    vectors = [p_a["scale"], p_a["bias"], p["scale"], p["bias"]]
+    return _pallas_rows(body, [x], vectors, 2, name="lucid_fn_fused_norm_norm",
+                        interpret=interpret)
+
+
+def norm_layer_norm(p_a, p, x, *, eps_a: float, eps: float):
+    """``(t, layer_norm(p, t))`` for ``t = layer_norm(p_a, x)``: a stage's patch-embedding
+    norm and its first block's norm1, one kernel where the add+norm kernel would run on
+    ``x``, else XLA ops. Through XLA the second fusion recomputed the first norm from
+    ``x`` instead of reading it (pvt_v2_b2 stage 1: 52 + 80 us, benchmarks/NOTES.md)."""
+    kw = dict(eps_a=eps_a, eps=eps)
+    if enabled() and _supported_rows(x):
+        return kernel_with_xla_grad(functools.partial(pallas_norm_layer_norm, **kw),
+                                    functools.partial(reference_norm_layer_norm, **kw),
+                                    p_a, p, x)
+    return reference_norm_layer_norm(p_a, p, x, **kw)
