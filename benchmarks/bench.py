@@ -37,7 +37,8 @@ patching ``lucid_fn.nn`` while the model is traced: ``gelu`` (``lib``: the libra
 ``xla``: ``jax.nn.gelu`` exact, ``tanh``: the approximation, not exact, a bound only),
 ``dwconv`` (``lib``: ``lax.conv_general_dilated``, ``shift``: 9 shifted multiply-adds),
 ``embed`` (``im2col``: small dense convs as one matmul), ``patchify`` (``conv``: through
-``lax.conv``), ``attn`` (``lib``, ``bnhm``: another einsum layout, ``dpa``:
+``lax.conv``), ``sr`` (``matmul``: the spatial reduction as reshape, transpose and matmul
+on GPUs too), ``attn`` (``lib``, ``bnhm``: another einsum layout, ``dpa``:
 ``jax.nn.dot_product_attention``, ``bf16logits``), ``mlp`` (``lib``: the fused Pallas MLPs
 where they apply, ``xla``: XLA ops only), ``mlpblk=MxHxW[xr]`` (the v1 fused MLP's row
 tile, hidden chunk, warps, and ``r``: erf's divide as an approximate reciprocal) and
@@ -240,6 +241,8 @@ PATCHES = {
               "s2d": {"conv": _conv_s2d},
               "s2dsplit": {"space_to_depth_conv": _s2d_after_barrier}},
     "patchify": {"lib": {}, "conv": {"patchify_conv": _patchify_conv_xla}},
+    # the spatial reduction as reshape, transpose and matmul on GPUs too (the path before)
+    "sr": {"lib": {}, "matmul": {"SR_CONV_ON_GPU": False}},
     "mlp": {"lib": {}, "xla": {"mlp_gelu": _mlp_xla, "conv_mlp": _conv_mlp_xla}},
     "attn": {"lib": {}, "xla": {"attend": lattention.attend_xla},
              "bnhm": {"attend": _attend_with("bnhm")},
@@ -339,7 +342,7 @@ def patched(patches: dict):
                "pvt_v2_mlp": [(lpvt_v2, "mlp")], "enabled": [lfused],
                "add_layer_norm": [lfused], "supported_add_layer_norm": [lfused],
                "NORM_BLOCKS": [lfused], "CONV_GRAD_BLOCKS": [lfused],
-               "space_to_depth_conv": [lnn, llayers]}
+               "space_to_depth_conv": [lnn, llayers], "SR_CONV_ON_GPU": [lattention]}
     saved = []
     try:
         for name, fn in patches.items():
@@ -363,7 +366,9 @@ def median_step_s(run_iters, repeats: int) -> tuple[float, list]:
 
 def count_flops(closed_jaxpr) -> int:
     """Matmul and convolution FLOPs (2 per multiply-add) of a jaxpr, sub-jaxprs included
-    (scan bodies times their length)."""
+    (scan bodies times their length; of a cond's branches, which for
+    ``lax.platform_dependent`` are one function computed two ways, the largest: a Pallas
+    kernel's branch counts none)."""
 
     def walk(jaxpr) -> int:
         total = 0
@@ -379,6 +384,9 @@ def count_flops(closed_jaxpr) -> int:
                 spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
                 per_out = rhs.shape[spec[1]] * math.prod(rhs.shape[d] for d in spec[2:])
                 total += 2 * math.prod(eqn.outvars[0].aval.shape) * per_out
+            if name == "cond":
+                total += max(walk(b.jaxpr) for b in eqn.params["branches"])
+                continue
             mult = eqn.params.get("length", 1) if name == "scan" else 1
             for v in eqn.params.values():
                 for sub in (v if isinstance(v, (tuple, list)) else (v,)):

@@ -35,15 +35,33 @@ def init_sra(dim: int, *, sr_ratio: int, qkv_bias: bool, proj: bool, linear: boo
     return p
 
 
+# The reduction's kernel = stride conv through cuDNN on GPUs instead of reshape, transpose
+# and matmul (layers.patchify_conv, elsewhere): there the transpose was a pass of its own
+# over the tokens (pvt_v2_b2 inference on the H200 2.3% faster, benchmarks/NOTES.md).
+SR_CONV_ON_GPU = True
+
+
+def _reduce_map(p, m, dtype):
+    """The kernel = stride conv over an NHWC map (partial windows dropped, both ways)."""
+    patchify = functools.partial(layers.patchify_conv, p, dtype=dtype)
+    if not SR_CONV_ON_GPU:
+        return patchify(m)
+    conv = functools.partial(layers.conv, p, stride=p["kernel"].shape[0], padding=0,
+                             dtype=dtype)
+    return jax.lax.platform_dependent(m, cuda=conv, default=patchify)
+
+
 def reduce_tokens(p, x, hw, *, linear: bool, dtype):
     """The tokens keys and values are computed from."""
     if "sr" not in p:
         return x
     b, _, c = x.shape
     m = x.reshape(b, *hw, c)
-    if linear:
-        m = layers.adaptive_avg_pool(m, (LINEAR_POOL, LINEAR_POOL))
-    m = layers.patchify_conv(p["sr"], m, dtype)
+    if linear:  # then the reduction is a 1x1 conv: a plain matmul
+        m = layers.patchify_conv(p["sr"], layers.adaptive_avg_pool(m, (LINEAR_POOL,) * 2),
+                                 dtype)
+    else:
+        m = _reduce_map(p["sr"], m, dtype)
     t = layers.layer_norm(p["norm"], m.reshape(b, -1, c), SR_NORM_EPS)
     return layers.gelu(t, approximate=False) if linear else t
 
