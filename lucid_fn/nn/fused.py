@@ -22,8 +22,10 @@ keys write and re-read float32 logits 49 wide.
   (image, head), all of that image's keys and values (at most 128), and writes only
   softmax(q k^T * scale) v; heads are read in place from the token layout.
 - :func:`add_layer_norm` (both families' blocks): the residual add and the LayerNorm that
-  reads it in one pass (two reads, two writes). Through XLA each such LayerNorm was a
-  fusion that recomputed the previous one's input, at about 3x the memory floor.
+  reads it in one pass (two reads, two writes; a stage's closing norm writes the norm
+  alone). Through XLA each such LayerNorm was a fusion that recomputed the previous
+  one's input, at about 3x the memory floor. :func:`norm_layer_norm` (v2's stage
+  openings) is its sibling: the patch embedding's norm and the first norm1 in one pass.
 
 They are used only where they pay and are exact to the XLA path up to rounding: on CUDA,
 in bfloat16, for the widths the Triton tiles take, where no dropout sits between their
