@@ -117,10 +117,9 @@ def run_blocks(fn, blocks, x, rng, path_rates, *, scan: bool, remat: bool, norm=
         for j in range(depth):
             p = jax.tree_util.tree_map(functools.partial(lambda a, j: a[j], j=j), blocks)
             x, y = fn(p, (x, y), None if keys is None else keys[j], float(path_rates[j]))
-    if norm is None:
-        # no blocks (a slice of a stage) leaves x as it was
-        return x if y is None else x + layers.add_bias(y)
-    if y is None or not fused.NORM_BLOCKS["stage_norm"]:
-        return layers.layer_norm(norm[0], x if y is None else x + layers.add_bias(y), norm[1])
-    add_norm = _norm_kernels(inference=rng is None)[0]
-    return add_norm(norm[0], x, y, eps=norm[1], keep_sum=False)
+    if norm is not None and y is not None and fused.NORM_BLOCKS["stage_norm"]:
+        add_norm = _norm_kernels(inference=rng is None)[0]
+        return add_norm(norm[0], x, y, eps=norm[1], keep_sum=False)
+    # no blocks (a slice of a stage) leaves x as it was
+    x = x if y is None else x + layers.add_bias(y)
+    return x if norm is None else layers.layer_norm(norm[0], x, norm[1])
