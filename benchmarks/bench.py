@@ -241,8 +241,10 @@ PATCHES = {
               "s2d": {"conv": _conv_s2d},
               "s2dsplit": {"space_to_depth_conv": _s2d_after_barrier}},
     "patchify": {"lib": {}, "conv": {"patchify_conv": _patchify_conv_xla}},
-    # the spatial reduction as reshape, transpose and matmul on GPUs too (the path before)
-    "sr": {"lib": {}, "matmul": {"SR_CONV_ON_GPU": False}},
+    # the spatial reduction as reshape, transpose and matmul on GPUs too (matmul: the path
+    # before 2026-12-03), or through cuDNN in training too (convtrain: the path of that day)
+    "sr": {"lib": {}, "matmul": {"SR_CONV_ON_GPU": False},
+           "convtrain": {"SR_CONV_IN_TRAINING": True}},
     "mlp": {"lib": {}, "xla": {"mlp_gelu": _mlp_xla, "conv_mlp": _conv_mlp_xla}},
     "attn": {"lib": {}, "xla": {"attend": lattention.attend_xla},
              "bnhm": {"attend": _attend_with("bnhm")},
@@ -342,7 +344,8 @@ def patched(patches: dict):
                "pvt_v2_mlp": [(lpvt_v2, "mlp")], "enabled": [lfused],
                "add_layer_norm": [lfused], "supported_add_layer_norm": [lfused],
                "NORM_BLOCKS": [lfused], "CONV_GRAD_BLOCKS": [lfused],
-               "space_to_depth_conv": [lnn, llayers], "SR_CONV_ON_GPU": [lattention]}
+               "space_to_depth_conv": [lnn, llayers], "SR_CONV_ON_GPU": [lattention],
+               "SR_CONV_IN_TRAINING": [lattention]}
     saved = []
     try:
         for name, fn in patches.items():

@@ -686,24 +686,30 @@ def _convolutions(hlo: str) -> int:
     return hlo.count("stablehlo.convolution")
 
 
-def test_spatial_reduction_is_cudnns_conv_on_cuda_only(monkeypatch):
-    """On CUDA each reducing block's SR is a kernel = stride convolution (no transpose
-    pass); elsewhere, and with SR_CONV_ON_GPU off, reshape + matmul. Both compute the
-    same function: at a map its windows do not divide, too."""
+def test_spatial_reduction_is_cudnns_conv_on_cuda_at_inference_only(monkeypatch):
+    """At inference on CUDA each reducing block's SR is a kernel = stride convolution (no
+    transpose pass); elsewhere, in training (unless SR_CONV_IN_TRAINING) and with
+    SR_CONV_ON_GPU off, reshape + matmul. Both compute the same function: at a map its
+    windows do not divide, too."""
     arch = dict(img_size=64, num_classes=10, depths=(2, 2, 1, 1), dtype=jnp.bfloat16)
     model = registry["pvt_v2_b0"](**arch)
     params = jax.eval_shape(model.init, jax.random.key(0))
     images = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    train = dict(train=True, rng=jax.random.key(1))
 
     def on_cpu():
         return _convolutions(jax.jit(model.apply).trace(params, images).lower().as_text())
 
-    on_cuda, cpu = _convolutions(_cuda_hlo(model)), on_cpu()
+    on_cuda, in_training, cpu = (_convolutions(_cuda_hlo(model)),
+                                 _convolutions(_cuda_hlo(model, **train)), on_cpu())
     monkeypatch.setattr(attention, "SR_CONV_ON_GPU", False)
     # five blocks in stages 1-3 reduce (sr 8, 4, 2); stage 4's does not
     assert on_cuda - _convolutions(_cuda_hlo(model)) == 5
+    assert _convolutions(_cuda_hlo(model, **train)) == in_training
     assert on_cpu() == cpu
     monkeypatch.setattr(attention, "SR_CONV_ON_GPU", True)
+    monkeypatch.setattr(attention, "SR_CONV_IN_TRAINING", True)
+    assert _convolutions(_cuda_hlo(model, **train)) - in_training == 5
     k = jax.random.split(jax.random.key(3), 3)
     p = {"kernel": jax.random.normal(k[0], (4, 4, 8, 8)), "bias": jax.random.normal(k[1], (8,))}
     m = jax.random.normal(k[2], (2, 13, 11, 8))

@@ -36,23 +36,27 @@ def init_sra(dim: int, *, sr_ratio: int, qkv_bias: bool, proj: bool, linear: boo
 
 
 # The reduction's kernel = stride conv through cuDNN on GPUs instead of reshape, transpose
-# and matmul (layers.patchify_conv, elsewhere): there the transpose was a pass of its own
-# over the tokens (pvt_v2_b2 inference on the H200 2.3% faster, benchmarks/NOTES.md).
+# and matmul (layers.patchify_conv, elsewhere): at inference the transpose was a pass of its
+# own over the tokens (pvt_v2_b2 on the H200 2.3% faster). In training cuDNN's strided conv
+# and its gradients lost 5% (pvt_v2_b2 and pvt_small, same run; benchmarks/NOTES.md), so
+# there it is an option (SR_CONV_IN_TRAINING).
 SR_CONV_ON_GPU = True
+SR_CONV_IN_TRAINING = False
 
 
-def _reduce_map(p, m, dtype):
+def _reduce_map(p, m, dtype, *, inference: bool):
     """The kernel = stride conv over an NHWC map (partial windows dropped, both ways)."""
     patchify = functools.partial(layers.patchify_conv, p, dtype=dtype)
-    if not SR_CONV_ON_GPU:
+    if not (SR_CONV_ON_GPU and (inference or SR_CONV_IN_TRAINING)):
         return patchify(m)
     conv = functools.partial(layers.conv, p, stride=p["kernel"].shape[0], padding=0,
                              dtype=dtype)
     return jax.lax.platform_dependent(m, cuda=conv, default=patchify)
 
 
-def reduce_tokens(p, x, hw, *, linear: bool, dtype):
-    """The tokens keys and values are computed from."""
+def reduce_tokens(p, x, hw, *, linear: bool, dtype, inference: bool = True):
+    """The tokens keys and values are computed from (``inference`` False: in training,
+    where the reduction takes the path whose gradients are faster)."""
     if "sr" not in p:
         return x
     b, _, c = x.shape
@@ -61,16 +65,17 @@ def reduce_tokens(p, x, hw, *, linear: bool, dtype):
         m = layers.patchify_conv(p["sr"], layers.adaptive_avg_pool(m, (LINEAR_POOL,) * 2),
                                  dtype)
     else:
-        m = _reduce_map(p["sr"], m, dtype)
+        m = _reduce_map(p["sr"], m, dtype, inference=inference)
     t = layers.layer_norm(p["norm"], m.reshape(b, -1, c), SR_NORM_EPS)
     return layers.gelu(t, approximate=False) if linear else t
 
 
 def queries_keys_values(p, x, hw, *, heads: int, dtype, linear: bool = False,
-                        defer_q_bias: bool = False):
+                        defer_q_bias: bool = False, inference: bool = True):
     """Per-head queries (B, N, heads, d) from every token, keys and values (B, M, heads, d)
     from the reduced map. ``defer_q_bias``: the queries as a ``layers.Biased`` (bias
-    (heads, d)) when their projection has a bias."""
+    (heads, d)) when their projection has a bias. ``inference``: as in
+    :func:`reduce_tokens`."""
     b, n, c = x.shape
     d = c // heads
     q = layers.linear(p["q"], x, dtype, defer_bias=defer_q_bias)
@@ -78,7 +83,7 @@ def queries_keys_values(p, x, hw, *, heads: int, dtype, linear: bool = False,
         q = layers.Biased(q.value.reshape(b, n, heads, d), q.bias.reshape(heads, d))
     else:
         q = q.reshape(b, n, heads, d)
-    kv_in = reduce_tokens(p, x, hw, linear=linear, dtype=dtype)
+    kv_in = reduce_tokens(p, x, hw, linear=linear, dtype=dtype, inference=inference)
     # The 2C axis of kv is [k heads..., v heads...] in every reference layout.
     kv = layers.linear(p["kv"], kv_in, dtype).reshape(b, -1, 2, heads, d)
     return q, kv[:, :, 0], kv[:, :, 1]
@@ -116,8 +121,10 @@ def sra(p, x, rngs, *, hw, heads: int, scale: float | None, dtype, attn_drop: fl
     ``defer_bias`` (with no output dropout): the projection's bias not added, as a
     ``layers.Biased``; then the queries' bias is left to the attention kernel too."""
     b, n, c = x.shape
+    # rngs: keys in training, all Nones at inference
     q, k, v = queries_keys_values(p, x, hw, heads=heads, dtype=dtype, linear=linear,
-                                  defer_q_bias=defer_bias and fused.ATTN_BLOCKS["q_bias"])
+                                  defer_q_bias=defer_bias and fused.ATTN_BLOCKS["q_bias"],
+                                  inference=rngs[0] is None)
     out = attend(q, k, v, scale=scale, dtype=dtype, attn_drop=attn_drop,
                  rng=rngs[0]).reshape(b, n, c)
     if "proj" in p:
