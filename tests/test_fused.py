@@ -512,6 +512,29 @@ def test_norm_norm_kernel_matches_xla(shape):
     assert float((t != t_ref).mean()) < 1e-3
 
 
+@pytest.mark.parametrize("shape", [(3, 3136, 64), (2, 784, 128), (2, 196, 320)])
+def test_norm_norm_kernel_with_a_position_embedding_matches_xla(shape):
+    """PVT v1's opening: the patch embedding's norm plus the position embedding, then
+    norm1. pos repeats every N rows: blocks of rows that divide N (64 and 128 wide), and
+    rows taken modulo N in the masked 512-wide tile at 320."""
+    p_a, x, _ = _norm_inputs(shape)
+    p, _, _ = _norm_inputs(shape, seed=1)
+    pos = jax.random.normal(jax.random.key(7), (1, *shape[1:]), jnp.float32)
+    assert fused.supported_norm_layer_norm(x, pos)
+    kw = dict(eps_a=1e-5, eps=1e-6)
+    t, h = fused.pallas_norm_layer_norm(p_a, p, x, pos, **kw, interpret=True)
+    t_ref, h_ref = fused.reference_norm_layer_norm(p_a, p, x, pos, **kw)
+    assert t.shape == h.shape == x.shape and t.dtype == jnp.bfloat16
+    # the sum rounds as XLA's: t is XLA's but where the norm before it differs by an ulp
+    assert float((t != t_ref).mean()) < 1e-3
+    exact = layers.layer_norm(p, t.astype(jnp.float32), 1e-6)
+    err = float(jnp.abs(h.astype(jnp.float32) - exact).max())
+    err_xla = float(jnp.abs(h_ref.astype(jnp.float32) - exact).max())
+    assert err <= err_xla * 1.1, (err, err_xla)
+    # a position embedding of the wrong length: the XLA path, not a wrong broadcast
+    assert not fused.supported_norm_layer_norm(x, pos[:, 1:])
+
+
 def test_norm_norm_off_gpu_is_the_xla_path_with_its_gradient():
     p_a, x, _ = _norm_inputs((2, 200, 64))
     p, _, _ = _norm_inputs((2, 200, 64), seed=1)
@@ -659,21 +682,23 @@ def test_blocks_add_and_norm_in_one_kernel_at_inference_on_cuda(monkeypatch, nam
 
 
 @pytest.mark.parametrize("embed_norm", [True, False])
-def test_v2_stages_open_with_the_norm_norm_kernel_at_inference_on_cuda(monkeypatch,
-                                                                       embed_norm):
-    """Each v2 stage's patch-embedding norm and its first norm1 are one kernel at
-    inference in bf16 (with NORM_BLOCKS["embed_norm"]); training, scanned blocks and
-    remat normalise first, through XLA. The logits do not depend on the option."""
+@pytest.mark.parametrize("name, opened", [("pvt_v2_b0", 4), ("pvt_small", 3)])
+def test_stages_open_with_the_norm_norm_kernel_at_inference_on_cuda(monkeypatch, embed_norm,
+                                                                    name, opened):
+    """Each stage's patch-embedding norm (v1: and its position embedding) and its first
+    norm1 are one kernel at inference in bf16 (with NORM_BLOCKS["embed_norm"]); v1's last
+    stage, whose class token comes between them, training, scanned blocks and remat
+    normalise first, through XLA. The logits do not depend on the option."""
     monkeypatch.setitem(fused.NORM_BLOCKS, "embed_norm", embed_norm)
     arch = dict(img_size=64, num_classes=10, depths=(2, 2, 1, 1), dtype=jnp.bfloat16)
-    name = 'name = "lucid_fn_fused_norm_norm"'
-    assert _cuda_hlo(registry["pvt_v2_b0"](**arch)).count(name) == 4 * embed_norm
-    assert name not in _cuda_hlo(registry["pvt_v2_b0"](**arch), train=True,
-                                 rng=jax.random.key(1))
+    if name == "pvt_small":
+        arch["flavor"] = "paper"
+    kernel = 'name = "lucid_fn_fused_norm_norm"'
+    assert _cuda_hlo(registry[name](**arch)).count(kernel) == opened * embed_norm
+    assert kernel not in _cuda_hlo(registry[name](**arch), train=True, rng=jax.random.key(1))
     for other in (dict(scan_blocks=True), dict(remat=True)):
-        assert name not in _cuda_hlo(registry["pvt_v2_b0"](**arch, **other))
-    assert name not in _cuda_hlo(registry["pvt_small"](**arch, flavor="paper"))
-    model = registry["pvt_v2_b0"](**arch)
+        assert kernel not in _cuda_hlo(registry[name](**arch, **other))
+    model = registry[name](**arch)
     params = model.init(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
     monkeypatch.setitem(fused.NORM_BLOCKS, "embed_norm", not embed_norm)

@@ -33,10 +33,12 @@ def _norm_kernels(inference: bool) -> tuple:
 
 class PendingNorm(NamedTuple):
     """In a block's carry in place of a branch: the stream is not yet normalised by this
-    LayerNorm (a stage's patch-embedding norm), so that the first block computes it with
-    its norm1 in one kernel (``fused.norm_layer_norm``)."""
+    LayerNorm (a stage's patch-embedding norm) nor given its position embedding ``pos``
+    (PVT v1's, added after that norm), so that the first block computes it with its norm1
+    in one kernel (``fused.norm_layer_norm``)."""
     params: dict
     eps: float
+    pos: jax.Array | None = None
 
 
 def init_block(dim: int, attn: dict, mlp: dict) -> dict:
@@ -64,7 +66,7 @@ def block(p, carry, rng, path_rate, *, attn, mlp, eps: float):
     if y is None:
         h = layers.layer_norm(p["norm1"], x, eps)
     elif isinstance(y, PendingNorm):
-        x, h = norm_norm(y.params, p["norm1"], x, eps_a=y.eps, eps=eps)
+        x, h = norm_norm(y.params, p["norm1"], x, y.pos, eps_a=y.eps, eps=eps)
     else:
         x, h = add_norm(p["norm1"], x, y, eps=eps)
     a = attn(p["attn"], h, a_rngs, defer_bias=defer)
@@ -79,8 +81,9 @@ def run_blocks(fn, blocks, x, rng, path_rates, *, scan: bool, remat: bool, norm=
     a leading axis of ``blocks``; returns the stream with the last branch added, or with
     ``norm = (params, eps)`` the LayerNorm of that (a stage's closing norm: the last add
     and the norm in the add+norm kernel, which then writes the norm alone).
-    ``embed_norm = (params, eps)``: ``x`` is first normalised by that (unrolled and
-    without remat, in the first block's kernel with its norm1).
+    ``embed_norm = (params, eps)`` or ``(params, eps, pos)``: ``x`` is first normalised by
+    that and given the position embedding ``pos`` (unrolled and without remat, in the first
+    block's kernel with its norm1).
 
     Scanned, compile time stays flat in depth; unrolled, XLA fuses across blocks, which
     trained faster on GPU (DESIGN.md). Both compute the same function. ``remat`` recomputes
@@ -99,10 +102,10 @@ def run_blocks(fn, blocks, x, rng, path_rates, *, scan: bool, remat: bool, norm=
     pending = None
     if embed_norm is not None:
         # a scan's carry keeps one structure, and remat would trace the eps
+        pending = PendingNorm(*embed_norm)
         if scan or remat or not depth or not fused.NORM_BLOCKS["embed_norm"]:
-            x = layers.layer_norm(embed_norm[0], x, embed_norm[1])
-        else:
-            pending = PendingNorm(*embed_norm)
+            x, pending = fused.norm_and_position(pending.params, x, pending.pos,
+                                                 pending.eps), None
     if scan:
         def body(carry, xs):
             p, key, r = xs

@@ -24,8 +24,9 @@ keys write and re-read float32 logits 49 wide.
 - :func:`add_layer_norm` (both families' blocks): the residual add and the LayerNorm that
   reads it in one pass (two reads, two writes; a stage's closing norm writes the norm
   alone). Through XLA each such LayerNorm was a fusion that recomputed the previous
-  one's input, at about 3x the memory floor. :func:`norm_layer_norm` (v2's stage
-  openings) is its sibling: the patch embedding's norm and the first norm1 in one pass.
+  one's input, at about 3x the memory floor. :func:`norm_layer_norm` (the stage
+  openings) is its sibling: the patch embedding's norm (v1: plus the position embedding)
+  and the first norm1 in one pass.
 
 They are used only where they pay and are exact to the XLA path up to rounding: on CUDA,
 in bfloat16, for the widths the Triton tiles take, where no dropout sits between their
@@ -800,8 +801,8 @@ def attention(q, k, v, *, scale: float | None, dtype, reference):
 # step was the same with it (benchmarks/NOTES.md). branch_bias: the blocks hand the
 # branches' output bias to the kernel at inference (layers.Biased). stage_norm: a stage's
 # closing LayerNorm in the kernel with the last residual add (add_layer_norm, no sum
-# written); embed_norm: the patch embedding's norm and the first block's norm1 in one
-# kernel (norm_layer_norm). Off: XLA's fusions, as before (benchmarks/NOTES.md).
+# written); embed_norm: the patch embedding's norm (v1: and its position embedding) and
+# the first block's norm1 in one kernel (norm_layer_norm). Off: XLA's fusions, as before (benchmarks/NOTES.md).
 NORM_BLOCKS = {"elements": 4096, "num_warps": 4, "min_rows": 8, "train": False,
                "branch_bias": True, "stage_norm": True, "embed_norm": True}
 
@@ -876,20 +877,26 @@ def _sum_and_norm(x, y, *vectors, eps, biased, keep_sum, width, valid):
     return (s, n) if keep_sum else (n,)
 
 
-def _norm_and_norm(x, scale_a, bias_a, scale, bias, *, eps_a, eps, width, valid):
-    """``t = LN_a(x)`` and ``LN(t)`` of one tile, each rounded as the XLA path rounds it."""
+def _norm_and_norm(x, *vectors, eps_a, eps, positioned, width, valid):
+    """``t = LN_a(x)`` (plus the position embedding's tile, the first of ``vectors``, if
+    ``positioned``) and ``LN(t)`` of one tile, each rounded as the XLA path rounds it."""
+    pos, scale_a, bias_a, scale, bias = vectors if positioned else (None, *vectors)
     t = _tile_norm(x, scale_a, bias_a, eps=eps_a, width=width, valid=valid)
+    if pos is not None:
+        t = (t.astype(jnp.float32) + pos.astype(jnp.float32)).astype(t.dtype)
     return t, _tile_norm(t, scale, bias, eps=eps, width=width, valid=valid)
 
 
-def _rows_kernel(*refs, body, tiles: int, outs: int, rows: int, tile: int | None):
-    """One program of a row-wise kernel: ``refs`` are ``tiles`` token arrays, vectors (one
-    value per column), then ``outs`` outputs shaped as the tokens; ``body(*tiles,
-    *vectors, width=, valid=)`` gives the outputs' tiles. ``tile`` None: the width is a
-    power of two, and the refs are this program's (rows, width) blocks. Otherwise the refs
-    are the whole arrays (Triton's blocks must be powers of two) and the program reads
-    ``rows`` rows in a ``tile``-wide block whose columns past the width are masked loads
-    (zero) and masked stores."""
+def _rows_kernel(*refs, body, tiles: int, periodic: int, outs: int, rows: int,
+                 tile: int | None):
+    """One program of a row-wise kernel: ``refs`` are ``tiles`` token arrays, ``periodic``
+    (N, C) arrays whose rows repeat every N token rows (a position embedding over a batch),
+    vectors (one value per column), then ``outs`` outputs shaped as the tokens;
+    ``body(*tiles, *periodic, *vectors, width=, valid=)`` gives the outputs' tiles.
+    ``tile`` None: the width is a power of two, and the token and periodic refs are this
+    program's (rows, width) blocks. Otherwise the refs are the whole arrays (Triton's blocks
+    must be powers of two) and the program reads ``rows`` rows in a ``tile``-wide block
+    whose columns past the width are masked loads (zero) and masked stores."""
     ins, out_refs = refs[:len(refs) - outs], refs[len(refs) - outs:]
     if tile is None:
         results = body(*(r[...] for r in ins), width=None, valid=None)
@@ -902,39 +909,56 @@ def _rows_kernel(*refs, body, tiles: int, outs: int, rows: int, tile: int | None
     inside = c < width
     valid = jnp.broadcast_to(inside[None, :], (rows, tile))
 
-    def at(ref):
-        return ref.at[r[:, None], c[None, :]]
+    def at(ref, row):
+        return ref.at[row[:, None], c[None, :]]
 
-    values = [plt.load(at(ref), mask=valid, other=0.0) for ref in ins[:tiles]]
-    values += [plt.load(ref.at[c], mask=inside, other=0.0) for ref in ins[tiles:]]
+    values = [plt.load(at(ref, r), mask=valid, other=0.0) for ref in ins[:tiles]]
+    values += [plt.load(at(ref, r % ref.shape[0]), mask=valid, other=0.0)
+               for ref in ins[tiles:tiles + periodic]]
+    values += [plt.load(ref.at[c], mask=inside, other=0.0) for ref in ins[tiles + periodic:]]
     for ref, value in zip(out_refs, body(*values, width=width, valid=valid)):
-        plt.store(at(ref), value, mask=valid)
+        plt.store(at(ref, r), value, mask=valid)
+
+
+def _rows_per_program(tokens: list, periodic: list) -> int:
+    """:func:`_norm_rows` over the tokens' rows, also dividing the periodic arrays' N where
+    blocks are used (a power-of-two width), so that each block sits in one period."""
+    width = tokens[0].shape[-1]
+    rows = int(np.prod(tokens[0].shape[:-1]))
+    if periodic and _next_pow2(width) == width:
+        rows = math.gcd(rows, periodic[0].shape[0])
+    return _norm_rows(rows, width)
 
 
 def _pallas_rows(body, tokens: list, vectors: list, outs: int, *, name: str,
-                 interpret: bool) -> tuple:
-    """Run a :func:`_rows_kernel` ``body`` over (..., C) ``tokens`` (all one shape) and
-    per-column ``vectors``; returns its ``outs`` outputs, shaped and typed as the first
-    tokens. Rows per program: :func:`_norm_rows`."""
+                 interpret: bool, periodic: tuple = ()) -> tuple:
+    """Run a :func:`_rows_kernel` ``body`` over (..., C) ``tokens`` (all one shape), (N, C)
+    ``periodic`` arrays repeating every N rows of the flattened tokens, and per-column
+    ``vectors``; returns its ``outs`` outputs, shaped and typed as the first tokens. Rows
+    per program: :func:`_rows_per_program`."""
     x = tokens[0]
     width = x.shape[-1]
     flat = [a.reshape(-1, width) for a in tokens]
-    bm = _norm_rows(flat[0].shape[0], width)
+    bm = _rows_per_program(tokens, list(periodic))
     tile = _next_pow2(width)
     if tile == width:
         tile, block = None, pl.BlockSpec((bm, width), lambda i: (i, 0))
+        blocks_per_period = [a.shape[0] // bm for a in periodic]
+        periodic_specs = [pl.BlockSpec((bm, width), functools.partial(
+            lambda i, n: (i % n, 0), n=n)) for n in blocks_per_period]
     else:
         block = _whole(flat[0])
+        periodic_specs = [_whole(a) for a in periodic]
     out = pl.pallas_call(
-        functools.partial(_rows_kernel, body=body, tiles=len(flat), outs=outs, rows=bm,
-                          tile=tile),
+        functools.partial(_rows_kernel, body=body, tiles=len(flat), periodic=len(periodic),
+                          outs=outs, rows=bm, tile=tile),
         out_shape=(jax.ShapeDtypeStruct(flat[0].shape, x.dtype),) * outs,
         grid=(flat[0].shape[0] // bm,),
-        in_specs=[block] * len(flat) + [_whole(v) for v in vectors],
+        in_specs=[block] * len(flat) + periodic_specs + [_whole(v) for v in vectors],
         out_specs=(block,) * outs,
         compiler_params=plt.CompilerParams(num_warps=NORM_BLOCKS["num_warps"], num_stages=1),
         interpret=interpret, name=name,
-    )(*flat, *vectors)
+    )(*flat, *periodic, *vectors)
     return tuple(a.reshape(x.shape) for a in out)
 
 
@@ -969,28 +993,50 @@ def add_layer_norm(p, x, y, *, eps: float, keep_sum: bool = True):
 
 # ------------------------------------------------------------ patch embedding's norm + norm1
 
-def reference_norm_layer_norm(p_a, p, x, *, eps_a: float, eps: float):
-    """``t = layer_norm(p_a, x)`` and ``layer_norm(p, t)``, as XLA ops."""
-    t = layers.layer_norm(p_a, x, eps_a)
+def norm_and_position(p, x, pos, eps: float):
+    """``layer_norm(p, x)``, plus ``pos`` (a position embedding broadcast over the batch,
+    in the norm's dtype) unless None, as XLA ops."""
+    t = layers.layer_norm(p, x, eps)
+    return t if pos is None else t + pos.astype(t.dtype)
+
+
+def reference_norm_layer_norm(p_a, p, x, pos=None, *, eps_a: float, eps: float):
+    """``t = norm_and_position(p_a, x, pos)`` (``pos`` (N, C) or (1, N, C), or None) and
+    ``layer_norm(p, t)``, as XLA ops."""
+    t = norm_and_position(p_a, x, pos, eps_a)
     return t, layers.layer_norm(p, t, eps)
 
 
-def pallas_norm_layer_norm(p_a, p, x, *, eps_a: float, eps: float, interpret: bool = False):
-    """The kernel on (..., C) tokens: one read of ``x``, one write of each norm."""
-    body = functools.partial(_norm_and_norm, eps_a=eps_a, eps=eps)
+def pallas_norm_layer_norm(p_a, p, x, pos=None, *, eps_a: float, eps: float,
+                           interpret: bool = False):
+    """The kernel on (B, N, C) tokens (any (..., C) without ``pos``, which is (N, C) or
+    (1, N, C)): one read of ``x`` and of each program's rows of ``pos``, one write of each
+    norm."""
+    body = functools.partial(_norm_and_norm, eps_a=eps_a, eps=eps, positioned=pos is not None)
     vectors = [p_a["scale"], p_a["bias"], p["scale"], p["bias"]]
+    periodic = () if pos is None else (pos.astype(x.dtype).reshape(-1, x.shape[-1]),)
     return _pallas_rows(body, [x], vectors, 2, name="lucid_fn_fused_norm_norm",
-                        interpret=interpret)
+                        interpret=interpret, periodic=periodic)
 
 
-def norm_layer_norm(p_a, p, x, *, eps_a: float, eps: float):
-    """``(t, layer_norm(p, t))`` for ``t = layer_norm(p_a, x)``: a stage's patch-embedding
-    norm and its first block's norm1, one kernel where the add+norm kernel would run on
-    ``x``, else XLA ops. Through XLA the second fusion recomputed the first norm from
-    ``x`` instead of reading it (pvt_v2_b2 stage 1: 52 + 80 us, benchmarks/NOTES.md)."""
+def supported_norm_layer_norm(x, pos=None) -> bool:
+    """:func:`_supported_rows`; with ``pos``, (N, C) or (1, N, C) for (B, N, C) tokens,
+    and a block of rows that fits in N."""
+    if pos is None:
+        return _supported_rows(x)
+    return (x.ndim == 3 and pos.shape[-2:] == x.shape[1:] and pos.size == x[0].size
+            and _supported_rows(x) and _rows_per_program([x], [pos.reshape(x.shape[1:])]) > 0)
+
+
+def norm_layer_norm(p_a, p, x, pos=None, *, eps_a: float, eps: float):
+    """``(t, layer_norm(p, t))`` for ``t = layer_norm(p_a, x)`` (``+ pos``, a position
+    embedding (N, C) over (B, N, C) tokens, if given): a stage's patch-embedding norm and
+    its first block's norm1, one kernel where :func:`supported_norm_layer_norm`, else XLA
+    ops. Through XLA the second fusion recomputed the first norm from ``x`` instead of
+    reading it (pvt_v2_b2 stage 1: 52 + 80 us, benchmarks/NOTES.md)."""
     kw = dict(eps_a=eps_a, eps=eps)
-    if enabled() and _supported_rows(x):
+    if enabled() and supported_norm_layer_norm(x, pos):
         return kernel_with_xla_grad(functools.partial(pallas_norm_layer_norm, **kw),
                                     functools.partial(reference_norm_layer_norm, **kw),
-                                    p_a, p, x)
-    return reference_norm_layer_norm(p_a, p, x, **kw)
+                                    p_a, p, x, pos)
+    return reference_norm_layer_norm(p_a, p, x, pos, **kw)
