@@ -802,7 +802,8 @@ def attention(q, k, v, *, scale: float | None, dtype, reference):
 # branches' output bias to the kernel at inference (layers.Biased). stage_norm: a stage's
 # closing LayerNorm in the kernel with the last residual add (add_layer_norm, no sum
 # written); embed_norm: the patch embedding's norm (v1: and its position embedding) and
-# the first block's norm1 in one kernel (norm_layer_norm). Off: XLA's fusions, as before (benchmarks/NOTES.md).
+# the first block's norm1 in one kernel (norm_layer_norm). Off: XLA's fusions, as before
+# (benchmarks/NOTES.md).
 NORM_BLOCKS = {"elements": 4096, "num_warps": 4, "min_rows": 8, "train": False,
                "branch_bias": True, "stage_norm": True, "embed_norm": True}
 
@@ -1024,8 +1025,9 @@ def supported_norm_layer_norm(x, pos=None) -> bool:
     and a block of rows that fits in N."""
     if pos is None:
         return _supported_rows(x)
-    return (x.ndim == 3 and pos.shape[-2:] == x.shape[1:] and pos.size == x[0].size
-            and _supported_rows(x) and _rows_per_program([x], [pos.reshape(x.shape[1:])]) > 0)
+    if x.ndim != 3 or pos.shape[-2:] != x.shape[1:] or pos.size != math.prod(x.shape[1:]):
+        return False
+    return _supported_rows(x) and _rows_per_program([x], [pos.reshape(x.shape[1:])]) > 0
 
 
 def norm_layer_norm(p_a, p, x, pos=None, *, eps_a: float, eps: float):
