@@ -38,10 +38,11 @@ patching ``lucid_fn.nn`` while the model is traced: ``gelu`` (``lib``: the libra
 ``dwconv`` (``lib``: ``lax.conv_general_dilated``, ``shift``: 9 shifted multiply-adds),
 ``embed`` (``im2col``: small dense convs as one matmul), ``patchify`` (``conv``: through
 ``lax.conv``), ``sr`` (``matmul``: the spatial reduction as reshape, transpose and matmul
-on GPUs too), ``attn`` (``lib``, ``bnhm``: another einsum layout, ``dpa``:
-``jax.nn.dot_product_attention``, ``bf16logits``), ``mlp`` (``lib``: the fused Pallas MLPs
-where they apply, ``xla``: XLA ops only), ``mlpblk=MxHxW[xr]`` (the v1 fused MLP's row
-tile, hidden chunk, warps, and ``r``: erf's divide as an approximate reciprocal) and
+on GPUs too, ``convtrain``: through cuDNN in training too), ``attn`` (``lib``, ``bnhm``:
+another einsum layout, ``dpa``: ``jax.nn.dot_product_attention``, ``bf16logits``), ``mlp``
+(``lib``: the fused Pallas MLPs where they apply, ``xla``: XLA ops only),
+``mlpblk=MxHxW[xr]`` (the v1 fused MLP's row tile, hidden chunk, warps, and ``r``: erf's
+divide as an approximate reciprocal) and
 ``convblk=XxHxW[xF]`` (the v2 conv-GELU kernel's columns, channels, warps, and flags
 ``b``: fc1's bias added per tap instead of through the edge-class table, ``n``: each row
 loaded when used, not prefetched an iteration ahead), ``conv.KEY=N`` (one of that

@@ -168,21 +168,22 @@ def stage_forward(p, x, rng, path_rates, *, cfg: PVTConfig, stage: int):
     dtype = cfg.dtype
     m = nn.patchify_conv(p["patch_embed"]["proj"], x, dtype)
     b, h, w, c = m.shape
-    t = m.reshape(b, h * w, c)
-    norm = (p["patch_embed"]["norm"], PATCH_NORM_EPS)
+    t, norm = m.reshape(b, h * w, c), p["patch_embed"]["norm"]
     # Learned for img_size; other sizes get it resized bilinearly, as the official
     # detection code and HF do (a no-op at img_size).
     pos = nn.resize_pos_embed(p["pos_embed"], (h, w), has_cls="cls_token" in p)
     k_pos, k_blocks = (None, None) if rng is None else jax.random.split(rng)
-    if "cls_token" in p or (k_pos is not None and cfg.drop_rate > 0):
-        t = nn.layer_norm(norm[0], t, norm[1])
+    embed_norm = None
+    if "cls_token" not in p and (k_pos is None or cfg.drop_rate == 0):
+        # nothing between the norm, the position embedding and norm1: all three go to the
+        # first block (one kernel at inference)
+        embed_norm = (norm, PATCH_NORM_EPS, pos)
+    else:
+        t = nn.layer_norm(norm, t, PATCH_NORM_EPS)
         if "cls_token" in p:
             cls = jnp.broadcast_to(p["cls_token"].astype(dtype), (b, 1, c))
             t = jnp.concatenate([cls, t], axis=1)
         t = nn.dropout(t + pos.astype(dtype), cfg.drop_rate, k_pos)
-        embed_norm = None
-    else:  # the norm and the position embedding go to the first block's norm1 kernel
-        embed_norm = (*norm, pos)
     t = nn.run_blocks(block_fn(cfg, stage, (h, w)), p["blocks"], t, k_blocks, path_rates,
                       scan=cfg.scan_blocks, remat=cfg.remat, embed_norm=embed_norm)
     return t, (h, w)

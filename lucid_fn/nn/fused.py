@@ -865,6 +865,11 @@ def _tile_norm(s, scale, bias, *, eps, width, valid):
     return n.astype(s.dtype)
 
 
+def _rounded_add(a, b):
+    """``a + b`` in float32, rounded to ``a``'s dtype, as XLA's add of the two rounds it."""
+    return (a.astype(jnp.float32) + b.astype(jnp.float32)).astype(a.dtype)
+
+
 def _sum_and_norm(x, y, *vectors, eps, biased, keep_sum, width, valid):
     """The sum of one tile rounded to the stream's dtype, as XLA's add rounds it (with
     ``biased``, the branch's bias, the first vector, first added to ``y`` and rounded, as
@@ -872,8 +877,8 @@ def _sum_and_norm(x, y, *vectors, eps, biased, keep_sum, width, valid):
     ``keep_sum``."""
     y_bias, scale, bias = vectors if biased else (None, *vectors)
     if y_bias is not None:
-        y = (y.astype(jnp.float32) + y_bias.astype(jnp.float32)).astype(y.dtype)
-    s = (x.astype(jnp.float32) + y.astype(jnp.float32)).astype(x.dtype)
+        y = _rounded_add(y, y_bias)
+    s = _rounded_add(x, y)
     n = _tile_norm(s, scale, bias, eps=eps, width=width, valid=valid)
     return (s, n) if keep_sum else (n,)
 
@@ -884,7 +889,7 @@ def _norm_and_norm(x, *vectors, eps_a, eps, positioned, width, valid):
     pos, scale_a, bias_a, scale, bias = vectors if positioned else (None, *vectors)
     t = _tile_norm(x, scale_a, bias_a, eps=eps_a, width=width, valid=valid)
     if pos is not None:
-        t = (t.astype(jnp.float32) + pos.astype(jnp.float32)).astype(t.dtype)
+        t = _rounded_add(t, pos)
     return t, _tile_norm(t, scale, bias, eps=eps, width=width, valid=valid)
 
 
