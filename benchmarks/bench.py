@@ -47,7 +47,9 @@ divide as an approximate reciprocal) and
 ``b``: fc1's bias added per tap instead of through the edge-class table, ``n``: each row
 loaded when used, not prefetched an iteration ahead), ``conv.KEY=N`` (one of that
 kernel's settings, ``nn.fused.CONV_BLOCKS[KEY]``: e.g. ``conv.pad=0``), ``attnblk=QxW``
-(the fused attention kernel's query rows and warps; ``attn=xla`` turns it off), and
+(the fused attention kernel's query rows and warps; ``attn=xla`` turns it off),
+``attngradblk=QxWxP`` (its backward kernel's query rows, warps and least programs;
+``attngrad=xla``: XLA's recomputed gradient instead), and
 ``trainfused`` (``0``: the attention and v1 MLP kernels at inference only, as before they
 ran in training too), ``trainconv`` (v2 training, where dropout is 0: ``xla``: the conv MLP
 as XLA ops, as before the conv kernel ran in training; ``xlagrad``: the conv kernel with
@@ -257,6 +259,9 @@ PATCHES = {
     # XLA's gradient recomputed from its inputs instead of the backward kernels
     "trainconv": {"lib": {}, "xla": {"pvt_v2_mlp": _pvt_v2_mlp_xla_in_training},
                   "xlagrad": {"CONV_GRAD_BLOCKS": {**lfused.CONV_GRAD_BLOCKS, "own": False}}},
+    # training: the attention's gradient as XLA's recomputed form (the path before)
+    "attngrad": {"lib": {},
+                 "xla": {"ATTN_GRAD_BLOCKS": {**lfused.ATTN_GRAD_BLOCKS, "own": False}}},
     "kgelu": {"lib": {}, "rational": {"BLOCKS": {**lfused.BLOCKS, "erf": "rational"}}},
     "addnorm": {"lib": {}, "xla": {"add_layer_norm": lfused.reference_add_layer_norm},
                 "pow2": {"supported_add_layer_norm": _add_norm_pow2_only},
@@ -322,12 +327,17 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
         elif key == "attnblk" and len(value.split("x")) == 2:  # attention: QUERIESxWARPS
             q, w = (int(v) for v in value.split("x"))
             patches["ATTN_BLOCKS"] = {**lfused.ATTN_BLOCKS, "block_q": q, "num_warps": w}
+        elif key == "attngradblk" and len(value.split("x")) == 3:  # QUERIESxWARPSxPROGRAMS
+            q, w, n = (int(v) for v in value.split("x"))
+            patches["ATTN_GRAD_BLOCKS"] = {**lfused.ATTN_GRAD_BLOCKS, "block_q": q,
+                                           "num_warps": w, "min_programs": n}
         else:
             allowed = [f"{k}={'|'.join(v)}" for k, v in {**BUILDER_KEYS, **PATCHES}.items()]
             allowed.append("mlpblk=<rows>x<hidden chunk>x<warps>[xr: approximate reciprocal]")
             allowed.append("convblk=<columns>x<channels>x<warps>[x + b: fc1 bias per tap, "
                            "n: no prefetch of the next row]")
             allowed.append("attnblk=<query rows>x<warps>")
+            allowed.append("attngradblk=<query rows>x<warps>x<least programs>")
             allowed.append(f"conv.<{'|'.join(CONV_OPTIONS)}>=<integer>")
             allowed.append(f"convgrad.<{'|'.join(lfused.CONV_GRAD_BLOCKS)}>=<integer>")
             raise SystemExit(f"bad variant item {item!r} in {spec!r}; allowed: "
@@ -341,7 +351,8 @@ def patched(patches: dict):
     targets = {"gelu": [lnn, llayers], "conv": [lnn, llayers], "attend": [lattention],
                "patchify_conv": [lnn, llayers], "mlp_gelu": [lfused], "BLOCKS": [lfused],
                "conv_mlp": [lfused], "CONV_BLOCKS": [lfused], "_gelu_f32": [lfused],
-               "ATTN_BLOCKS": [lfused], "pvt_mlp": [(lpvt, "mlp")],
+               "ATTN_BLOCKS": [lfused], "ATTN_GRAD_BLOCKS": [lfused],
+               "pvt_mlp": [(lpvt, "mlp")],
                "pvt_v2_mlp": [(lpvt_v2, "mlp")], "enabled": [lfused],
                "add_layer_norm": [lfused], "supported_add_layer_norm": [lfused],
                "NORM_BLOCKS": [lfused], "CONV_GRAD_BLOCKS": [lfused],

@@ -402,6 +402,71 @@ def test_attention_kernel_matches_xla(b, n, m, heads, d, scale, with_bias):
     assert err < 0.05 * float(jnp.abs(ref32).max())
 
 
+@pytest.mark.parametrize("b,n,m,heads,d,scale,min_programs", [
+    (2, 200, 49, 2, 32, None, 8),  # 4 tiles of 64 queries, 2 per program, the last partial
+    (1, 64, 7, 1, 64, 0.3, 1),     # few keys (padded to 16), one program, an explicit scale
+    (2, 50, 50, 4, 16, None, 1),   # PVT v1's last stage
+    (1, 300, 49, 1, 64, None, 2),  # 5 tiles over 2 programs: one walks past the queries
+])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_attention_grad_kernel_no_worse_than_xla(monkeypatch, b, n, m, heads, d, scale,
+                                                 min_programs, with_bias):
+    """The backward kernel's dq, dk, dv (and the queries' bias's gradient) against the
+    float32 VJP: no further off than XLA's bf16 gradient of the same attention, however
+    the queries split over programs."""
+    monkeypatch.setitem(fused.ATTN_GRAD_BLOCKS, "min_programs", min_programs)
+    q, k, v = _bf16(*_qkv(b, n, m, heads, d))
+    g, bias = _bf16(jax.random.normal(jax.random.key(8), q.shape),
+                    jax.random.normal(jax.random.key(9), (heads, d)))
+    args = (q, k, v, bias) if with_bias else (q, k, v)
+
+    def ref(dtype):
+        return lambda q, k, v, *qb: attention.attend_xla(
+            layers.Biased(q, qb[0]) if qb else q, k, v, scale=scale, dtype=dtype)
+
+    got = fused.pallas_attention_grad(q, k, v, g, bias if with_bias else None, scale=scale,
+                                      dtype=jnp.bfloat16, interpret=True)
+    want16 = jax.vjp(ref(jnp.bfloat16), *args)[1](g)
+    want32 = jax.vjp(ref(jnp.float32), *(a.astype(jnp.float32) for a in args))[1](
+        g.astype(jnp.float32))
+    assert len(got) == len(args)
+    for a, x, w in zip(got, want16, want32):
+        assert a.shape == x.shape and a.dtype == x.dtype
+        err = float(jnp.abs(a.astype(jnp.float32) - w).max())
+        err16 = float(jnp.abs(x.astype(jnp.float32) - w).max())
+        scale_w = float(jnp.abs(w).max())
+        step = 2.0 ** (np.floor(np.log2(scale_w)) - 7)  # bf16's spacing at the largest
+        assert err <= max(err16 * 1.1, step), (err, err16, step)  # no worse than XLA
+        assert err < 0.02 * scale_w  # a wrong head or key is far off
+
+
+def test_attention_grad_tiles_fill_the_gpu_and_cover_the_queries():
+    for b, heads, n in [(128, 1, 3136), (128, 2, 784), (128, 5, 196), (128, 8, 49),
+                        (1, 1, 3136), (2, 2, 200)]:
+        parts, blocks = fused.attention_grad_tiles(b, heads, n)
+        tiles = -(-n // fused.ATTN_GRAD_BLOCKS["block_q"])
+        assert parts * blocks >= tiles and (parts - 1) * blocks < tiles  # none idle
+        # no program walks more tiles than an even split over min_programs would give it
+        assert blocks <= -(-tiles * b * heads // fused.ATTN_GRAD_BLOCKS["min_programs"])
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_attention_gradient_on_cuda_is_the_backward_kernel(monkeypatch, own):
+    """Lowered for CUDA, the attention's gradient is the backward kernel's (XLA's
+    recomputed form with ``own`` off); off GPU it stays XLA's (the test above)."""
+    monkeypatch.setitem(fused.ATTN_GRAD_BLOCKS, "own", own)
+    args = _bf16(*_qkv(2, 30, 9, 2, 32))
+
+    def loss(*a):
+        return attention.attend(*a, scale=None, dtype=jnp.bfloat16, attn_drop=0.0,
+                                rng=None).astype(jnp.float32).sum()
+
+    hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "lucid_fn_fused_attention" in hlo.replace("lucid_fn_fused_attention_grad", "")
+    assert ("lucid_fn_fused_attention_grad" in hlo) == own
+
+
 def test_attention_supported_only_in_bf16_for_small_key_sets():
     bf16 = jnp.bfloat16
     qkv = _qkv(1, 8, 49, 2, 32)

@@ -106,8 +106,8 @@ def attend_xla(q, k, v, *, scale: float | None, dtype, attn_drop: float = 0.0, r
 
 def attend(q, k, v, *, scale: float | None, dtype, attn_drop: float, rng):
     """:func:`attend_xla`; with no dropout to apply (``rng`` None or a rate of 0) one fused
-    kernel where it pays (``nn.fused.attention``: the float32 logits never leave the chip;
-    in training its backward recomputes the XLA form)."""
+    kernel where it pays (``nn.fused.attention``: the float32 logits never leave the chip,
+    in its backward kernel either)."""
     if rng is None or attn_drop == 0:  # q may be a layers.Biased
         return fused.attention(q, k, v, scale=scale, dtype=dtype, reference=functools.partial(
             attend_xla, scale=scale, dtype=dtype))

@@ -60,9 +60,10 @@ def enabled() -> bool:
     return os.environ.get("LUCID_FN_FUSED", "on").lower() not in ("off", "0", "false")
 
 
-def kernel_with_xla_grad(kernel, reference, *args):
-    """``kernel(*args)`` on CUDA, ``reference(*args)`` elsewhere, the gradient always the
-    reference's (recomputed from the inputs): the kernels are forward-only."""
+def kernel_with_xla_grad(kernel, reference, *args, grad_kernel=None):
+    """``kernel(*args)`` on CUDA, ``reference(*args)`` elsewhere, the gradient the
+    reference's (recomputed from the inputs); with ``grad_kernel(*args, g)`` (a cotangent
+    for each argument) that kernel's on CUDA instead."""
     @jax.custom_vjp
     def f(*a):
         return jax.lax.platform_dependent(*a, cuda=kernel, default=reference)
@@ -70,8 +71,13 @@ def kernel_with_xla_grad(kernel, reference, *args):
     def f_fwd(*a):
         return f(*a), a
 
+    def xla_grad(*a):
+        return tuple(jax.vjp(reference, *a[:-1])[1](a[-1]))
+
     def f_bwd(res, g):
-        return jax.vjp(reference, *res)[1](g)
+        if grad_kernel is None:
+            return xla_grad(*res, g)
+        return tuple(jax.lax.platform_dependent(*res, g, cuda=grad_kernel, default=xla_grad))
 
     f.defvjp(f_fwd, f_bwd)
     return f(*args)
@@ -715,6 +721,11 @@ def conv_has_own_grad(relu: bool) -> bool:
 # on, +1.9% for pvt_v2_b2 inference on the H200, benchmarks/NOTES.md).
 ATTN_BLOCKS = {"block_q": 128, "num_warps": 4, "q_bias": True}
 MAX_KEYS = 128
+# The attention's backward kernel (in training): query rows per step and warps; a program
+# walks ``blocks`` steps down one (image, head)'s queries, carrying its keys' and values'
+# gradients, with enough programs per head to fill the GPU (min_programs); own: off, the
+# gradient is XLA's, recomputed from the inputs (the path before; benchmarks/NOTES.md).
+ATTN_GRAD_BLOCKS = {"block_q": 64, "num_warps": 4, "min_programs": 1024, "own": True}
 
 
 def supported_attention(q, k, v, dtype) -> bool:
@@ -728,6 +739,30 @@ def supported_attention(q, k, v, dtype) -> bool:
             and _is_pow2(d) and 16 <= d <= 128 and m <= MAX_KEYS)
 
 
+def _key_tile(m: int) -> int:
+    """Keys padded to a power of two (at least 16) for the dots."""
+    return max(16, 1 << (m - 1).bit_length())
+
+
+def _biased_queries(q_ref, qb_ref, rows):
+    """The tile's query rows, with this head's bias added and rounded to the query's
+    dtype (as the linear layer would have) when there is one."""
+    q = q_ref[rows, :]
+    if qb_ref:
+        q = (q.astype(jnp.float32) + qb_ref[0][...].astype(jnp.float32)[None, :]
+             ).astype(q.dtype)
+    return q
+
+
+def _probabilities(q, k, m, scale):
+    """softmax(q k^T * scale) in float32 over the first ``m`` of the tile's keys."""
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32) * scale
+    s = jnp.where(jax.lax.broadcasted_iota(jnp.int32, (1, k.shape[0]), 1) < m, s, -jnp.inf)
+    e = jnp.exp(s - jnp.max(s, axis=1, keepdims=True))
+    return e / jnp.sum(e, axis=1, keepdims=True)
+
+
 def _attention_kernel(q_ref, *refs, n, m, scale, block_q):
     """softmax(q k^T * scale) v for one tile of query rows of one (image, head); logits
     and softmax in float32, probabilities cast to the compute dtype before the value
@@ -735,23 +770,14 @@ def _attention_kernel(q_ref, *refs, n, m, scale, block_q):
     query's bias (this head's) is added and rounded to the query's dtype, as the linear
     layer would have."""
     *qb_ref, k_ref, v_ref, o_ref = refs
-    keys = max(16, 1 << (m - 1).bit_length())  # a power of two for the dots
     rows = pl.program_id(2) * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
     # Clamped indices: the last tile's extra rows re-read and re-write row n - 1 with the
     # same values, so nothing leaves the arrays and no padded copy is needed.
     rows = jnp.minimum(rows, n - 1)
-    key_rows = jnp.minimum(jax.lax.broadcasted_iota(jnp.int32, (keys,), 0), m - 1)
-    q = q_ref[rows, :]
-    if qb_ref:
-        q = (q.astype(jnp.float32) + qb_ref[0][...].astype(jnp.float32)[None, :]
-             ).astype(q.dtype)
+    key_rows = jnp.minimum(jax.lax.broadcasted_iota(jnp.int32, (_key_tile(m),), 0), m - 1)
     k = k_ref[key_rows, :]
     v = v_ref[key_rows, :]
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32) * scale
-    s = jnp.where(jax.lax.broadcasted_iota(jnp.int32, (1, keys), 1) < m, s, -jnp.inf)
-    e = jnp.exp(s - jnp.max(s, axis=1, keepdims=True))
-    p = (e / jnp.sum(e, axis=1, keepdims=True)).astype(v.dtype)
+    p = _probabilities(_biased_queries(q_ref, qb_ref, rows), k, m, scale).astype(v.dtype)
     o_ref[rows, :] = jnp.dot(p, v, preferred_element_type=jnp.float32).astype(o_ref.dtype)
 
 
@@ -779,18 +805,118 @@ def pallas_attention(q, k, v, q_bias=None, *, scale: float | None, dtype,
     return out.reshape(b, n, heads, d)
 
 
+def _split_dot(a, b, dims):
+    """``a`` (float32) times ``b`` (bf16) as two bf16 dots, ``a``'s rounding and then its
+    remainder: about 16 bits of ``a``, where XLA's gradient takes the product in float32
+    (a bf16 dot alone would round the softmax gradient to 8)."""
+    hi = a.astype(b.dtype)
+    lo = (a - hi.astype(jnp.float32)).astype(b.dtype)
+    dot = functools.partial(jax.lax.dot_general, dimension_numbers=(dims, ((), ())),
+                            preferred_element_type=jnp.float32)
+    return dot(hi, b) + dot(lo, b)
+
+
+def _attention_grad_kernel(q_ref, *refs, n, m, scale, block_q, blocks):
+    """The attention's gradient for ``blocks`` tiles of query rows of one (image, head),
+    from its queries, keys, values and the output's cotangent ``do``: dq for each tile,
+    and this program's part of dk and dv (float32, the tile's padded keys), carried down
+    its tiles. Each tile recomputes the probabilities (every key is in it, so no
+    statistics come from the forward) and takes the softmax's gradient as XLA's does:
+    dp = do v^T rounded to bf16 (XLA's dot gives bf16), ds = p (dp - sum(p dp)), dq and dk
+    from ds * scale at about float32 precision (:func:`_split_dot`), dv from the bf16
+    probabilities. Rows past ``n`` (the clamped tail) add nothing to dk and dv.
+    ``refs = (qb_ref, ...)``: with the queries' bias, as the forward kernel."""
+    *qb_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref = refs
+    keys = _key_tile(m)
+    key_rows = jnp.minimum(jax.lax.broadcasted_iota(jnp.int32, (keys,), 0), m - 1)
+    k = k_ref[key_rows, :]
+    v = v_ref[key_rows, :]
+    first = pl.program_id(2) * blocks
+
+    def step(j, carry):
+        dk, dv = carry
+        idx = (first + j) * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+        rows = jnp.minimum(idx, n - 1)
+        q = _biased_queries(q_ref, qb_ref, rows)
+        do = do_ref[rows, :]
+        p = _probabilities(q, k, m, scale)
+        dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+        dp = dp.astype(do.dtype).astype(jnp.float32)
+        ds = p * (dp - jnp.sum(p * dp, axis=1, keepdims=True)) * scale
+        dq_ref[rows, :] = _split_dot(ds, k, ((1,), (0,))).astype(dq_ref.dtype)
+        live = (idx < n)[:, None]
+        p16 = jnp.where(live, p, 0.0).astype(v.dtype)
+        dv = dv + jax.lax.dot_general(p16, do, (((0,), (0,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
+        dk = dk + _split_dot(jnp.where(live, ds, 0.0), q, ((0,), (0,)))
+        return dk, dv
+
+    zeros = jnp.zeros((keys, k.shape[1]), jnp.float32)
+    dk, dv = jax.lax.fori_loop(0, blocks, step, (zeros, zeros))
+    dk_ref[...] = dk
+    dv_ref[...] = dv
+
+
+def attention_grad_tiles(b: int, heads: int, n: int) -> tuple[int, int]:
+    """(programs per head, query tiles each walks): enough programs for the GPU
+    (``min_programs`` in all), as few tiles past the last query as that allows."""
+    tiles = -(-n // ATTN_GRAD_BLOCKS["block_q"])
+    parts = min(tiles, max(1, -(-ATTN_GRAD_BLOCKS["min_programs"] // (b * heads))))
+    blocks = -(-tiles // parts)
+    return -(-tiles // blocks), blocks
+
+
+def pallas_attention_grad(q, k, v, g, q_bias=None, *, scale: float | None, dtype,
+                          interpret: bool = False):
+    """(dq, dk, dv[, dq_bias]) of :func:`pallas_attention` for the output cotangent ``g``
+    (B, N, heads, d), in the inputs' dtypes, from :func:`_attention_grad_kernel`; XLA sums
+    the programs' parts of dk and dv and the bias's gradient (dq summed over tokens)."""
+    b, n, heads, d = q.shape
+    m = k.shape[1]
+    parts, blocks = attention_grad_tiles(b, heads, n)
+    keys = _key_tile(m)
+    q2, k2, v2, g2 = (a.reshape(*a.shape[:2], heads * d).astype(dtype) for a in (q, k, v, g))
+    bias = () if q_bias is None else (q_bias.reshape(heads * d).astype(dtype),)
+    bias_spec = [pl.BlockSpec((d,), lambda i, h, j: (h,))] * len(bias)
+    head = lambda rows: pl.BlockSpec((None, rows, d), lambda i, h, j: (i, 0, h))  # noqa: E731
+    part = pl.BlockSpec((None, None, keys, d), lambda i, h, j: (i, j, 0, h))
+    part_shape = jax.ShapeDtypeStruct((b, parts, keys, heads * d), jnp.float32)
+    dq, dk, dv = pl.pallas_call(
+        functools.partial(_attention_grad_kernel, n=n, m=m, scale=scale or d ** -0.5,
+                          block_q=ATTN_GRAD_BLOCKS["block_q"], blocks=blocks),
+        out_shape=(jax.ShapeDtypeStruct((b, n, heads * d), dtype), part_shape, part_shape),
+        grid=(b, heads, parts),
+        in_specs=[head(n), *bias_spec, head(m), head(m), head(n)],
+        out_specs=(head(n), part, part),
+        compiler_params=plt.CompilerParams(num_warps=ATTN_GRAD_BLOCKS["num_warps"],
+                                           num_stages=1),
+        interpret=interpret, name="lucid_fn_fused_attention_grad",
+    )(q2, *bias, k2, v2, g2)
+    dk, dv = (a[:, :, :m].sum(axis=1).reshape(k.shape).astype(k.dtype) for a in (dk, dv))
+    dq = dq.reshape(q.shape).astype(q.dtype)
+    if q_bias is None:
+        return dq, dk, dv
+    return dq, dk, dv, dq.astype(jnp.float32).sum(axis=(0, 1)).astype(q_bias.dtype)
+
+
 def attention(q, k, v, *, scale: float | None, dtype, reference):
     """``reference(q, k, v)`` (SRA's probabilities times values, no dropout) by the kernel
-    where :func:`supported_attention`, on CUDA; XLA elsewhere and for gradients. ``q`` may
-    be a ``layers.Biased``: the kernel adds its bias, the reference gets it added."""
+    where :func:`supported_attention`, on CUDA, its gradient by the backward kernel
+    (:func:`pallas_attention_grad`; XLA's recomputed form with ``ATTN_GRAD_BLOCKS["own"]``
+    off); XLA elsewhere. ``q`` may be a ``layers.Biased``: the kernel adds its bias, the
+    reference gets it added."""
     if not (enabled() and supported_attention(q, k, v, dtype)):
         return reference(layers.add_bias(q), k, v)
     kernel = functools.partial(pallas_attention, scale=scale, dtype=dtype)
+    grad = None
+    if ATTN_GRAD_BLOCKS["own"]:
+        grad = functools.partial(pallas_attention_grad, scale=scale, dtype=dtype)
     if not isinstance(q, layers.Biased):
-        return kernel_with_xla_grad(kernel, reference, q, k, v)
+        return kernel_with_xla_grad(kernel, reference, q, k, v, grad_kernel=grad)
     return kernel_with_xla_grad(
         kernel, lambda q, k, v, q_bias: reference(layers.add_bias(layers.Biased(q, q_bias)), k, v),
-        q.value, k, v, q.bias.astype(q.value.dtype))
+        q.value, k, v, q.bias.astype(q.value.dtype), grad_kernel=grad)
 
 
 # ------------------------------------------------------------ residual add + LayerNorm
