@@ -16,14 +16,13 @@ float32 gradient's largest magnitude. ``--variants name:key=value,...`` (over
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 
 import jax
 import jax.numpy as jnp
 
-from conv_sweep import timed  # benchmarks/
+from conv_sweep import conv_blocks, parse, timed  # benchmarks/
 from lucid_fn.nn import attention, fused
 
 # (batch, queries, keys, heads, head width): pvt_v2_b2's and pvt_small's stages (v1's
@@ -32,23 +31,6 @@ SHAPES = {"s1": (128, 3136, 49, 1, 64), "s2": (128, 784, 49, 2, 64),
           "s3": (128, 196, 49, 5, 64), "s4": (128, 49, 49, 8, 64),
           "v1s4": (128, 50, 50, 8, 64), "b0s1": (128, 3136, 49, 1, 32),
           "tiny": (2, 200, 49, 2, 32)}
-
-
-@contextlib.contextmanager
-def grad_blocks(over: dict):
-    saved = dict(fused.ATTN_GRAD_BLOCKS)
-    fused.ATTN_GRAD_BLOCKS.update(over)
-    try:
-        yield
-    finally:
-        fused.ATTN_GRAD_BLOCKS.clear()
-        fused.ATTN_GRAD_BLOCKS.update(saved)
-
-
-def parse(spec: str) -> tuple[str, dict]:
-    """``"name:block_q=64,num_warps=8"`` -> (name, settings)."""
-    name, _, items = spec.partition(":")
-    return name, {k: int(v) for k, v in (i.split("=") for i in items.split(",") if i)}
 
 
 def grad_fn(dtype, cotangent, fused_path: bool):
@@ -73,9 +55,9 @@ def run_shape(label, shape, timing, variants=()) -> list:
     # the inputs' rounding alone)
     want = grad_fn(jnp.float32, cot, False)(*(a.astype(jnp.float32) for a in args))[1]
     rows = []
-    runs = [("kernel", {}), ("xlagrad", {"own": 0})] + [parse(s) for s in variants]
+    runs = [("kernel", {}), ("xlagrad", {"own": 0})] + [parse(s, (fused.ATTN_GRAD_BLOCKS,)) for s in variants]
     for name, over in runs:
-        with grad_blocks(over):
+        with conv_blocks(over, (fused.ATTN_GRAD_BLOCKS,)):
             f = grad_fn(jnp.bfloat16, cot, True)
             hlo = f.lower(*args).as_text()
             got = f(*args)[1]

@@ -40,27 +40,29 @@ VARIANTS = [  # the second call's (explore_gpu20.sh); explore_gpu18.sh swept the
 ]
 
 
-def parse(spec: str) -> tuple[str, dict]:
-    """``name:key=value,...`` over ``nn.fused.CONV_BLOCKS`` and ``CONV_GRAD_BLOCKS`` (the
-    backward kernels'; their keys differ)."""
+def parse(spec: str, tables=None) -> tuple[str, dict]:
+    """``name:key=value,...`` over settings ``tables`` (default ``nn.fused.CONV_BLOCKS``
+    and ``CONV_GRAD_BLOCKS``, the backward kernels'; their keys differ)."""
+    tables = tables or (fused.CONV_BLOCKS, fused.CONV_GRAD_BLOCKS)
     name, _, items = spec.partition(":")
     out = {}
     for item in filter(None, items.split(",")):
         k, _, v = item.partition("=")
-        if k not in fused.CONV_BLOCKS and k not in fused.CONV_GRAD_BLOCKS:
-            raise SystemExit(f"unknown CONV_BLOCKS / CONV_GRAD_BLOCKS key {k!r} in {spec!r}")
+        if not any(k in t for t in tables):
+            raise SystemExit(f"unknown settings key {k!r} in {spec!r}; known: "
+                             f"{', '.join(k for t in tables for k in t)}")
         out[k] = int(v)
     return name, out
 
 
 @contextlib.contextmanager
-def conv_blocks(settings: dict):
-    """``nn.fused.CONV_BLOCKS`` and ``CONV_GRAD_BLOCKS`` with ``settings`` while tracing,
-    restored after."""
-    tables = (fused.CONV_BLOCKS, fused.CONV_GRAD_BLOCKS)
+def conv_blocks(settings: dict, tables=None):
+    """Settings ``tables`` (default ``nn.fused.CONV_BLOCKS`` and ``CONV_GRAD_BLOCKS``)
+    with ``settings`` while tracing, restored after."""
+    tables = tables or (fused.CONV_BLOCKS, fused.CONV_GRAD_BLOCKS)
     saved = [dict(t) for t in tables]
     for k, v in settings.items():
-        (fused.CONV_BLOCKS if k in fused.CONV_BLOCKS else fused.CONV_GRAD_BLOCKS)[k] = v
+        next(t for t in tables if k in t)[k] = v
     try:
         yield
     finally:

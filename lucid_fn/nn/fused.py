@@ -781,6 +781,21 @@ def _attention_kernel(q_ref, *refs, n, m, scale, block_q):
     o_ref[rows, :] = jnp.dot(p, v, preferred_element_type=jnp.float32).astype(o_ref.dtype)
 
 
+def _token_layout(arrays, q_bias, dtype):
+    """Per-head arrays (B, rows, heads, d) as (B, rows, heads * d) in ``dtype`` (the
+    kernels read each head in place), the queries' bias (heads, d) flattened if given,
+    and its block spec (this head's)."""
+    heads, d = arrays[0].shape[2:]
+    flat = tuple(a.reshape(*a.shape[:2], heads * d).astype(dtype) for a in arrays)
+    bias = () if q_bias is None else (q_bias.reshape(heads * d).astype(dtype),)
+    return flat, bias, [pl.BlockSpec((d,), lambda i, h, j: (h,))] * len(bias)
+
+
+def _head_spec(rows: int, *, d: int):
+    """One (image, head)'s ``rows`` x ``d`` block of a (B, rows, heads * d) array."""
+    return pl.BlockSpec((None, rows, d), lambda i, h, j: (i, 0, h))
+
+
 def pallas_attention(q, k, v, q_bias=None, *, scale: float | None, dtype,
                      interpret: bool = False):
     """The attention core on per-head queries (B, N, heads, d) (plus their bias (heads, d),
@@ -789,10 +804,8 @@ def pallas_attention(q, k, v, q_bias=None, *, scale: float | None, dtype,
     b, n, heads, d = q.shape
     m = k.shape[1]
     bq = ATTN_BLOCKS["block_q"]
-    q, k, v = (a.reshape(*a.shape[:2], heads * d).astype(dtype) for a in (q, k, v))
-    bias = () if q_bias is None else (q_bias.reshape(heads * d).astype(dtype),)
-    bias_spec = [pl.BlockSpec((d,), lambda i, h, j: (h,))] * len(bias)
-    head = lambda rows: pl.BlockSpec((None, rows, d), lambda i, h, j: (i, 0, h))  # noqa: E731
+    (q, k, v), bias, bias_spec = _token_layout((q, k, v), q_bias, dtype)
+    head = functools.partial(_head_spec, d=d)
     out = pl.pallas_call(
         functools.partial(_attention_kernel, n=n, m=m, scale=scale or d ** -0.5, block_q=bq),
         out_shape=jax.ShapeDtypeStruct((b, n, heads * d), dtype),
@@ -876,10 +889,8 @@ def pallas_attention_grad(q, k, v, g, q_bias=None, *, scale: float | None, dtype
     m = k.shape[1]
     parts, blocks = attention_grad_tiles(b, heads, n)
     keys = _key_tile(m)
-    q2, k2, v2, g2 = (a.reshape(*a.shape[:2], heads * d).astype(dtype) for a in (q, k, v, g))
-    bias = () if q_bias is None else (q_bias.reshape(heads * d).astype(dtype),)
-    bias_spec = [pl.BlockSpec((d,), lambda i, h, j: (h,))] * len(bias)
-    head = lambda rows: pl.BlockSpec((None, rows, d), lambda i, h, j: (i, 0, h))  # noqa: E731
+    (q2, k2, v2, g2), bias, bias_spec = _token_layout((q, k, v, g), q_bias, dtype)
+    head = functools.partial(_head_spec, d=d)
     part = pl.BlockSpec((None, None, keys, d), lambda i, h, j: (i, j, 0, h))
     part_shape = jax.ShapeDtypeStruct((b, parts, keys, heads * d), jnp.float32)
     dq, dk, dv = pl.pallas_call(
