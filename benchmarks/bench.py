@@ -223,6 +223,11 @@ def _add_norm_pow2_only(x, y):
     return _ORIGINAL["supported_add_layer_norm"](x, y) and lfused._is_pow2(x.shape[-1])
 
 
+def _add_norm_xla(p, x, y, *, forward_kernel=True, **kw):
+    """The residual add and LayerNorm as XLA ops, forward and gradient (the path before)."""
+    return lfused.reference_add_layer_norm(p, x, y, **kw)
+
+
 def _fused_off():
     """Every fused kernel off while tracing (XLA ops only), as LUCID_FN_FUSED=off does."""
     return patched({"enabled": lambda: False})
@@ -263,7 +268,9 @@ PATCHES = {
     "attngrad": {"lib": {},
                  "xla": {"ATTN_GRAD_BLOCKS": {**lfused.ATTN_GRAD_BLOCKS, "own": False}}},
     "kgelu": {"lib": {}, "rational": {"BLOCKS": {**lfused.BLOCKS, "erf": "rational"}}},
-    "addnorm": {"lib": {}, "xla": {"add_layer_norm": lfused.reference_add_layer_norm},
+    # the add+norm through XLA (forward and gradient), its kernel at power-of-two widths
+    # only, or its forward kernel in training too (with the backward kernel, as by default)
+    "addnorm": {"lib": {}, "xla": {"add_layer_norm": _add_norm_xla},
                 "pow2": {"supported_add_layer_norm": _add_norm_pow2_only},
                 "train": {"NORM_BLOCKS": {**lfused.NORM_BLOCKS, "train": True}}},
     # the branches' output biases added by XLA before the add+norm (the path before)
@@ -324,6 +331,9 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
               and value.isdigit()):
             patches["CONV_GRAD_BLOCKS"] = {
                 **patches.get("CONV_GRAD_BLOCKS", lfused.CONV_GRAD_BLOCKS), key[9:]: int(value)}
+        elif key.startswith("norm.") and key[5:] in lfused.NORM_BLOCKS and value.isdigit():
+            patches["NORM_BLOCKS"] = {**patches.get("NORM_BLOCKS", lfused.NORM_BLOCKS),
+                                      key[5:]: int(value)}
         elif key == "attnblk" and len(value.split("x")) == 2:  # attention: QUERIESxWARPS
             q, w = (int(v) for v in value.split("x"))
             patches["ATTN_BLOCKS"] = {**lfused.ATTN_BLOCKS, "block_q": q, "num_warps": w}
@@ -340,6 +350,7 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
             allowed.append("attngradblk=<query rows>x<warps>x<least programs>")
             allowed.append(f"conv.<{'|'.join(CONV_OPTIONS)}>=<integer>")
             allowed.append(f"convgrad.<{'|'.join(lfused.CONV_GRAD_BLOCKS)}>=<integer>")
+            allowed.append(f"norm.<{'|'.join(lfused.NORM_BLOCKS)}>=<integer>")
             raise SystemExit(f"bad variant item {item!r} in {spec!r}; allowed: "
                              f"{', '.join(allowed)}")
     return kwargs, patches

@@ -9,6 +9,7 @@ loop by opcode: what an H100 or H200 will execute, read here at no device time
     PYTHONPATH=. python benchmarks/kernel_sass.py conv --shape 256 56 56 512
     PYTHONPATH=. python benchmarks/kernel_sass.py conv --blocks block_x=16 masked_loads=0
     PYTHONPATH=. python benchmarks/kernel_sass.py norm --shape 256 196 320
+    PYTHONPATH=. python benchmarks/kernel_sass.py norm_backward --shape 128 196 320
 """
 
 from __future__ import annotations
@@ -166,16 +167,29 @@ def norm_case(shape):
     return [(m, warps) for m in mods], rows * tile // (32 * warps), {"rows": rows, "tile": tile}
 
 
+def norm_backward_case(shape):
+    """The add+norm's backward kernel (the sum kept, as the blocks' add+norms) on (B, N, C)
+    tokens, as :func:`norm_case`."""
+    c = shape[-1]
+    p = {"scale": jnp.zeros((c,)), "bias": jnp.zeros((c,))}
+    x = jax.ShapeDtypeStruct(tuple(shape), jnp.bfloat16)
+    mods = capture_triton_modules(
+        lambda p, s, gs, gn: fused.pallas_add_layer_norm_grad(p, (s,), (gs, gn), eps=1e-6),
+        p, x, x, x)
+    _, per_thread, tiles = norm_case(shape)
+    return [(m, fused.NORM_BLOCKS["num_warps"]) for m in mods], per_thread, tiles
+
+
 DEFAULT_SHAPES = {"conv": (256, 56, 56, 512), "conv_backward": (128, 56, 56, 512),
-                  "norm": (256, 196, 320)}
+                  "norm": (256, 196, 320), "norm_backward": (128, 3136, 64)}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kernel", choices=("conv", "conv_backward", "norm"))
+    ap.add_argument("kernel", choices=("conv", "conv_backward", "norm", "norm_backward"))
     ap.add_argument("--shape", type=int, nargs="+", default=None,
                     help="conv: B H W HIDDEN (default 256 56 56 512); norm: B N C "
-                         "(default 256 196 320)")
+                         "(default 256 196 320; norm_backward 128 3136 64)")
     ap.add_argument("--blocks", nargs="*", default=[],
                     help="conv: CONV_BLOCKS settings, key=integer (booleans as 0/1)")
     ap.add_argument("--dump", default=None, help="write the SASS here")
@@ -184,8 +198,9 @@ def main(argv=None):
     if len(shape) != len(DEFAULT_SHAPES[args.kernel]):
         ap.error(f"--shape for {args.kernel} takes {len(DEFAULT_SHAPES[args.kernel])} "
                  f"integers, got {len(shape)}")
-    if args.kernel == "norm":
-        mods, per_thread, tiles = norm_case(shape)
+    if args.kernel in ("norm", "norm_backward"):
+        case = norm_case if args.kernel == "norm" else norm_backward_case
+        mods, per_thread, tiles = case(shape)
     else:
         _, blocks = parse(":" + ",".join(args.blocks))
         case = conv_case if args.kernel == "conv" else conv_backward_case

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lucid_fn import registry
+from lucid_fn.nn import fused
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -80,6 +81,10 @@ def test_variants_parse_and_compute_the_same_function(bench):
     assert patches["CONV_BLOCKS"]["pad"] == 1 and patches["CONV_BLOCKS"]["prefetch"] == 2
     with pytest.raises(SystemExit, match="allowed"):
         bench.parse_variant("conv.no_such_setting=1")
+    # NORM_BLOCKS settings one by one, combined with a named variant's
+    _, patches = bench.parse_variant("norm.grad=0,norm.elements=2048,addnorm=train")
+    assert patches["NORM_BLOCKS"] == {**fused.NORM_BLOCKS, "grad": 0, "elements": 2048,
+                                      "train": True}
     arch = dict(bench.SMALL_ARCH, num_classes=10)
     x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
     ref_model = registry["pvt_v2_b0"](**arch)
@@ -91,6 +96,13 @@ def test_variants_parse_and_compute_the_same_function(bench):
         with bench.patched(patches):
             out = np.asarray(jax.jit(model.apply)(params, x))
         assert np.abs(out - ref).max() < 1e-5 * np.abs(ref).max(), spec
+    # the add+norm as XLA ops takes the training path's arguments too
+    train = dict(train=True, rng=jax.random.key(2))
+    ref = np.asarray(jax.jit(lambda p, v: ref_model.apply(p, v, **train))(params, x))
+    with bench.patched(bench.parse_variant("addnorm=xla")[1]):
+        model = registry["pvt_v2_b0"](**arch)
+        out = np.asarray(jax.jit(lambda p, v: model.apply(p, v, **train))(params, x))
+    np.testing.assert_array_equal(out, ref)
 
 
 def test_conv_sweep_checks_each_variant_against_float32_on_cpu(tmp_path):

@@ -187,6 +187,7 @@ def _bf16_exact(a):
     # 20 columns in five 4-wide strips, 5 rows in 3 bands of 2 (the last overlaps one row)
     (2, (5, 20), 128, {"block_x": 4, "block_h": 32, "min_programs": 30}),
     (2, (6, 6), 64, {"chunks_first": True, "min_programs": 1}),
+    (2, (1, 5), 64, {}),     # one row: every position in the edge table's row class 3
 ])
 def test_conv_backward_kernels_match_the_float32_gradient(monkeypatch, b, hw, hidden, tiling):
     """Both backward kernels on bf16 inputs against the float32 VJP of the conv + GELU on
@@ -220,9 +221,15 @@ def test_conv_backward_kernels_match_the_float32_gradient(monkeypatch, b, hw, hi
         jnp.bfloat16), batch=b, hw=hw, interpret=True)
     np.testing.assert_allclose(got_dtaps, want_dtaps, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(got_dh.astype(jnp.float32), want_dh, rtol=2**-8, atol=1e-5)
-    np.testing.assert_allclose(fused.edge_class_sums(gz, batch=b, hw=hw),
-                               jax.vjp(lambda t: _conv_preactivation(h, taps, t, hw), table)[1](
-                                   gz32)[0], rtol=1e-5, atol=1e-4)
+    want_dtable = jax.vjp(lambda t: _conv_preactivation(h, taps, t, hw), table)[1](gz32)[0]
+    np.testing.assert_allclose(fused.edge_class_sums(gz, batch=b, hw=hw), want_dtable,
+                               rtol=1e-5, atol=1e-4)
+    # the same kernel summing the edge table's gradient too: the other outputs unchanged
+    in_kernel = fused.conv_transpose(gz, h.astype(jnp.bfloat16), taps.astype(jnp.bfloat16),
+                                     batch=b, hw=hw, edge_sums=True, interpret=True)
+    np.testing.assert_array_equal(in_kernel[0], got_dh)
+    np.testing.assert_array_equal(in_kernel[1], got_dtaps)
+    np.testing.assert_allclose(in_kernel[2], want_dtable, rtol=1e-5, atol=1e-4)
     # and the custom VJP puts them together as the float32 VJP, up to those roundings
     got = jax.vjp(lambda *a: fused.conv_gelu_table(*a, (b, hw, True)), h.astype(jnp.bfloat16),
                   taps.astype(jnp.bfloat16), table)[1](g.astype(jnp.bfloat16))
@@ -658,6 +665,108 @@ def test_add_norm_kernel_in_training_has_the_xla_gradient():
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
+def _norm_cotangents(shape, keep_sum):
+    k = jax.random.split(jax.random.key(5), 2)
+    gs, gn = (jax.random.normal(a, shape).astype(jnp.bfloat16) for a in k)
+    return (gs, gn) if keep_sum else gn
+
+
+@pytest.mark.parametrize("shape", [
+    (2, 200, 64),   # 16 rows per program, 25 programs' partial sums
+    (4, 50, 512),   # v1's last stage
+    (2, 196, 320),  # a 512-wide masked tile: the statistics and sums over 320 columns
+    (2, 100, 48),   # a 64-wide tile, a quarter masked
+])
+@pytest.mark.parametrize("keep_sum", [True, False])
+def test_add_norm_grad_kernel_no_worse_than_xla(shape, keep_sum):
+    """The backward kernel's dx, dy, dscale and dbias against the float32 VJP of the same
+    add+norm: no further off than XLA's bf16 gradient, from the sum the forward kept
+    (``keep_sum``) or recomputed from x and y (a stage's closing norm)."""
+    p, x, y = _norm_inputs(shape)
+    g = _norm_cotangents(shape, keep_sum)
+    s, _ = fused.reference_add_layer_norm(p, x, y, eps=1e-6)
+    saved = (s,) if keep_sum else (x, y)
+    got = fused.pallas_add_layer_norm_grad(p, saved, g, eps=1e-6, keep_sum=keep_sum,
+                                           interpret=True)
+    want16 = fused._xla_add_norm_grad(p, saved, g, eps=1e-6, keep_sum=keep_sum)
+    f32 = functools.partial(jax.tree.map, lambda a: a.astype(jnp.float32))
+    ref = functools.partial(fused.reference_add_layer_norm, eps=1e-6, keep_sum=keep_sum)
+    want32 = jax.vjp(ref, *f32((p, x, y)))[1](f32(g))
+    assert jax.tree.structure(got) == jax.tree.structure(want16)
+    for a, b, w in zip(jax.tree.leaves(got), jax.tree.leaves(want16), jax.tree.leaves(want32)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        err = float(jnp.abs(a.astype(jnp.float32) - w).max())
+        err16 = float(jnp.abs(b.astype(jnp.float32) - w).max())
+        scale_w = float(jnp.abs(w).max())
+        step = 2.0 ** (np.floor(np.log2(scale_w)) - 7)  # bf16's spacing at the largest
+        assert err <= max(err16 * 1.1, step), (err, err16, step)
+        assert err < 0.01 * scale_w  # a wrong row's statistics or a lost column is far off
+
+
+@pytest.mark.parametrize("keep_sum", [True, False])
+def test_add_norm_grad_kernel_wired_into_the_vjp(monkeypatch, keep_sum):
+    """The custom VJP hands the backward kernel what the forward kept and the cotangents in
+    order: with the kernel (interpreted) in the XLA branch's place, jax.grad through
+    add_layer_norm is the reference's gradient up to the kernel's rounding."""
+    monkeypatch.setattr(fused, "_xla_add_norm_grad", functools.partial(
+        fused.pallas_add_layer_norm_grad, interpret=True))
+    p, x, y = _norm_inputs((2, 196, 320))
+    w = jax.random.normal(jax.random.key(4), x.shape)
+
+    def loss(fn, p, x, y):
+        out = fn(p, x, y, eps=1e-6, keep_sum=keep_sum)
+        s, n = out if keep_sum else (None, out)
+        extra = 0.0 if s is None else (s.astype(jnp.float32) ** 2).sum()
+        return extra + (n.astype(jnp.float32) * w).sum()
+
+    argnums = (0, 1, 2)
+    for forward_kernel in (True, False):
+        fn = functools.partial(fused.add_layer_norm, forward_kernel=forward_kernel)
+        g = jax.grad(lambda *a: loss(fn, *a), argnums)(p, x, y)
+        g_ref = jax.grad(lambda *a: loss(fused.reference_add_layer_norm, *a), argnums)(p, x, y)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            np.testing.assert_allclose(a, b, rtol=0.02, atol=0.02 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("keep_sum", [True, False])
+def test_add_norm_with_its_grad_kernel_off_gpu_is_the_xla_gradient(keep_sum):
+    """Off GPU the custom VJP's XLA branch (the LayerNorm's VJP at the kept sum, or the
+    reference's at x and y) is XLA's own gradient of the reference, bit for bit."""
+    p, x, y = _norm_inputs((2, 200, 64))
+
+    def loss(fn, p, x, y):
+        out = fn(p, x, y, eps=1e-6, keep_sum=keep_sum)
+        s, n = out if keep_sum else (x, out)
+        return (s.astype(jnp.float32) ** 2).sum() + (n.astype(jnp.float32) * x).sum()
+
+    fn = functools.partial(fused.add_layer_norm, forward_kernel=False)
+    _assert_xla_path_off_gpu(lambda *a: loss(fn, *a),
+                             lambda *a: loss(fused.reference_add_layer_norm, *a), p, x, y)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_training_on_cuda_uses_the_add_norm_grad_kernel(monkeypatch, grad):
+    """Lowered for CUDA, v2's training step takes the add+norms' gradients from the
+    backward kernel (its forward stays XLA's), every stage width included (b0: 32, 64, the
+    masked 160 and 256); with NORM_BLOCKS["grad"] off, XLA's."""
+    monkeypatch.setitem(fused.NORM_BLOCKS, "grad", grad)
+    model = registry["pvt_v2_b0"](dtype=jnp.bfloat16, img_size=64, num_classes=10,
+                                  depths=(1, 1, 1, 1))
+    params = jax.eval_shape(model.init, jax.random.key(0))
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+
+    def loss(p, v):
+        return model.apply(p, v, train=True, rng=jax.random.key(1)).astype(jnp.float32).sum()
+
+    hlo = jax.jit(jax.grad(loss)).trace(params, x).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert set(re.findall(r"lucid_fn_fused_add_norm\w*", hlo)) <= {
+        "lucid_fn_fused_add_norm_grad"}  # no forward kernel
+    # per stage (one block each): norm2's and the closing norm's
+    assert hlo.count('name = "lucid_fn_fused_add_norm_grad"') == (8 if grad else 0)
+
+
 @pytest.mark.parametrize("name", ["pvt_small", "pvt_v2_b0"])
 def test_branches_hand_their_output_bias_to_the_add_norm(monkeypatch, name):
     """At inference the attention's projection (both families) and v2's fc2 reach the
@@ -671,7 +780,7 @@ def test_branches_hand_their_output_bias_to_the_add_norm(monkeypatch, name):
     x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
     seen, reference = [], fused.reference_add_layer_norm
 
-    def spy(p, x, y, **kw):
+    def spy(p, x, y, forward_kernel=True, **kw):
         seen.append(isinstance(y, layers.Biased))
         return reference(p, x, y, **kw)
 

@@ -23,12 +23,14 @@ ATTN_RNGS, MLP_RNGS = 3, 2
 
 
 def _norm_kernels(inference: bool) -> tuple:
-    """(add+norm, norm+norm): the kernels run at inference; in training only with
-    NORM_BLOCKS["train"] (an option: there the add+norm measured the same as XLA's
-    fusions, benchmarks/NOTES.md)."""
+    """(add+norm, norm+norm): the kernels run at inference; in training the forwards only
+    with NORM_BLOCKS["train"] (an option: there the add+norm's forward measured the same
+    as XLA's fusions, benchmarks/NOTES.md), the add+norm's backward kernel with
+    NORM_BLOCKS["grad"]."""
     if inference or fused.NORM_BLOCKS["train"]:
         return fused.add_layer_norm, fused.norm_layer_norm
-    return fused.reference_add_layer_norm, fused.reference_norm_layer_norm
+    return (functools.partial(fused.add_layer_norm, forward_kernel=False),
+            fused.reference_norm_layer_norm)
 
 
 class PendingNorm(NamedTuple):

@@ -28,11 +28,15 @@ keys write and re-read float32 logits 49 wide.
   openings) is its sibling: the patch embedding's norm (v1: plus the position embedding)
   and the first norm1 in one pass.
 
+Backward kernels: the v2 conv's (two), the attention's, and the add+norm's in training
+(:func:`pallas_add_layer_norm_grad`: XLA's LayerNorm backward and residual add were
+fusions at about 1.6 TB/s, benchmarks/NOTES.md).
+
 They are used only where they pay and are exact to the XLA path up to rounding: on CUDA,
 in bfloat16, for the widths the Triton tiles take, where no dropout sits between their
-ops (the add+norm kernel: at inference only; in training it gained nothing). Everywhere
-else, and for gradients (a custom VJP recomputes the XLA form), the plain XLA ops run.
-``LUCID_FN_FUSED=off`` turns them all off.
+ops (the add+norm's forward kernel: at inference only; in training it gained nothing).
+Everywhere else, and for the other gradients (a custom VJP recomputes the XLA form), the
+plain XLA ops run. ``LUCID_FN_FUSED=off`` turns them all off.
 """
 
 from __future__ import annotations
@@ -247,9 +251,11 @@ CONV_BLOCKS = {"block_x": 32, "block_h": 64, "num_warps": 4, "min_programs": 102
 # The conv kernel's backward (conv_gelu_table): elements per tile row and warps of its
 # two kernels (the transposed conv carries nine weight-gradient accumulators per element,
 # so its tiles are smaller); prefetch_g: the first loads the cotangent's row a step ahead;
-# own: off, the conv kernel's gradient is XLA's, recomputed (NOTES.md).
+# own: off, the conv kernel's gradient is XLA's, recomputed (NOTES.md); edge_sums: the
+# edge table's gradient summed in the transposed conv's kernel (off: a pass of XLA's).
 CONV_GRAD_BLOCKS = {"gelu_size": 2048, "gelu_warps": 4, "transpose_size": 512,
-                    "transpose_warps": 4, "prefetch_g": False, "own": True}
+                    "transpose_warps": 4, "prefetch_g": False, "own": True,
+                    "edge_sums": False}
 # Which of the offsets -1, 0, +1 stay inside the map, for a position's edge class
 # 2 * (first row/column) + (last row/column).
 _VALID_OFFSETS = np.array([[1, 1, 1], [1, 1, 0], [0, 1, 1], [0, 1, 0]], np.float32)
@@ -515,7 +521,8 @@ def conv_gelu(h, b1, taps, bias, *, batch: int, hw, relu: bool, padded: bool,
     )(*args)
 
 
-def _conv_transpose_kernel(g_ref, h_ref, taps_ref, dh_ref, dtaps_ref, *, hw, tiles):
+def _conv_transpose_kernel(g_ref, h_ref, taps_ref, dh_ref, dtaps_ref, *dtable_ref, hw,
+                           tiles):
     """The depthwise conv's backward for ``by`` rows of ``bx`` columns and ``bc`` channels
     of one image, from g (the cotangent of the conv's output z) and h (its input):
 
@@ -523,7 +530,9 @@ def _conv_transpose_kernel(g_ref, h_ref, taps_ref, dh_ref, dtaps_ref, *, hw, til
       written for the program's tile (overlaps twice, with the same values);
     - ``dtaps``: this program's part of dw[k] = sum_q h[q] g[q - k], over the positions q
       it owns (its tile less the rows and columns a neighbour's tile also covers), so
-      that the partial sums add up to each position once.
+      that the partial sums add up to each position once;
+    - ``dtable`` (if given): its part of the edge table's gradient, g summed over the
+      positions it owns of each of the 16 edge classes (:func:`edge_class_sums`).
 
     The program walks down the map as the forward kernel does: each row of g is loaded
     once at three horizontal shifts and meets the rows of h above, at and below it
@@ -560,9 +569,13 @@ def _conv_transpose_kernel(g_ref, h_ref, taps_ref, dh_ref, dtaps_ref, *, hw, til
 
     def step(i, carry):
         above, here, h_up, h_mid, h_down, raw, *dw = carry
+        dw, inner = dw[:9], dw[9:]
         yi = y0 - 1 + i            # this step's row of g; h rows yi - 1, yi, yi + 1
         raw, nxt = load_g(yi + 1), raw   # the next row's loads before this row's arithmetic
         h_next = load_h(yi + 2)
+        if inner:  # the edge table's interior rows: one FMA per element, a uniform weight
+            counted = (yi >= own_y) & (yi < y0 + by) & (yi > 0) & (yi < hh - 1)
+            inner = [inner[0] + nxt[1].astype(jnp.float32) * counted.astype(jnp.float32)]
         below = jnp.zeros_like(above)
         for s, v in zip((-1, 0, 1), nxt):   # v = g[yi, x + s] pairs with h[yi + dy, x]
             v = v.astype(jnp.float32)
@@ -576,28 +589,47 @@ def _conv_transpose_kernel(g_ref, h_ref, taps_ref, dh_ref, dtaps_ref, *, hw, til
         def _():
             dh_ref[pl.ds(image + (yi - 1) * ww + x0, bx), cols] = above.astype(dh_ref.dtype)
 
-        return (here, below, h_mid, h_down, h_next, raw, *dw)
+        return (here, below, h_mid, h_down, h_next, raw, *dw, *inner)
 
     zeros = jnp.zeros((bx, bc), jnp.float32)
     carry = (zeros, zeros, load_h(y0 - 2), load_h(y0 - 1), load_h(y0), load_g(y0 - 1),
-             *([zeros] * 9))
-    dw = jax.lax.fori_loop(0, by + 2, step, carry)[6:]
+             *([zeros] * (9 + len(dtable_ref))))
+    out = jax.lax.fori_loop(0, by + 2, step, carry)[6:]
     part = band * tiles["strips"] + strip
     for k in range(9):
-        dtaps_ref[part, k, cols] = jnp.sum(dw[k], axis=0)
+        dtaps_ref[part, k, cols] = jnp.sum(out[k], axis=0)
+    if dtable_ref:
+        # {row class: g summed over this program's rows of it}: the interior rows' sum the
+        # loop kept, the first and last rows loaded again by the programs owning them
+        def g_row(y, owns):
+            return load(g_ref, y, 0, own_x & owns).astype(jnp.float32)
+
+        first = g_row(0, own_y == 0)
+        rows = ({3: first} if hh == 1 else
+                {0: out[9], 2: first, 1: g_row(hh - 1, y0 + by == hh)})
+        col_class = 2 * (xs == 0).astype(jnp.int32) + (xs == ww - 1).astype(jnp.int32)
+        for r in range(4):
+            for c in range(4):
+                total = (jnp.sum(jnp.where((own_x & (col_class == c))[:, None], rows[r], 0.0),
+                                 axis=0) if r in rows else jnp.zeros((bc,), jnp.float32))
+                dtable_ref[0][part, 4 * r + c, cols] = total
 
 
-def conv_transpose(g, h, taps, *, batch: int, hw, interpret: bool = False):
+def conv_transpose(g, h, taps, *, batch: int, hw, edge_sums: bool = False,
+                   interpret: bool = False):
     """(dh, dtaps): the depthwise conv's input gradient (B * H * W, hidden) in g's dtype
     and its taps' gradient (9, hidden) in float32, from one kernel that reads g and h once
-    (:func:`_conv_transpose_kernel`) and XLA's sum of its per-program parts."""
+    (:func:`_conv_transpose_kernel`) and XLA's sum of its per-program parts; with
+    ``edge_sums`` also :func:`edge_class_sums` of g, (16, hidden), from the same kernel."""
     hidden = taps.shape[1]
     tiles = conv_tiles(batch, hw, hidden, CONV_GRAD_BLOCKS["transpose_size"])
     parts = batch * tiles["bands"] * tiles["strips"]
     args = (g, h, taps)
     out = (jax.ShapeDtypeStruct(g.shape, g.dtype),
            jax.ShapeDtypeStruct((parts, 9, hidden), jnp.float32))
-    dh, dtaps = pl.pallas_call(
+    if edge_sums:
+        out += (jax.ShapeDtypeStruct((parts, 16, hidden), jnp.float32),)
+    dh, *sums = pl.pallas_call(
         functools.partial(_conv_transpose_kernel, hw=tuple(hw), tiles=tiles),
         out_shape=out,
         grid=_conv_grid(batch, tiles),
@@ -607,7 +639,7 @@ def conv_transpose(g, h, taps, *, batch: int, hw, interpret: bool = False):
                                            num_stages=1),
         interpret=interpret, name="lucid_fn_fused_conv_transpose",
     )(*args)
-    return dh, dtaps.sum(axis=0)
+    return (dh, *(s.sum(axis=0) for s in sums))
 
 
 def _edge_class(n: int) -> np.ndarray:
@@ -646,7 +678,8 @@ def conv_gelu_table(h, taps, table, static):
     """The conv kernel with its edge table (no ReLU), differentiable by kernels of its
     own: ``static = (batch, hw, interpret)``. Its backward reads h and the cotangent and
     writes g GELU'(z) (the forward kernel, recomputing z), then one kernel reads that and
-    h for the input and taps' gradients, and XLA sums it by edge class for the table's."""
+    h for the input and taps' gradients and sums it by edge class for the table's
+    (CONV_GRAD_BLOCKS["edge_sums"]; off, XLA sums it in a pass of its own)."""
     return _table_conv_gelu(h, taps, table, static)
 
 
@@ -666,8 +699,12 @@ def _conv_gelu_table_bwd(static, res, g):
     batch, hw, interpret = static
     h, taps, table = res
     gz = _table_conv_gelu(h, taps, table, static, g)
-    dh, dtaps = conv_transpose(gz, h, taps, batch=batch, hw=hw, interpret=interpret)
-    return dh, dtaps.astype(taps.dtype), edge_class_sums(gz, batch=batch, hw=hw)
+    in_kernel = CONV_GRAD_BLOCKS["edge_sums"]
+    dh, dtaps, *dtable = conv_transpose(gz, h, taps, batch=batch, hw=hw, edge_sums=in_kernel,
+                                        interpret=interpret)
+    if not in_kernel:
+        dtable = [edge_class_sums(gz, batch=batch, hw=hw)]
+    return dh, dtaps.astype(taps.dtype), dtable[0]
 
 
 conv_gelu_table.defvjp(_conv_gelu_table_fwd, _conv_gelu_table_bwd)
@@ -933,16 +970,17 @@ def attention(q, k, v, *, scale: float | None, dtype, reference):
 # ------------------------------------------------------------ residual add + LayerNorm
 
 # Elements per program (rows = elements // padded width, at most the largest power of two
-# that divides the row count, so no block is partial) and warps. train: the kernel in the
-# training forward too (its backward is XLA's): an option, off, since pvt_v2_b2's training
-# step was the same with it (benchmarks/NOTES.md). branch_bias: the blocks hand the
+# that divides the row count, so no block is partial) and warps, both kernels. train: the
+# forward kernel in training too: an option, off, since pvt_v2_b2's training step was the
+# same with it (benchmarks/NOTES.md). grad: the backward kernel in training (off: XLA's
+# VJP; pvt_v2_b2's step 31.6 -> 29.2 ms with it, NOTES.md). branch_bias: the blocks hand the
 # branches' output bias to the kernel at inference (layers.Biased). stage_norm: a stage's
 # closing LayerNorm in the kernel with the last residual add (add_layer_norm, no sum
 # written); embed_norm: the patch embedding's norm (v1: and its position embedding) and
 # the first block's norm1 in one kernel (norm_layer_norm). Off: XLA's fusions, as before
 # (benchmarks/NOTES.md).
 NORM_BLOCKS = {"elements": 4096, "num_warps": 4, "min_rows": 8, "train": False,
-               "branch_bias": True, "stage_norm": True, "embed_norm": True}
+               "grad": True, "branch_bias": True, "stage_norm": True, "embed_norm": True}
 
 
 def reference_add_layer_norm(p, x, y, *, eps: float, keep_sum: bool = True):
@@ -994,12 +1032,20 @@ def _tile_norm(s, scale, bias, *, eps, width, valid):
     the true width."""
     if valid is None:
         return layers.layer_norm({"scale": scale, "bias": bias}, s, eps)
-    s32 = s.astype(jnp.float32)
-    mean = jnp.sum(s32, axis=-1, keepdims=True) / width
-    d = jnp.where(valid, s32 - mean, 0.0)
-    var = jnp.sum(d * d, axis=-1, keepdims=True) / width
-    n = d * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    x_hat, _ = _normalised(s.astype(jnp.float32), eps=eps, width=width, valid=valid)
+    n = x_hat * scale.astype(jnp.float32) + bias.astype(jnp.float32)
     return n.astype(s.dtype)
+
+
+def _normalised(s32, *, eps, width, valid):
+    """``((s - mean) * rstd, rstd)`` of a float32 tile's rows; with ``valid`` (see
+    :func:`_tile_norm`) the columns past ``width`` are zero and out of the statistics."""
+    n = s32.shape[-1] if valid is None else width
+    d = s32 - jnp.sum(s32, axis=-1, keepdims=True) / n
+    if valid is not None:
+        d = jnp.where(valid, d, 0.0)
+    rstd = jax.lax.rsqrt(jnp.sum(d * d, axis=-1, keepdims=True) / n + eps)
+    return d * rstd, rstd
 
 
 def _rounded_add(a, b):
@@ -1031,20 +1077,25 @@ def _norm_and_norm(x, *vectors, eps_a, eps, positioned, width, valid):
 
 
 def _rows_kernel(*refs, body, tiles: int, periodic: int, outs: int, rows: int,
-                 tile: int | None):
+                 tile: int | None, sums: int = 0):
     """One program of a row-wise kernel: ``refs`` are ``tiles`` token arrays, ``periodic``
     (N, C) arrays whose rows repeat every N token rows (a position embedding over a batch),
-    vectors (one value per column), then ``outs`` outputs shaped as the tokens;
-    ``body(*tiles, *periodic, *vectors, width=, valid=)`` gives the outputs' tiles.
+    vectors (one value per column), then ``outs`` outputs shaped as the tokens and ``sums``
+    (programs, C) float32 outputs, a row of per-column sums over each program's rows;
+    ``body(*tiles, *periodic, *vectors, width=, valid=)`` gives the outputs' tiles, then
+    the sums as (C,) vectors.
     ``tile`` None: the width is a power of two, and the token and periodic refs are this
     program's (rows, width) blocks. Otherwise the refs are the whole arrays (Triton's blocks
     must be powers of two) and the program reads ``rows`` rows in a ``tile``-wide block
     whose columns past the width are masked loads (zero) and masked stores."""
-    ins, out_refs = refs[:len(refs) - outs], refs[len(refs) - outs:]
+    n_out = outs + sums
+    ins, out_refs = refs[:len(refs) - n_out], refs[len(refs) - n_out:]
     if tile is None:
         results = body(*(r[...] for r in ins), width=None, valid=None)
-        for ref, value in zip(out_refs, results):
+        for ref, value in zip(out_refs[:outs], results[:outs]):
             ref[...] = value
+        for ref, value in zip(out_refs[outs:], results[outs:]):
+            ref[...] = value[None, :]
         return
     width = ins[0].shape[-1]
     r = pl.program_id(0) * rows + jax.lax.iota(jnp.int32, rows)
@@ -1059,8 +1110,12 @@ def _rows_kernel(*refs, body, tiles: int, periodic: int, outs: int, rows: int,
     values += [plt.load(at(ref, r % ref.shape[0]), mask=valid, other=0.0)
                for ref in ins[tiles:tiles + periodic]]
     values += [plt.load(ref.at[c], mask=inside, other=0.0) for ref in ins[tiles + periodic:]]
-    for ref, value in zip(out_refs, body(*values, width=width, valid=valid)):
+    results = body(*values, width=width, valid=valid)
+    for ref, value in zip(out_refs[:outs], results[:outs]):
         plt.store(at(ref, r), value, mask=valid)
+    program = pl.program_id(0) + jax.lax.iota(jnp.int32, 1)
+    for ref, value in zip(out_refs[outs:], results[outs:]):
+        plt.store(at(ref, program), value[None, :], mask=inside[None, :])
 
 
 def _rows_per_program(tokens: list, periodic: list) -> int:
@@ -1074,35 +1129,41 @@ def _rows_per_program(tokens: list, periodic: list) -> int:
 
 
 def _pallas_rows(body, tokens: list, vectors: list, outs: int, *, name: str,
-                 interpret: bool, periodic: tuple = ()) -> tuple:
+                 interpret: bool, periodic: tuple = (), sums: int = 0) -> tuple:
     """Run a :func:`_rows_kernel` ``body`` over (..., C) ``tokens`` (all one shape), (N, C)
     ``periodic`` arrays repeating every N rows of the flattened tokens, and per-column
-    ``vectors``; returns its ``outs`` outputs, shaped and typed as the first tokens. Rows
-    per program: :func:`_rows_per_program`."""
+    ``vectors``; returns its ``outs`` outputs, shaped and typed as the first tokens, then
+    its ``sums`` column sums as (C,) float32 (each program's partial sums, added by XLA).
+    Rows per program: :func:`_rows_per_program`."""
     x = tokens[0]
     width = x.shape[-1]
     flat = [a.reshape(-1, width) for a in tokens]
     bm = _rows_per_program(tokens, list(periodic))
+    programs = flat[0].shape[0] // bm
     tile = _next_pow2(width)
+    partials = jax.ShapeDtypeStruct((programs, width), jnp.float32)
     if tile == width:
         tile, block = None, pl.BlockSpec((bm, width), lambda i: (i, 0))
         blocks_per_period = [a.shape[0] // bm for a in periodic]
         periodic_specs = [pl.BlockSpec((bm, width), functools.partial(
             lambda i, n: (i % n, 0), n=n)) for n in blocks_per_period]
+        partial_spec = pl.BlockSpec((1, width), lambda i: (i, 0))
     else:
         block = _whole(flat[0])
         periodic_specs = [_whole(a) for a in periodic]
+        partial_spec = _whole(partials)
     out = pl.pallas_call(
         functools.partial(_rows_kernel, body=body, tiles=len(flat), periodic=len(periodic),
-                          outs=outs, rows=bm, tile=tile),
-        out_shape=(jax.ShapeDtypeStruct(flat[0].shape, x.dtype),) * outs,
-        grid=(flat[0].shape[0] // bm,),
+                          outs=outs, rows=bm, tile=tile, sums=sums),
+        out_shape=(jax.ShapeDtypeStruct(flat[0].shape, x.dtype),) * outs + (partials,) * sums,
+        grid=(programs,),
         in_specs=[block] * len(flat) + periodic_specs + [_whole(v) for v in vectors],
-        out_specs=(block,) * outs,
+        out_specs=(block,) * outs + (partial_spec,) * sums,
         compiler_params=plt.CompilerParams(num_warps=NORM_BLOCKS["num_warps"], num_stages=1),
         interpret=interpret, name=name,
     )(*flat, *periodic, *vectors)
-    return tuple(a.reshape(x.shape) for a in out)
+    return (tuple(a.reshape(x.shape) for a in out[:outs])
+            + tuple(jnp.sum(a, axis=0) for a in out[outs:]))
 
 
 def pallas_add_layer_norm(p, x, y, *, eps: float, keep_sum: bool = True,
@@ -1119,19 +1180,102 @@ def pallas_add_layer_norm(p, x, y, *, eps: float, keep_sum: bool = True,
     return out if keep_sum else out[0]
 
 
-def add_layer_norm(p, x, y, *, eps: float, keep_sum: bool = True):
+def add_layer_norm(p, x, y, *, eps: float, keep_sum: bool = True,
+                   forward_kernel: bool = True):
     """``(x + y, layer_norm(p, x + y))``, the pre-norm block's residual add and the next
     LayerNorm (``y`` an array or a ``layers.Biased`` branch whose bias the kernel adds):
     one kernel where :func:`supported_add_layer_norm`, else XLA ops. Not ``keep_sum``: the
     norm alone (a stage's closing LayerNorm; the kernel then writes no sum). Through
     XLA, each such LayerNorm was a fusion that re-read and recomputed the residual stream
-    at about 3x the memory floor (benchmarks/NOTES.md)."""
-    kw = dict(eps=eps)
-    if enabled() and supported_add_layer_norm(x, y):
-        return kernel_with_xla_grad(
-            functools.partial(pallas_add_layer_norm, **kw, keep_sum=keep_sum),
-            functools.partial(reference_add_layer_norm, **kw, keep_sum=keep_sum), p, x, y)
-    return reference_add_layer_norm(p, x, y, **kw, keep_sum=keep_sum)
+    at about 3x the memory floor (benchmarks/NOTES.md).
+
+    Its gradient: with NORM_BLOCKS["grad"] (``y`` an array) the backward kernel
+    (:func:`pallas_add_layer_norm_grad`) on CUDA, else XLA's. ``forward_kernel`` False
+    (training without NORM_BLOCKS["train"]): the forward is XLA's."""
+    kw = dict(eps=eps, keep_sum=keep_sum)
+    reference = functools.partial(reference_add_layer_norm, **kw)
+    if not (enabled() and supported_add_layer_norm(x, y)):
+        return reference(p, x, y)
+    forward = functools.partial(pallas_add_layer_norm, **kw) if forward_kernel else reference
+    if NORM_BLOCKS["grad"] and not isinstance(y, layers.Biased):
+        return _add_layer_norm_with_grad_kernel(p, x, y, forward=forward, **kw)
+    if not forward_kernel:
+        return reference(p, x, y)
+    return kernel_with_xla_grad(forward, reference, p, x, y)
+
+
+# ------------------------------------------------------------ its backward
+
+def _add_norm_grad(*refs, eps, from_parts, width, valid):
+    """The VJP of one tile's add+norm: the tiles ``(s, gs, gn)`` (the rounded sum and the
+    cotangents of the sum and of the norm), or ``(x, y, gn)`` with ``from_parts`` (no sum
+    was written: it is recomputed, rounded as the forward rounded it), then the scale.
+    Returns the sum's whole cotangent, rounded once to its dtype (XLA rounds the norm's
+    part, then the add), and the columns' sums of ``gn * x_hat`` and ``gn``."""
+    if from_parts:
+        x, y, gn, scale = refs
+        s, gs = _rounded_add(x, y), None
+    else:
+        s, gs, gn, scale = refs
+    x_hat, rstd = _normalised(s.astype(jnp.float32), eps=eps, width=width, valid=valid)
+    n = s.shape[-1] if valid is None else width
+    gn32 = gn.astype(jnp.float32)
+    g_hat = gn32 * scale.astype(jnp.float32)
+    ds = rstd * (g_hat - jnp.sum(g_hat, axis=-1, keepdims=True) / n
+                 - x_hat * (jnp.sum(g_hat * x_hat, axis=-1, keepdims=True) / n))
+    if gs is not None:
+        ds = ds + gs.astype(jnp.float32)
+    return ds.astype(s.dtype), jnp.sum(gn32 * x_hat, axis=0), jnp.sum(gn32, axis=0)
+
+
+def pallas_add_layer_norm_grad(p, saved, g, *, eps: float, keep_sum: bool = True,
+                               interpret: bool = False):
+    """The add+norm's VJP as one kernel: ``saved`` the forward's ``(s,)`` (``keep_sum``;
+    ``g = (gs, gn)``) or its inputs ``(x, y)`` (``g = gn``). One read of each token array
+    and one write of the sum's cotangent, which is x's and y's; the scale's and bias's
+    column sums come from per-program partial sums. Returns ``(dp, dx, dy)``."""
+    tokens = [saved[0], *g] if keep_sum else [*saved, g]
+    body = functools.partial(_add_norm_grad, eps=eps, from_parts=not keep_sum)
+    ds, d_scale, d_bias = _pallas_rows(body, tokens, [p["scale"]], 1, sums=2,
+                                       name="lucid_fn_fused_add_norm_grad",
+                                       interpret=interpret)
+    dp = {"scale": d_scale.astype(p["scale"].dtype), "bias": d_bias.astype(p["bias"].dtype)}
+    return dp, ds, ds
+
+
+def _xla_add_norm_grad(p, saved, g, *, eps: float, keep_sum: bool = True):
+    """:func:`pallas_add_layer_norm_grad` as XLA's VJP of the reference."""
+    if not keep_sum:
+        return jax.vjp(functools.partial(reference_add_layer_norm, eps=eps, keep_sum=False),
+                       p, *saved)[1](g)
+    gs, gn = g
+    dp, ds = jax.vjp(lambda p, s: layers.layer_norm(p, s, eps), p, saved[0])[1](gn)
+    ds = gs + ds
+    return dp, ds, ds
+
+
+def _add_layer_norm_with_grad_kernel(p, x, y, *, eps: float, keep_sum: bool, forward):
+    """``forward(p, x, y)`` on CUDA (the reference elsewhere) whose VJP is the backward
+    kernel on CUDA. It keeps the sum it wrote for the backward, not ``x`` and ``y``: a
+    block's branch need not live until the backward pass, and one read less."""
+    kw = dict(eps=eps, keep_sum=keep_sum)
+    reference = functools.partial(reference_add_layer_norm, **kw)
+
+    @jax.custom_vjp
+    def f(p, x, y):
+        return jax.lax.platform_dependent(p, x, y, cuda=forward, default=reference)
+
+    def f_fwd(p, x, y):
+        out = f(p, x, y)
+        return out, (p, (out[0],) if keep_sum else (x, y))
+
+    def f_bwd(res, g):
+        return tuple(jax.lax.platform_dependent(
+            *res, g, cuda=functools.partial(pallas_add_layer_norm_grad, **kw),
+            default=functools.partial(_xla_add_norm_grad, **kw)))
+
+    f.defvjp(f_fwd, f_bwd)
+    return f(p, x, y)
 
 
 # ------------------------------------------------------------ patch embedding's norm + norm1
