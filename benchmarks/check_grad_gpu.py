@@ -3,7 +3,9 @@ included) against XLA ops, both in bf16, and both against float32. Prints, per m
 gradient's relative error over all parameters (||g - g32|| / ||g32||) and the worst
 parameter's, each path's, and which backward kernels the fused step ran.
 
-    PYTHONPATH=. python3 benchmarks/check_grad_gpu.py [MODEL ...]   (default pvt_v2_b2)
+    PYTHONPATH=. python3 benchmarks/check_grad_gpu.py [MODEL ...] [KEY=N ...]
+        (default pvt_v2_b2; KEY=N: a setting of nn.fused.CONV_BLOCKS or CONV_GRAD_BLOCKS
+        for the fused path, e.g. slope=2)
 """
 
 import os
@@ -14,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from conv_sweep import parse  # benchmarks/, beside this file
 from lucid_fn import registry
+from lucid_fn.nn import fused
 
 
 def errors(g, ref):
@@ -32,7 +36,13 @@ def errors(g, ref):
 
 
 x = jax.random.normal(jax.random.key(1), (8, 224, 224, 3))
-for name in sys.argv[1:] or ["pvt_v2_b2"]:
+names = [a for a in sys.argv[1:] if "=" not in a] or ["pvt_v2_b2"]
+_, settings = parse(":" + ",".join(a for a in sys.argv[1:] if "=" in a))
+for key, value in settings.items():  # every trace below sees them (XLA's path ignores them)
+    next(t for t in (fused.CONV_BLOCKS, fused.CONV_GRAD_BLOCKS) if key in t)[key] = value
+if settings:
+    print(f"settings: {settings}")
+for name in names:
     kw = {"flavor": "paper"} if name == "pvt_small" else {}
     w = jax.random.normal(jax.random.key(3), (8, 1000))
 

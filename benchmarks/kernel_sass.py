@@ -10,6 +10,7 @@ loop by opcode: what an H100 or H200 will execute, read here at no device time
     PYTHONPATH=. python benchmarks/kernel_sass.py conv --blocks block_x=16 masked_loads=0
     PYTHONPATH=. python benchmarks/kernel_sass.py norm --shape 256 196 320
     PYTHONPATH=. python benchmarks/kernel_sass.py norm_backward --shape 128 196 320
+    PYTHONPATH=. python benchmarks/kernel_sass.py slope --shape 128 14 14 1280 320
 """
 
 from __future__ import annotations
@@ -146,11 +147,35 @@ def conv_backward_case(shape, blocks: dict):
     table = jax.ShapeDtypeStruct((16, hidden), jnp.float32)
     with conv_blocks(blocks):
         mods = capture_triton_modules(
-            lambda h, t, e, g: fused._conv_gelu_table_bwd((b, (hh, ww), False), (h, t, e), g),
+            lambda h, t, e, g: fused._conv_gelu_table_bwd((b, (hh, ww), False),
+                                                          (h, t, e, None), g),
             m, taps, table, m)
         tiles = fused.conv_tiles(b, (hh, ww), hidden, fused.CONV_GRAD_BLOCKS["transpose_size"])
         warps = (fused.CONV_GRAD_BLOCKS["gelu_warps"], fused.CONV_GRAD_BLOCKS["transpose_warps"])
     return list(zip(mods, warps)), tiles["bx"] * tiles["bc"] // (32 * warps[1]), tiles
+
+
+def slope_case(shape, blocks: dict):
+    """The training forward's conv kernel writing GELU'(z) too, and the backward's
+    ``slope_matmul`` kernel (fc2's input gradient times that slope, the edge table's
+    sums), at a (B, H, W, HIDDEN, C_OUT) map; elements per thread per loop iteration of
+    the first."""
+    b, hh, ww, hidden, c_out = shape
+    m = jax.ShapeDtypeStruct((b * hh * ww, hidden), jnp.bfloat16)
+    taps = jax.ShapeDtypeStruct((9, hidden), jnp.bfloat16)
+    table = jax.ShapeDtypeStruct((16, hidden), jnp.float32)
+    dy = jax.ShapeDtypeStruct((b * hh * ww, c_out), jnp.bfloat16)
+    w2 = jax.ShapeDtypeStruct((hidden, c_out), jnp.bfloat16)
+    static = (b, (hh, ww), False)
+    with conv_blocks(blocks):
+        mods = capture_triton_modules(
+            lambda h, t, e: fused._table_conv_gelu(h, t, e, static, slope=True), m, taps, table)
+        mods += capture_triton_modules(
+            lambda d, w, s: fused.slope_matmul(d, w, s, batch=b, hw=(hh, ww)), dy, w2, m)
+        tiles = fused.conv_tiles(b, (hh, ww), hidden)
+        warps = (fused.CONV_BLOCKS["num_warps"], fused.slope_warps(c_out))
+        tiles = {"conv": tiles, "slope_matmul": fused.slope_tiles(b * hh * ww, hidden)}
+    return list(zip(mods, warps)), tiles["conv"]["bx"] * tiles["conv"]["bc"] // 128, tiles
 
 
 def norm_case(shape):
@@ -181,14 +206,17 @@ def norm_backward_case(shape):
 
 
 DEFAULT_SHAPES = {"conv": (256, 56, 56, 512), "conv_backward": (128, 56, 56, 512),
+                  "slope": (128, 56, 56, 512, 64),
                   "norm": (256, 196, 320), "norm_backward": (128, 3136, 64)}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kernel", choices=("conv", "conv_backward", "norm", "norm_backward"))
+    ap.add_argument("kernel", choices=("conv", "conv_backward", "slope", "norm",
+                                       "norm_backward"))
     ap.add_argument("--shape", type=int, nargs="+", default=None,
-                    help="conv: B H W HIDDEN (default 256 56 56 512); norm: B N C "
+                    help="conv: B H W HIDDEN (default 256 56 56 512); slope: B H W HIDDEN "
+                         "C_OUT (default 128 56 56 512 64); norm: B N C "
                          "(default 256 196 320; norm_backward 128 3136 64)")
     ap.add_argument("--blocks", nargs="*", default=[],
                     help="conv: CONV_BLOCKS settings, key=integer (booleans as 0/1)")
@@ -203,7 +231,8 @@ def main(argv=None):
         mods, per_thread, tiles = case(shape)
     else:
         _, blocks = parse(":" + ",".join(args.blocks))
-        case = conv_case if args.kernel == "conv" else conv_backward_case
+        case = {"conv": conv_case, "conv_backward": conv_backward_case,
+                "slope": slope_case}[args.kernel]
         mods, per_thread, tiles = case(shape, blocks)
     print("tiles", tiles, "elements per thread per iteration", per_thread)
     for text, warps in mods:

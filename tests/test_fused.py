@@ -213,6 +213,14 @@ def test_conv_backward_kernels_match_the_float32_gradient(monkeypatch, b, hw, hi
     want_gz = jax.vjp(lambda z: layers.gelu(z, approximate=False),
                       _conv_preactivation(h, taps, table, hw))[1](g)[0]
     np.testing.assert_allclose(gz.astype(jnp.float32), want_gz, rtol=2**-8, atol=1e-5)
+    # the training forward's slope: GELU'(z) beside the same activations, one rounding off
+    z = _conv_preactivation(h, taps, table, hw)
+    args = (h.astype(jnp.bfloat16), zero, taps.astype(jnp.bfloat16), table)
+    kw = dict(batch=b, hw=hw, relu=False, padded=False, interpret=True)
+    act, slope = fused.conv_gelu(*args, slope=True, **kw)
+    np.testing.assert_array_equal(act, fused.conv_gelu(*args, **kw))
+    want_slope = jax.vmap(jax.vmap(jax.grad(lambda v: layers.gelu(v, approximate=False))))(z)
+    np.testing.assert_allclose(slope.astype(jnp.float32), want_slope, rtol=2**-8, atol=1e-5)
     # the second: from that bf16 g GELU'(z), the input and taps' gradients
     gz32 = gz.astype(jnp.float32)
     conv = lambda hh, t: _conv_preactivation(hh, t, jnp.zeros_like(table), hw)  # noqa: E731
@@ -230,12 +238,16 @@ def test_conv_backward_kernels_match_the_float32_gradient(monkeypatch, b, hw, hi
     np.testing.assert_array_equal(in_kernel[0], got_dh)
     np.testing.assert_array_equal(in_kernel[1], got_dtaps)
     np.testing.assert_allclose(in_kernel[2], want_dtable, rtol=1e-5, atol=1e-4)
-    # and the custom VJP puts them together as the float32 VJP, up to those roundings
-    got = jax.vjp(lambda *a: fused.conv_gelu_table(*a, (b, hw, True)), h.astype(jnp.bfloat16),
-                  taps.astype(jnp.bfloat16), table)[1](g.astype(jnp.bfloat16))
-    for a, w in zip(got, (dh, dtaps, dtable)):
-        err = float(jnp.abs(a.astype(jnp.float32) - w).max() / jnp.abs(w).max())
-        assert err < 2e-2, err
+    # and the custom VJP puts them together as the float32 VJP, up to those roundings,
+    # whether the backward recomputes z (slope 0) or the forward kept GELU'(z) (slope 1)
+    for slope_mode in (0, 1):
+        monkeypatch.setitem(fused.CONV_GRAD_BLOCKS, "slope", slope_mode)
+        got = jax.vjp(lambda *a: fused.conv_gelu_table(*a, (b, hw, True)),
+                      h.astype(jnp.bfloat16), taps.astype(jnp.bfloat16),
+                      table)[1](g.astype(jnp.bfloat16))
+        for a, w in zip(got, (dh, dtaps, dtable)):
+            err = float(jnp.abs(a.astype(jnp.float32) - w).max() / jnp.abs(w).max())
+            assert err < 2e-2, (slope_mode, err)
 
 
 def _conv_preactivation(h, taps, table, hw):
@@ -248,10 +260,14 @@ def _conv_preactivation(h, taps, table, hw):
     return (z + table[np.array(cls)]).reshape(h.shape)
 
 
+@pytest.mark.parametrize("slope", [0, 1, 2])
 @pytest.mark.parametrize("b,hw,c,hidden", [(2, (7, 9), 32, 128), (1, (4, 4), 16, 64)])
-def test_conv_mlp_gradient_through_the_kernels_is_as_close_as_xlas(b, hw, c, hidden):
+def test_conv_mlp_gradient_through_the_kernels_is_as_close_as_xlas(monkeypatch, slope, b, hw,
+                                                                   c, hidden):
     """The whole v2 MLP's gradient (fc1, the conv, fc2, the tokens) with the conv kernel
-    and its backward kernels, against float32: no worse than XLA's bf16 path."""
+    and its backward kernels, against float32: no worse than XLA's bf16 path, however the
+    backward gets g GELU'(z) (CONV_GRAD_BLOCKS["slope"]); the forward is the same."""
+    monkeypatch.setitem(fused.CONV_GRAD_BLOCKS, "slope", slope)
     fc1, dwconv, fc2 = _conv_params(c, hidden)
     x = jax.random.normal(jax.random.key(5), (b, hw[0] * hw[1], c))
     cot = jax.random.normal(jax.random.key(7), x.shape)
@@ -264,11 +280,45 @@ def test_conv_mlp_gradient_through_the_kernels_is_as_close_as_xlas(b, hw, c, hid
     want = grads(fused.reference_conv_mlp, jnp.float32)
     xla16 = grads(fused.reference_conv_mlp, jnp.bfloat16)
     got = grads(fused.pallas_conv_mlp, jnp.bfloat16, interpret=True)
+    forward = functools.partial(fused.pallas_conv_mlp, hw=hw, relu=False, dtype=jnp.bfloat16,
+                                interpret=True)
+    monkeypatch.setitem(fused.CONV_GRAD_BLOCKS, "slope", 0)
+    np.testing.assert_array_equal(jax.vjp(forward, fc1, dwconv, fc2, x)[0],
+                                  forward(fc1, dwconv, fc2, x))
     for a, r, w in zip(got, xla16, want):
         scale = float(jnp.abs(w).max())
         err = float(jnp.abs(a.astype(jnp.float32) - w).max()) / scale
         err16 = float(jnp.abs(r.astype(jnp.float32) - w).max()) / scale
         assert err <= 1.5 * err16 + 2e-3, (a.shape, err, err16)
+
+
+@pytest.mark.parametrize("b,hw,hidden,c_out,tiling", [
+    (2, (7, 9), 128, 48, {}),           # 126 rows: a partial last tile; K = 32 + 16
+    # 3 steps of 16 rows a program (90 rows: the last program's last step past them all),
+    # K = 128 + 32, 64 channels
+    (3, (5, 6), 64, 160, {"slope_rows": 16, "slope_steps": 3, "slope_programs": 1}),
+    (2, (1, 5), 128, 16, {"slope_rows": 16}),   # one row: every position in row class 3
+])
+def test_slope_matmul_kernel_matches_the_float32_product(monkeypatch, b, hw, hidden, c_out,
+                                                         tiling):
+    """slope=2's kernel: (dy w^T) * GELU'(z) rounded once, against float32 from the same
+    bf16 inputs, and its edge-class sums equal to :func:`edge_class_sums` of what it wrote
+    (each row counted once, whatever the tiling)."""
+    for key, value in tiling.items():
+        monkeypatch.setitem(fused.CONV_GRAD_BLOCKS, key, value)
+    k = jax.random.split(jax.random.key(4), 3)
+    n = b * hw[0] * hw[1]
+    dy = jax.random.normal(k[0], (n, c_out)).astype(jnp.bfloat16)
+    w2 = (jax.random.normal(k[1], (hidden, c_out)) * c_out**-0.5).astype(jnp.bfloat16)
+    s = jax.random.uniform(k[2], (n, hidden), minval=-0.1, maxval=1.1).astype(jnp.bfloat16)
+    gz, dtable = fused.slope_matmul(dy, w2, s, batch=b, hw=hw, interpret=True)
+    want = (dy.astype(jnp.float32) @ w2.astype(jnp.float32).T) * s.astype(jnp.float32)
+    np.testing.assert_allclose(gz.astype(jnp.float32), want, rtol=2**-8, atol=1e-5)
+    np.testing.assert_allclose(dtable, fused.edge_class_sums(gz, batch=b, hw=hw),
+                               rtol=1e-5, atol=1e-4)
+    tiles = fused.slope_tiles(n, hidden)
+    assert tiles["blocks"] * tiles["steps"] * tiles["br"] >= n
+    assert tiles["steps"] == tiling.get("slope_steps", 1)
 
 
 @pytest.mark.parametrize("exact_min", [0, 4])
@@ -362,9 +412,18 @@ def test_pvt_v2_training_runs_the_conv_kernels_where_dropout_is_off():
     forward kernel with XLA's recomputed gradient."""
     arch = dict(img_size=64, num_classes=10, depths=(1, 1, 1, 1), dtype=jnp.bfloat16)
     hlo = _cuda_grad_hlo(registry["pvt_v2_b0"](**arch))
-    for kernel in ("conv_gelu", "conv_gelu_grad", "conv_transpose"):
-        assert len(re.findall(rf'"lucid_fn_fused_{kernel}"', hlo)) >= 4, kernel
+    counts = {k: len(re.findall(rf'"lucid_fn_fused_{k}"', hlo))
+              for k in ("conv_gelu", "conv_gelu_grad", "conv_transpose", "slope_matmul")}
+    # slope 1 (default): the forward keeps GELU'(z), so no kernel recomputes it
+    assert counts == {"conv_gelu": 4, "conv_gelu_grad": 0, "conv_transpose": 4,
+                      "slope_matmul": 0}, counts
     assert set(re.findall(r"feature_group_count = (\d+)", hlo)) == {"1"}  # no depthwise
+    for slope, kernel in ((0, "conv_gelu_grad"), (2, "slope_matmul")):
+        with pytest.MonkeyPatch.context() as m:
+            m.setitem(fused.CONV_GRAD_BLOCKS, "slope", slope)
+            hlo_s = _cuda_grad_hlo(registry["pvt_v2_b0"](**arch))
+        assert len(re.findall(rf'"lucid_fn_fused_{kernel}"', hlo_s)) == 4, (slope, kernel)
+        assert len(re.findall(r'"lucid_fn_fused_conv_transpose"', hlo_s)) == 4, slope
     hlo = _cuda_grad_hlo(registry["pvt_v2_b0"](drop_rate=0.1, **arch))
     assert "lucid_fn_fused_conv" not in hlo
     hlo = _cuda_grad_hlo(registry["pvt_v2_b2_li"](**arch))

@@ -28,9 +28,10 @@ keys write and re-read float32 logits 49 wide.
   openings) is its sibling: the patch embedding's norm (v1: plus the position embedding)
   and the first norm1 in one pass.
 
-Backward kernels: the v2 conv's (two), the attention's, and the add+norm's in training
-(:func:`pallas_add_layer_norm_grad`: XLA's LayerNorm backward and residual add were
-fusions at about 1.6 TB/s, benchmarks/NOTES.md).
+Backward kernels: the v2 conv's (the transposed conv; in training the forward kernel also
+writes GELU'(z), so the backward need not recompute the conv), the attention's, and the
+add+norm's in training (:func:`pallas_add_layer_norm_grad`: XLA's LayerNorm backward and
+residual add were fusions at about 1.6 TB/s, benchmarks/NOTES.md).
 
 They are used only where they pay and are exact to the XLA path up to rounding: on CUDA,
 in bfloat16, for the widths the Triton tiles take, where no dropout sits between their
@@ -178,6 +179,18 @@ def _gelu_grad_f32(h, fast_recip: bool = False):
             + h * (jnp.exp(-0.5 * h * h) * _INV_SQRT_2PI))
 
 
+def _gelu_and_grad_f32(h, fast_recip: bool = False):
+    """(GELU(h), GELU'(h)) in float32, exact GELU: with A&S both from one reciprocal and
+    one exp2 (the training forward keeps the slope for the backward)."""
+    if BLOCKS.get("erf") != "as":
+        return _gelu_f32(h, False, fast_recip), _gelu_grad_f32(h, fast_recip)
+    a = jnp.abs(h)
+    tp, e = _phi_of_minus(a, fast_recip)
+    q = tp * e
+    return (jnp.maximum(h, 0.0) - (a * tp) * e,  # as _gelu_as rounds it
+            jnp.where(h >= 0, 1.0 - q, q) + h * (e * _INV_SQRT_2PI))
+
+
 def _kernel(x_ref, w1_ref, b1_ref, w2_ref, b2_ref, o_ref, *, block_h, approximate,
             fast_recip):
     x = x_ref[...]
@@ -253,9 +266,18 @@ CONV_BLOCKS = {"block_x": 32, "block_h": 64, "num_warps": 4, "min_programs": 102
 # so its tiles are smaller); prefetch_g: the first loads the cotangent's row a step ahead;
 # own: off, the conv kernel's gradient is XLA's, recomputed (NOTES.md); edge_sums: the
 # edge table's gradient summed in the transposed conv's kernel (off: a pass of XLA's).
+# slope: how the backward gets g GELU'(z): 0, the first kernel recomputes z from h; 1, the
+# training forward writes GELU'(z) beside GELU(z) and XLA multiplies (pvt_v2_b2 training
+# 28.61 -> 26.56 ms on the H200, NOTES.md); 2, that, with fc2 inside the custom VJP, so
+# that one kernel takes fc2's input gradient, the multiply and the edge table's sums
+# (_slope_matmul_kernel: slope_rows a step, up to slope_steps steps a program while
+# slope_programs programs remain; slope_warps, or slope_warps_wide where fc2 is over 128
+# wide: at 4 warps those spilled registers, kernel_sass.py slope). 2 was slower than 1 in
+# the model (27.13-27.19 against 26.56-26.62 ms).
 CONV_GRAD_BLOCKS = {"gelu_size": 2048, "gelu_warps": 4, "transpose_size": 512,
                     "transpose_warps": 4, "prefetch_g": False, "own": True,
-                    "edge_sums": False}
+                    "edge_sums": False, "slope": 1, "slope_rows": 64, "slope_warps": 4,
+                    "slope_warps_wide": 8, "slope_steps": 8, "slope_programs": 1024}
 # Which of the offsets -1, 0, +1 stay inside the map, for a position's edge class
 # 2 * (first row/column) + (last row/column).
 _VALID_OFFSETS = np.array([[1, 1, 1], [1, 1, 0], [0, 1, 1], [0, 1, 0]], np.float32)
@@ -341,12 +363,14 @@ def _tap(dy: int, dx: int) -> int:
 
 
 def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, *refs, hw, tiles, relu,
-                      fast_recip, padded):
+                      fast_recip, padded, slope=False):
     """GELU(dwconv3x3(h + b1) + conv bias) for ``by`` rows of ``bx`` columns and ``bc``
     channels of one image, where ``h`` is fc1's matmul (its bias is added here, not in a
     pass of its own): with a 16-row ``bias_ref`` (no ReLU) through the edge-class table,
     else per tap. With ``refs = (g_ref, o_ref)`` (the backward) it writes instead
-    g GELU'(z), z the conv's output recomputed, g the cotangent of GELU's output.
+    g GELU'(z), z the conv's output recomputed, g the cotangent of GELU's output. With
+    ``slope`` (``refs = (o_ref, s_ref)``, the training forward) it also writes GELU'(z),
+    so that the backward need not recompute the conv.
 
     The program walks down the map. Each input row is loaded once, at three horizontal
     shifts, and added into the three output rows it touches; the program carries the two
@@ -359,7 +383,10 @@ def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, *refs, hw, tiles, relu,
     ``padded``: ``h`` is fc1 of the tokens with a ring of zeros around each image, so it
     is zero there (fc1's bias comes in through the table): rows load as plain windows,
     with no clamped indices and no masks."""
-    *g_ref, o_ref = refs
+    if slope:
+        (o_ref, s_ref), g_ref = refs, ()
+    else:
+        *g_ref, o_ref = refs
     hh, ww = hw
     bx, bc, by, bands = tiles["bx"], tiles["bc"], tiles["by"], tiles["bands"]
     band, strip, chunk = _conv_program_ids()
@@ -453,6 +480,9 @@ def _conv_gelu_kernel(h_ref, b1_ref, taps_ref, bias_ref, *refs, hw, tiles, relu,
             if g_ref:
                 g = g_now if g_ahead else g_ref[0][row, cols]
                 out = g.astype(jnp.float32) * _gelu_grad_f32(above, fast_recip)
+            elif slope:
+                out, d = _gelu_and_grad_f32(above, fast_recip)
+                s_ref[row, cols] = d.astype(s_ref.dtype)
             else:
                 out = _gelu_f32(above, False, fast_recip)
             o_ref[row, cols] = out.astype(o_ref.dtype)
@@ -496,26 +526,28 @@ def conv_inputs(fc1, dwconv, x, *, hw, relu: bool, dtype):
 
 
 def conv_gelu(h, b1, taps, bias, *, batch: int, hw, relu: bool, padded: bool,
-              interpret: bool = False, g=None):
+              interpret: bool = False, g=None, slope: bool = False):
     """The conv kernel's call on :func:`conv_inputs`: the activated (B * H * W, hidden)
-    map; given ``g``, the cotangent of that map, g GELU'(z) instead (the backward's first
-    kernel). ``interpret=True`` runs it anywhere."""
+    map; with ``slope``, that and GELU'(z) (z the conv's output); given ``g``, the
+    cotangent of that map, g GELU'(z) instead (the backward's first kernel, which
+    recomputes z). ``interpret=True`` runs it anywhere."""
     hidden = taps.shape[1]
     size = None if g is None else CONV_GRAD_BLOCKS["gelu_size"]
     tiles = conv_tiles(batch, hw, hidden, size)
-    kw = dict(hw=tuple(hw), tiles=tiles, relu=relu, padded=padded,
+    kw = dict(hw=tuple(hw), tiles=tiles, relu=relu, padded=padded, slope=slope,
               fast_recip=bool(BLOCKS.get("approx_recip")) and not interpret)
     warps = CONV_BLOCKS["num_warps"] if g is None else CONV_GRAD_BLOCKS["gelu_warps"]
     params = plt.CompilerParams(num_warps=warps, num_stages=1)
     args = (h, b1, taps, bias) + (() if g is None else (g,))
     # Programs write rows anywhere in it.
     out = jax.ShapeDtypeStruct((batch * hw[0] * hw[1], hidden), h.dtype)
+    out = (out, out) if slope else out
     return pl.pallas_call(
         functools.partial(_conv_gelu_kernel, **kw),
         out_shape=out,
         grid=_conv_grid(batch, tiles),
         in_specs=[_whole(a) for a in args],
-        out_specs=_whole(out),
+        out_specs=jax.tree.map(_whole, out),
         compiler_params=params, interpret=interpret,
         name="lucid_fn_fused_conv_gelu" + ("" if g is None else "_grad"),
     )(*args)
@@ -676,38 +708,160 @@ def reference_conv_gelu(h, taps, table, *, hw):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def conv_gelu_table(h, taps, table, static):
     """The conv kernel with its edge table (no ReLU), differentiable by kernels of its
-    own: ``static = (batch, hw, interpret)``. Its backward reads h and the cotangent and
-    writes g GELU'(z) (the forward kernel, recomputing z), then one kernel reads that and
-    h for the input and taps' gradients and sums it by edge class for the table's
-    (CONV_GRAD_BLOCKS["edge_sums"]; off, XLA sums it in a pass of its own)."""
+    own: ``static = (batch, hw, interpret)``. Its backward forms g GELU'(z): with
+    ``CONV_GRAD_BLOCKS["slope"]`` 0 a kernel reads h and the cotangent and recomputes z
+    (the forward kernel), else the forward kept GELU'(z) and XLA multiplies; then one
+    kernel reads that and h for the input and taps' gradients and sums it by edge class
+    for the table's (CONV_GRAD_BLOCKS["edge_sums"]; off, XLA sums it in a pass of its
+    own)."""
     return _table_conv_gelu(h, taps, table, static)
 
 
-def _table_conv_gelu(h, taps, table, static, g=None):
+def _table_conv_gelu(h, taps, table, static, g=None, slope: bool = False):
     """:func:`conv_gelu` with the edge table (fc1's bias is in it: the kernel's own b1
     input goes unread, zeros)."""
     batch, hw, interpret = static
     return conv_gelu(h, jnp.zeros(taps.shape[1:], h.dtype), taps, table, batch=batch, hw=hw,
-                     relu=False, padded=False, interpret=interpret, g=g)
+                     relu=False, padded=False, interpret=interpret, g=g, slope=slope)
 
 
 def _conv_gelu_table_fwd(h, taps, table, static):
-    return conv_gelu_table(h, taps, table, static), (h, taps, table)
+    if CONV_GRAD_BLOCKS["slope"]:
+        a, s = _table_conv_gelu(h, taps, table, static, slope=True)
+        return a, (h, taps, table, s)
+    return conv_gelu_table(h, taps, table, static), (h, taps, table, None)
 
 
 def _conv_gelu_table_bwd(static, res, g):
-    batch, hw, interpret = static
-    h, taps, table = res
-    gz = _table_conv_gelu(h, taps, table, static, g)
-    in_kernel = CONV_GRAD_BLOCKS["edge_sums"]
-    dh, dtaps, *dtable = conv_transpose(gz, h, taps, batch=batch, hw=hw, edge_sums=in_kernel,
-                                        interpret=interpret)
-    if not in_kernel:
-        dtable = [edge_class_sums(gz, batch=batch, hw=hw)]
-    return dh, dtaps.astype(taps.dtype), dtable[0]
+    h, taps, table, s = res
+    if s is None:
+        gz = _table_conv_gelu(h, taps, table, static, g)
+    else:
+        gz = (g.astype(jnp.float32) * s.astype(jnp.float32)).astype(g.dtype)
+    return _conv_backward(gz, h, taps, static)
 
 
 conv_gelu_table.defvjp(_conv_gelu_table_fwd, _conv_gelu_table_bwd)
+
+
+def _conv_backward(gz, h, taps, static, dtable=None):
+    """(dh, dtaps, dtable) of the conv + edge table from g GELU'(z): the transposed-conv
+    kernel, and the table's gradient from it, from XLA, or ``dtable`` as given."""
+    batch, hw, interpret = static
+    in_kernel = dtable is None and CONV_GRAD_BLOCKS["edge_sums"]
+    dh, dtaps, *sums = conv_transpose(gz, h, taps, batch=batch, hw=hw, edge_sums=in_kernel,
+                                      interpret=interpret)
+    if dtable is None:
+        dtable = sums[0] if in_kernel else edge_class_sums(gz, batch=batch, hw=hw)
+    return dh, dtaps.astype(taps.dtype), dtable
+
+
+def _k_pieces(k: int) -> tuple:
+    """(start, width) pieces of a contraction of ``k`` (a multiple of 16): powers of two
+    up to 128, as Triton's dots take them."""
+    pieces, k0 = [], 0
+    while k0 < k:
+        n = min(128, _largest_pow2_at_most(k - k0))
+        pieces.append((k0, n))
+        k0 += n
+    return tuple(pieces)
+
+
+def slope_tiles(rows: int, hidden: int) -> dict:
+    """:func:`_slope_matmul_kernel`'s tiling of (rows, hidden): ``br`` rows a step,
+    ``steps`` steps and ``bc`` channels a program, as many steps as keep at least 1,024
+    programs (``slope_programs``; up to ``slope_steps``: fewer partial sums of the edge
+    table to add)."""
+    br = CONV_GRAD_BLOCKS["slope_rows"]
+    bc = 128 if hidden % 128 == 0 else 64
+    tiles, chunks = -(-rows // br), hidden // bc
+    steps = max(1, min(CONV_GRAD_BLOCKS["slope_steps"],
+                       tiles * chunks // CONV_GRAD_BLOCKS["slope_programs"]))
+    return dict(br=br, bc=bc, steps=steps, blocks=-(-tiles // steps), chunks=chunks)
+
+
+def _slope_matmul_kernel(dy_ref, w_ref, s_ref, gz_ref, parts_ref, *, rows, hw, tiles,
+                         pieces):
+    """g GELU'(z) for ``steps`` tiles of ``br`` rows and ``bc`` channels: g = dy w^T
+    (fc2's input gradient, float32, never written), times the slope the forward kept,
+    rounded once; and this program's part of the edge table's gradient, g GELU'(z) summed
+    by edge class (:func:`edge_class_sums`) as a (16 x br) one-hot times the tile on the
+    tensor cores. Rows past ``rows`` (the clamped tail) add nothing to the sums."""
+    br, bc, steps = tiles["br"], tiles["bc"], tiles["steps"]
+    hh, ww = hw
+    blk, chunk = pl.program_id(0), pl.program_id(1)
+    cols = pl.ds(pl.multiple_of(chunk * bc, bc), bc)
+    classes = jax.lax.broadcasted_iota(jnp.int32, (16, br), 0)
+
+    def step(j, acc):
+        idx = (blk * steps + j) * br + jax.lax.iota(jnp.int32, br)
+        r = jnp.minimum(idx, rows - 1)
+        g = sum(jax.lax.dot_general(dy_ref[r, pl.ds(k0, n)], w_ref[cols, pl.ds(k0, n)],
+                                    (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+                for k0, n in pieces)  # w read each step: held, wide K would spill
+        gz = (g * s_ref[r, cols].astype(jnp.float32)).astype(gz_ref.dtype)
+        gz_ref[r, cols] = gz
+        p = r % (hh * ww)
+        y, x = p // ww, p % ww
+        cls = (4 * (2 * (y == 0).astype(jnp.int32) + (y == hh - 1).astype(jnp.int32))
+               + 2 * (x == 0).astype(jnp.int32) + (x == ww - 1).astype(jnp.int32))
+        onehot = ((classes == cls[None, :]) & (idx < rows)[None, :]).astype(gz.dtype)
+        return acc + jnp.dot(onehot, gz, preferred_element_type=jnp.float32)
+
+    parts_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros((16, bc), jnp.float32))
+
+
+def slope_warps(c_out: int) -> int:
+    return CONV_GRAD_BLOCKS["slope_warps_wide" if c_out > 128 else "slope_warps"]
+
+
+def supported_slope_matmul(w2) -> bool:
+    return w2.shape[1] % 16 == 0
+
+
+def slope_matmul(dy, w2, s, *, batch: int, hw, interpret: bool = False):
+    """(g GELU'(z), the edge table's gradient): g = ``dy`` (B * H * W, c_out) times fc2's
+    kernel ``w2`` (hidden, c_out) transposed, by :func:`_slope_matmul_kernel`; XLA adds
+    the programs' (16, hidden) parts."""
+    rows, hidden = s.shape
+    tiles = slope_tiles(rows, hidden)
+    parts = jax.ShapeDtypeStruct((tiles["blocks"], 16, hidden), jnp.float32)
+    gz, parts = pl.pallas_call(
+        functools.partial(_slope_matmul_kernel, rows=rows, hw=tuple(hw), tiles=tiles,
+                          pieces=_k_pieces(w2.shape[1])),
+        out_shape=(jax.ShapeDtypeStruct(s.shape, dy.dtype), parts),
+        grid=(tiles["blocks"], tiles["chunks"]),
+        in_specs=[_whole(a) for a in (dy, w2, s)],
+        out_specs=(_whole(s), pl.BlockSpec((None, 16, tiles["bc"]), lambda i, c: (i, 0, c))),
+        compiler_params=plt.CompilerParams(num_warps=slope_warps(w2.shape[1]), num_stages=1),
+        interpret=interpret, name="lucid_fn_fused_slope_matmul",
+    )(dy, w2, s)
+    return gz, parts.sum(axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def conv_gelu_fc2(h, taps, table, w2, static):
+    """``conv_gelu_table(h, taps, table, static) @ w2`` (fc2 without its bias), with fc2
+    inside the custom VJP so that its input gradient never reaches memory: the backward
+    takes g GELU'(z) and the edge table's sums from :func:`slope_matmul` (the forward kept
+    GELU'(z)), fc2's kernel gradient from XLA, then the transposed-conv kernel."""
+    return jnp.matmul(_table_conv_gelu(h, taps, table, static), w2)
+
+
+def _conv_gelu_fc2_fwd(h, taps, table, w2, static):
+    a, s = _table_conv_gelu(h, taps, table, static, slope=True)
+    return jnp.matmul(a, w2), (h, taps, w2, a, s)
+
+
+def _conv_gelu_fc2_bwd(static, res, dy):
+    h, taps, w2, a, s = res
+    batch, hw, interpret = static
+    dw2 = jax.vjp(lambda w: jnp.matmul(a, w), w2)[1](dy)[0]
+    gz, dtable = slope_matmul(dy, w2, s, batch=batch, hw=hw, interpret=interpret)
+    return (*_conv_backward(gz, h, taps, static, dtable), dw2)
+
+
+conv_gelu_fc2.defvjp(_conv_gelu_fc2_fwd, _conv_gelu_fc2_bwd)
 
 
 def pallas_conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype, interpret: bool = False):
@@ -716,13 +870,21 @@ def pallas_conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype, interpret: bo
     kernel, as the v1 kernel does, was slower: benchmarks/NOTES.md.) ``interpret=True``
     runs it anywhere."""
     b, n, _ = x.shape
+    c_out = fc2["kernel"].shape[1]
     h, b1, taps, bias, padded = conv_inputs(fc1, dwconv, x, hw=hw, relu=relu, dtype=dtype)
-    if bias.shape[0] == 16 and not padded:  # the edge table: the kernels' own gradient
-        g = conv_gelu_table(h, taps, bias, (b, tuple(hw), interpret))
+    static = (b, tuple(hw), interpret)
+    table = bias.shape[0] == 16 and not padded  # the edge table: the kernels' own gradient
+    if table and CONV_GRAD_BLOCKS["slope"] == 2 and supported_slope_matmul(fc2["kernel"]):
+        y = conv_gelu_fc2(h, taps, bias, fc2["kernel"].astype(dtype), static)
+        if "bias" in fc2:  # as layers.linear adds it
+            y = layers.add_bias(layers.Biased(y, fc2["bias"].astype(dtype)))
+        return y.reshape(b, n, c_out)
+    if table:
+        g = conv_gelu_table(h, taps, bias, static)
     else:
         g = conv_gelu(h, b1, taps, bias, batch=b, hw=hw, relu=relu, padded=padded,
                       interpret=interpret)
-    return layers.linear(fc2, g, dtype).reshape(b, n, fc2["kernel"].shape[1])
+    return layers.linear(fc2, g, dtype).reshape(b, n, c_out)
 
 
 def conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool = False, dtype=None):
