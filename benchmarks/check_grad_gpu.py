@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conv_sweep import parse  # benchmarks/, beside this file
+from conv_sweep import conv_blocks, parse  # benchmarks/, beside this file
 from lucid_fn import registry
-from lucid_fn.nn import fused
 
 
 def errors(g, ref):
@@ -35,14 +34,8 @@ def errors(g, ref):
     return total, per_leaf[worst], jax.tree_util.keystr(leaves[worst][0])
 
 
-x = jax.random.normal(jax.random.key(1), (8, 224, 224, 3))
-names = [a for a in sys.argv[1:] if "=" not in a] or ["pvt_v2_b2"]
-_, settings = parse(":" + ",".join(a for a in sys.argv[1:] if "=" in a))
-for key, value in settings.items():  # every trace below sees them (XLA's path ignores them)
-    next(t for t in (fused.CONV_BLOCKS, fused.CONV_GRAD_BLOCKS) if key in t)[key] = value
-if settings:
-    print(f"settings: {settings}")
-for name in names:
+def check(name, x):
+    """Print the fused kernels the step ran and both paths' errors against float32."""
     kw = {"flavor": "paper"} if name == "pvt_small" else {}
     w = jax.random.normal(jax.random.key(3), (8, 1000))
 
@@ -68,3 +61,13 @@ for name in names:
         total, worst, where = errors(g, ref)
         print(f"{name} fused={mode}: |g - g32| / |g32| = {total:.4f}; worst parameter "
               f"{worst:.4f} ({where})")
+
+
+names = [a for a in sys.argv[1:] if "=" not in a] or ["pvt_v2_b2"]
+_, settings = parse(":" + ",".join(a for a in sys.argv[1:] if "=" in a))
+if settings:
+    print(f"settings: {settings}")
+images = jax.random.normal(jax.random.key(1), (8, 224, 224, 3))
+with conv_blocks(settings):  # every trace below sees them (XLA's path ignores them)
+    for name in names:
+        check(name, images)

@@ -172,10 +172,10 @@ def slope_case(shape, blocks: dict):
             lambda h, t, e: fused._table_conv_gelu(h, t, e, static, slope=True), m, taps, table)
         mods += capture_triton_modules(
             lambda d, w, s: fused.slope_matmul(d, w, s, batch=b, hw=(hh, ww)), dy, w2, m)
-        tiles = fused.conv_tiles(b, (hh, ww), hidden)
+        conv = fused.conv_tiles(b, (hh, ww), hidden)
         warps = (fused.CONV_BLOCKS["num_warps"], fused.slope_warps(c_out))
-        tiles = {"conv": tiles, "slope_matmul": fused.slope_tiles(b * hh * ww, hidden)}
-    return list(zip(mods, warps)), tiles["conv"]["bx"] * tiles["conv"]["bc"] // 128, tiles
+        tiles = {"conv": conv, "slope_matmul": fused.slope_tiles(b * hh * ww, hidden)}
+    return list(zip(mods, warps)), conv["bx"] * conv["bc"] // (32 * warps[0]), tiles
 
 
 def norm_case(shape):

@@ -65,24 +65,29 @@ def enabled() -> bool:
     return os.environ.get("LUCID_FN_FUSED", "on").lower() not in ("off", "0", "false")
 
 
-def kernel_with_xla_grad(kernel, reference, *args, grad_kernel=None):
+def kernel_with_xla_grad(kernel, reference, *args, grad_kernel=None, keep=None,
+                         xla_grad=None):
     """``kernel(*args)`` on CUDA, ``reference(*args)`` elsewhere, the gradient the
     reference's (recomputed from the inputs); with ``grad_kernel(*args, g)`` (a cotangent
-    for each argument) that kernel's on CUDA instead."""
+    for each argument) that kernel's on CUDA instead. ``keep(args, out)``: what the
+    backward gets in place of the inputs, then ``grad_kernel(*kept, g)`` on CUDA and
+    ``xla_grad(*kept, g)`` elsewhere."""
     @jax.custom_vjp
     def f(*a):
         return jax.lax.platform_dependent(*a, cuda=kernel, default=reference)
 
     def f_fwd(*a):
-        return f(*a), a
+        out = f(*a)
+        return out, (a if keep is None else keep(a, out))
 
-    def xla_grad(*a):
+    def reference_grad(*a):
         return tuple(jax.vjp(reference, *a[:-1])[1](a[-1]))
 
     def f_bwd(res, g):
         if grad_kernel is None:
-            return xla_grad(*res, g)
-        return tuple(jax.lax.platform_dependent(*res, g, cuda=grad_kernel, default=xla_grad))
+            return reference_grad(*res, g)
+        return tuple(jax.lax.platform_dependent(*res, g, cuda=grad_kernel,
+                                                default=xla_grad or reference_grad))
 
     f.defvjp(f_fwd, f_bwd)
     return f(*args)
@@ -639,7 +644,7 @@ def _conv_transpose_kernel(g_ref, h_ref, taps_ref, dh_ref, dtaps_ref, *dtable_re
         first = g_row(0, own_y == 0)
         rows = ({3: first} if hh == 1 else
                 {0: out[9], 2: first, 1: g_row(hh - 1, y0 + by == hh)})
-        col_class = 2 * (xs == 0).astype(jnp.int32) + (xs == ww - 1).astype(jnp.int32)
+        col_class = _edge_class(ww, xs)
         for r in range(4):
             for c in range(4):
                 total = (jnp.sum(jnp.where((own_x & (col_class == c))[:, None], rows[r], 0.0),
@@ -674,10 +679,11 @@ def conv_transpose(g, h, taps, *, batch: int, hw, edge_sums: bool = False,
     return (dh, *(s.sum(axis=0) for s in sums))
 
 
-def _edge_class(n: int) -> np.ndarray:
-    """Each row's (or column's) edge class 2 * first + last, as the table indexes it."""
-    i = np.arange(n)
-    return 2 * (i == 0) + (i == n - 1)
+def _edge_class(n: int, i=None):
+    """Each row's (or column's) edge class 2 * first + last, as the table indexes it: of
+    ``arange(n)``, or of the indices ``i`` (in a kernel too)."""
+    i = np.arange(n) if i is None else i
+    return 2 * (i == 0).astype(np.int32) + (i == n - 1).astype(np.int32)
 
 
 def _edge_classes(n: int) -> np.ndarray:
@@ -803,8 +809,7 @@ def _slope_matmul_kernel(dy_ref, w_ref, s_ref, gz_ref, parts_ref, *, rows, hw, t
         gz_ref[r, cols] = gz
         p = r % (hh * ww)
         y, x = p // ww, p % ww
-        cls = (4 * (2 * (y == 0).astype(jnp.int32) + (y == hh - 1).astype(jnp.int32))
-               + 2 * (x == 0).astype(jnp.int32) + (x == ww - 1).astype(jnp.int32))
+        cls = 4 * _edge_class(hh, y) + _edge_class(ww, x)
         onehot = ((classes == cls[None, :]) & (idx < rows)[None, :]).astype(gz.dtype)
         return acc + jnp.dot(onehot, gz, preferred_element_type=jnp.float32)
 
@@ -877,7 +882,7 @@ def pallas_conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype, interpret: bo
     if table and CONV_GRAD_BLOCKS["slope"] == 2 and supported_slope_matmul(fc2["kernel"]):
         y = conv_gelu_fc2(h, taps, bias, fc2["kernel"].astype(dtype), static)
         if "bias" in fc2:  # as layers.linear adds it
-            y = layers.add_bias(layers.Biased(y, fc2["bias"].astype(dtype)))
+            y = y + fc2["bias"].astype(dtype)
         return y.reshape(b, n, c_out)
     if table:
         g = conv_gelu_table(h, taps, bias, static)
@@ -1360,7 +1365,13 @@ def add_layer_norm(p, x, y, *, eps: float, keep_sum: bool = True,
         return reference(p, x, y)
     forward = functools.partial(pallas_add_layer_norm, **kw) if forward_kernel else reference
     if NORM_BLOCKS["grad"] and not isinstance(y, layers.Biased):
-        return _add_layer_norm_with_grad_kernel(p, x, y, forward=forward, **kw)
+        # the backward keeps the sum the forward wrote, not x and y: a block's branch
+        # need not live until the backward pass, and one read less
+        return kernel_with_xla_grad(
+            forward, reference, p, x, y,
+            keep=lambda a, out: (a[0], (out[0],) if keep_sum else a[1:]),
+            grad_kernel=functools.partial(pallas_add_layer_norm_grad, **kw),
+            xla_grad=functools.partial(_xla_add_norm_grad, **kw))
     if not forward_kernel:
         return reference(p, x, y)
     return kernel_with_xla_grad(forward, reference, p, x, y)
@@ -1414,30 +1425,6 @@ def _xla_add_norm_grad(p, saved, g, *, eps: float, keep_sum: bool = True):
     dp, ds = jax.vjp(lambda p, s: layers.layer_norm(p, s, eps), p, saved[0])[1](gn)
     ds = gs + ds
     return dp, ds, ds
-
-
-def _add_layer_norm_with_grad_kernel(p, x, y, *, eps: float, keep_sum: bool, forward):
-    """``forward(p, x, y)`` on CUDA (the reference elsewhere) whose VJP is the backward
-    kernel on CUDA. It keeps the sum it wrote for the backward, not ``x`` and ``y``: a
-    block's branch need not live until the backward pass, and one read less."""
-    kw = dict(eps=eps, keep_sum=keep_sum)
-    reference = functools.partial(reference_add_layer_norm, **kw)
-
-    @jax.custom_vjp
-    def f(p, x, y):
-        return jax.lax.platform_dependent(p, x, y, cuda=forward, default=reference)
-
-    def f_fwd(p, x, y):
-        out = f(p, x, y)
-        return out, (p, (out[0],) if keep_sum else (x, y))
-
-    def f_bwd(res, g):
-        return tuple(jax.lax.platform_dependent(
-            *res, g, cuda=functools.partial(pallas_add_layer_norm_grad, **kw),
-            default=functools.partial(_xla_add_norm_grad, **kw)))
-
-    f.defvjp(f_fwd, f_bwd)
-    return f(p, x, y)
 
 
 # ------------------------------------------------------------ patch embedding's norm + norm1
