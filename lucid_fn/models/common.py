@@ -204,6 +204,57 @@ def check_images(x, *, in_channels: int, stride: int, model: str):
     return x
 
 
+def _leaf_name(path) -> str:
+    return "params" + "".join(f"[{k.key!r}]" if hasattr(k, "key") else str(k) for k in path)
+
+
+def _first_missing(params, path) -> str:
+    """The shortest prefix of ``path`` that ``params`` lacks, as ``params['a']['b']``."""
+    node = params
+    for i, k in enumerate(path):
+        if not isinstance(node, dict) or k.key not in node:
+            return _leaf_name(path[: i + 1])
+        node = node[k.key]
+    return _leaf_name(path)
+
+
+def check_params(params, specs, model: str) -> None:
+    """``params`` against the model's parameter ``specs`` (any tree whose leaves have a
+    ``shape``: ``nn.Init`` specs, or ``jax.eval_shape(init, key)``): the same nested dicts
+    and shapes, floating-point leaves. Shapes are static, so under ``jit`` this costs
+    nothing at run time. The error names the first leaf that differs and what was
+    expected."""
+    if not isinstance(params, dict):
+        raise TypeError(f"{model} takes its params as the nested dict that init returns; "
+                        f"got {type(params).__name__}")
+    want = jax.tree_util.tree_flatten_with_path(
+        specs, is_leaf=lambda v: isinstance(v, nn.Init))[0]
+    got = {_leaf_name(p): v for p, v in
+           jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda v: v is None)[0]}
+    hint = (" Were the params built for another configuration? Build the model with the "
+            "arguments they were made for, or import a checkpoint with "
+            "lucid_fn.weights.from_state_dict, which resizes and reports.")
+    for path, spec in want:
+        name, shape = _leaf_name(path), tuple(spec.shape)
+        if name not in got:
+            raise ValueError(f"{model}: {_first_missing(params, path)} is missing (expected "
+                             f"{name} of shape {shape}).{hint}")
+        value = got[name]
+        if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+            raise TypeError(f"{model}: {name} is {type(value).__name__}, not an array "
+                            f"(expected shape {shape})")
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{model}: {name} has shape {tuple(value.shape)}, expected "
+                             f"{shape}.{hint}")
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise TypeError(f"{model}: {name} has dtype {value.dtype}; params are "
+                            f"floating-point arrays (init gives float32)")
+    extra = sorted(set(got) - {_leaf_name(p) for p, _ in want})
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise ValueError(f"{model}: unexpected {extra[0]}{more}.{hint}")
+
+
 # ------------------------------------------------------- pieces of every model's apply
 
 

@@ -207,7 +207,7 @@ def param_specs(cfg: PVTConfig) -> dict:
     return specs
 
 
-def make_apply(cfg: PVTConfig, name: str):
+def make_apply(cfg: PVTConfig, name: str, specs: dict):
     rates = common.stage_path_rates(cfg.depths, cfg.drop_path_rate)
 
     def apply(params, x, *, train: bool = False, rng=None, features: bool = False):
@@ -216,6 +216,7 @@ def make_apply(cfg: PVTConfig, name: str):
         left out, before the final norm), in the compute dtype. Images of another size
         than img_size (sides divisible by the total stride) use resized position
         embeddings."""
+        common.check_params(params, specs, name)
         x = common.check_images(x, in_channels=cfg.in_channels, stride=cfg.total_stride,
                                 model=name)
         common.check_sr_ratios(cfg.sr_ratios, *x.shape[1:3], cfg.patch_size)
@@ -243,8 +244,8 @@ def make_apply(cfg: PVTConfig, name: str):
 def build(name: str, defaults: dict, img_size, num_classes, kwargs) -> Model:
     cfg = make_config(name, **{**defaults, **kwargs, "img_size": img_size,
                                "num_classes": num_classes})
-    init = common.make_init(param_specs(cfg))
-    return Model(init, make_apply(cfg, name), name=name, config=cfg)
+    specs = param_specs(cfg)
+    return Model(common.make_init(specs), make_apply(cfg, name, specs), name=name, config=cfg)
 
 
 # ------------------------------------------------------------------------- builders

@@ -198,13 +198,14 @@ def param_specs(cfg: PVTv2Config) -> dict:
     return specs
 
 
-def make_apply(cfg: PVTv2Config, name: str):
+def make_apply(cfg: PVTv2Config, name: str, specs: dict):
     rates = common.stage_path_rates(cfg.depths, cfg.drop_path_rate)
 
     def apply(params, x, *, train: bool = False, rng=None, features: bool = False):
         """Logits (B, num_classes) float32; the pooled features when num_classes=0; with
         ``features=True`` the four stage maps (after each stage's norm), NHWC, strides
         4/8/16/32, in the compute dtype. Any image size whose sides 32 divides."""
+        common.check_params(params, specs, name)
         x = common.check_images(x, in_channels=cfg.in_channels, stride=TOTAL_STRIDE,
                                 model=name)
         check_sr_ratios(cfg, *x.shape[1:3])
@@ -228,8 +229,8 @@ def make_apply(cfg: PVTv2Config, name: str):
 def build(name: str, defaults: dict, img_size, num_classes, in_channels, kwargs) -> Model:
     cfg = make_config(name, **{**defaults, **kwargs, "img_size": img_size,
                                "num_classes": num_classes, "in_channels": in_channels})
-    init = common.make_init(param_specs(cfg))
-    return Model(init, make_apply(cfg, name), name=name, config=cfg)
+    specs = param_specs(cfg)
+    return Model(common.make_init(specs), make_apply(cfg, name, specs), name=name, config=cfg)
 
 
 # ------------------------------------------------------------------------- builders
