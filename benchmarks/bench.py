@@ -1,17 +1,17 @@
 """Throughput of lucid_fn's PVTs against PyTorch (HF transformers / timm, eager and
-``torch.compile``), inference and an AdamW train step, in one process.
+``torch.compile``), inference and an AdamW train step, in one process tree.
 
-On a GPU, the defaults are issue 7's table: inference at batch 256, training at batch 128
-with AdamW, 224x224 images, bf16 compute with float32 params for ours and bf16 autocast
-for the references::
+On a GPU, the defaults are the published table's rows (docs/performance.md): inference at
+batch 256, training at batch 128 with AdamW, 224x224 images, bf16 compute with float32
+params for ours and bf16 autocast for the references::
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/bench.py --out benchmarks/results --name h100
+    PYTHONUNBUFFERED=1 python3 benchmarks/bench.py --out OUT --name h100
 
 On a CPU, ``--small`` runs every code path in seconds (tiny widths, 64x64, batch 2; the
 test suite runs it); ``--device cpu`` without ``--small`` is a real CPU comparison, e.g.
 pvt_small in float32 against HF transformers on the same number of threads::
 
-    python benchmarks/bench.py --device cpu --models pvt_small --modes infer \\
+    python benchmarks/bench.py --device cpu --models pvt_small --modes infer \
         --infer-batch 8 --dtype float32 --refs eager --threads 2 --name cpu
 
 What is measured, for each model (registry name) and each ``--variants`` entry:
@@ -22,7 +22,8 @@ What is measured, for each model (registry name) and each ``--variants`` entry:
 - The references build the same network from our config: PVT v1 as HF transformers'
   ``PvtForImageClassification`` (the paper's network; ours runs ``flavor="paper"``), v2 as
   timm's ``pvt_v2_*`` (``pretrained=False``); eager and ``torch.compile`` (default mode);
-  torch's "compile seconds" are the first call's wall time. Fused AdamW on CUDA.
+  torch's "compile seconds" are the first call's wall time. Fused AdamW on CUDA. On GPU
+  each reference runs in a process of its own.
 - Time per step is the median over ``--repeats`` of ``--iters`` back-to-back steps,
   synchronised (``block_until_ready`` / CUDA events). Peak memory: ours from XLA's memory
   analysis of the compiled program (arguments + temporaries + outputs - aliased), also the
@@ -31,36 +32,13 @@ What is measured, for each model (registry name) and each ``--variants`` entry:
   same count for the references, which compute the same network) over the measured peak
   of a large matmul in the compute dtype on the same device (``--peak-tflops`` overrides).
 
-A variant is ``key=value[,key=value...]`` or ``default``: builder keywords ``scan_blocks``
-(1/0/none) and ``remat`` (1/0), and implementation switches for experiments, applied by
-patching ``lucid_fn.nn`` while the model is traced: ``gelu`` (``lib``: the library's,
-``xla``: ``jax.nn.gelu`` exact, ``tanh``: the approximation, not exact, a bound only),
-``dwconv`` (``lib``: ``lax.conv_general_dilated``, ``shift``: 9 shifted multiply-adds),
-``embed`` (``im2col``: small dense convs as one matmul), ``patchify`` (``conv``: through
-``lax.conv``), ``sr`` (``matmul``: the spatial reduction as reshape, transpose and matmul
-on GPUs too, ``convtrain``: through cuDNN in training too), ``attn`` (``lib``, ``bnhm``:
-another einsum layout, ``dpa``: ``jax.nn.dot_product_attention``, ``bf16logits``), ``mlp``
-(``lib``: the fused Pallas MLPs where they apply, ``xla``: XLA ops only),
-``mlpblk=MxHxW[xr]`` (the v1 fused MLP's row tile, hidden chunk, warps, and ``r``: erf's
-divide as an approximate reciprocal) and
-``convblk=XxHxW[xF]`` (the v2 conv-GELU kernel's columns, channels, warps, and flags
-``b``: fc1's bias added per tap instead of through the edge-class table, ``n``: each row
-loaded when used, not prefetched an iteration ahead), ``conv.KEY=N`` (one of that
-kernel's settings, ``nn.fused.CONV_BLOCKS[KEY]``: e.g. ``conv.pad=0``), ``attnblk=QxW``
-(the fused attention kernel's query rows and warps; ``attn=xla`` turns it off),
-``attngradblk=QxWxP`` (its backward kernel's query rows, warps and least programs;
-``attngrad=xla``: XLA's recomputed gradient instead), and
-``trainfused`` (``0``: the attention and v1 MLP kernels at inference only, as before they
-ran in training too), ``trainconv`` (v2 training, where dropout is 0: ``xla``: the conv MLP
-as XLA ops, as before the conv kernel ran in training; ``xlagrad``: the conv kernel with
-XLA's gradient recomputed from its inputs instead of the backward kernels),
-``convgrad.KEY=N`` (``nn.fused.CONV_GRAD_BLOCKS[KEY]``, the backward kernels' tiles),
-``kgelu`` (``rational``: the kernels' GELU through the XLA path's rational erf instead of
-A&S 7.1.26), ``addnorm`` (``xla``: each block's residual add and the LayerNorm after it as
-XLA ops instead of one kernel at inference). ``convdiag=nogelu`` (the conv kernel without
-its GELU) computes another function, to see where that kernel's time goes. Results
-go to ``<out>/<name>.json`` and ``.md``, rewritten after every measurement so a stopped run
-keeps what it measured.
+A variant is ``default`` or comma-separated ``key=value`` items, each a builder keyword or
+a kernel setting, so that every variant is a model built through the public API:
+``scan_blocks=1|0|none``, ``remat=1|0``, ``kernels=on|off``, ``FAMILY=on|off`` and
+``FAMILY.SETTING=N`` for the kernel families of ``lucid_fn.kernels`` (``mlp``,
+``conv_mlp``, ``attention``, ``norm``; e.g. ``conv_mlp.block_x=16``,
+``attention.grad_block_q=32``, ``norm=off``). Results go to ``<out>/<name>.json`` and
+``.md``, rewritten after every measurement so a stopped run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -86,13 +64,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import lucid_fn  # noqa: E402
-from lucid_fn import nn as lnn  # noqa: E402
+import lucid_fn.kernels  # noqa: E402
 from lucid_fn import registry  # noqa: E402
-from lucid_fn.nn import attention as lattention  # noqa: E402
-from lucid_fn.nn import fused as lfused  # noqa: E402
-from lucid_fn.nn import layers as llayers  # noqa: E402
-from lucid_fn.models import pvt as lpvt  # noqa: E402
-from lucid_fn.models import pvt_v2 as lpvt_v2  # noqa: E402
 
 GIB = 2**30
 DEFAULT_MODELS = ("pvt_small", "pvt_v2_b2", "pvt_v2_b0")
@@ -101,285 +74,34 @@ SMALL_ARCH = dict(img_size=64, embed_dims=(16, 32, 40, 64), num_heads=(1, 2, 5, 
                   depths=(1, 1, 1, 1))
 
 
-# ------------------------------------------------------------------ variants and patches
+# ------------------------------------------------------------------------ variants
 
-
-def _gelu_xla(x, approximate: bool):
-    return jax.nn.gelu(x, approximate=approximate)
-
-
-def _gelu_tanh(x, approximate: bool):
-    return jax.nn.gelu(x, approximate=True)
-
-
-def _conv_shift(p, x, *, stride, padding, groups=1, dtype=None):
-    """Depthwise stride-1 conv as kh*kw shifted multiply-adds, accumulated in float32,
-    padded in the input dtype (one loop fusion with the bias and what follows)."""
-    kh, kw, c_in, c_out = p["kernel"].shape
-    if not (groups == x.shape[-1] == c_out and c_in == 1 and stride == 1):
-        return _ORIGINAL["conv"](p, x, stride=stride, padding=padding, groups=groups,
-                                 dtype=dtype)
-    dtype = dtype or x.dtype
-    b, h, w, c = x.shape
-    xp = jnp.pad(x.astype(dtype), ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    k = p["kernel"].astype(jnp.float32)
-    y = p["bias"].astype(jnp.float32)
-    for i in range(kh):
-        for j in range(kw):
-            y = y + xp[:, i:i + h, j:j + w, :].astype(jnp.float32) * k[i, j, 0]
-    return y.astype(dtype)
-
-
-def _patchify_conv_xla(p, x, dtype=None):
-    """Kernel == stride convolution through lax.conv (cuDNN on GPU) instead of a
-    reshape, transpose and matmul."""
-    return _ORIGINAL["conv"](p, x, stride=p["kernel"].shape[0], padding=0, dtype=dtype)
-
-
-def _conv_im2col(p, x, *, stride, padding, groups=1, dtype=None):
-    """Dense convs over few input channels (v2's first patch embedding, 3 channels) as
-    strided slices concatenated into patches and one matmul."""
-    kh, kw, c_in, c_out = p["kernel"].shape
-    if groups != 1 or c_in > 8:
-        return _ORIGINAL["conv"](p, x, stride=stride, padding=padding, groups=groups,
-                                 dtype=dtype)
-    dtype = dtype or x.dtype
-    b, h, w, _ = x.shape
-    ho = (h + 2 * padding - kh) // stride + 1
-    wo = (w + 2 * padding - kw) // stride + 1
-    xp = jnp.pad(x.astype(dtype), ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    cols = [xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
-            for i in range(kh) for j in range(kw)]
-    patches = jnp.concatenate(cols, axis=-1)  # (b, ho, wo, kh*kw*c_in), HWI order
-    kernel = p["kernel"].reshape(kh * kw * c_in, c_out).astype(dtype)
-    return patches @ kernel + p["bias"].astype(dtype)
-
-
-def _conv_s2d(p, x, *, stride, padding, groups=1, dtype=None):
-    """Every dense strided conv (v2's 3x3/2 patch embeddings too, not only the stem)
-    through ``nn.space_to_depth_conv``: the same function."""
-    if groups != 1 or stride == 1:
-        return _ORIGINAL["conv"](p, x, stride=stride, padding=padding, groups=groups,
-                                 dtype=dtype)
-    return llayers.space_to_depth_conv(p, x, stride=stride, padding=padding, dtype=dtype)
-
-
-def _s2d_after_barrier(p, x, *, stride, padding, dtype=None):
-    """The stem's input converted in a fusion of its own, then blocked (diagnostic)."""
-    x = jax.lax.optimization_barrier(x.astype(dtype or x.dtype))
-    return _ORIGINAL["space_to_depth_conv"](p, x, stride=stride, padding=padding, dtype=dtype)
-
-
-def _mlp_xla(fc1, fc2, x, *, approximate, dtype=None):
-    return lfused.reference(fc1, fc2, x, approximate=approximate, dtype=dtype or x.dtype)
-
-
-def _conv_mlp_xla(fc1, dwconv, fc2, x, *, hw, relu=False, dtype=None):
-    return lfused.reference_conv_mlp(fc1, dwconv, fc2, x, hw=hw, relu=relu,
-                                     dtype=dtype or x.dtype)
-
-
-def _attend_with(layout: str):
-    """nn.attention.attend (the SRA core: probabilities times values) computed another
-    way; the same function of the same params."""
-
-    def attend(q, k, v, *, scale, dtype, attn_drop, rng):
-        q = llayers.add_bias(q)
-        s = scale or q.shape[-1] ** -0.5
-        if layout == "dpa":
-            return jax.nn.dot_product_attention(q, k, v, scale=s)
-        if layout == "bf16logits":  # logits in the compute dtype, softmax in f32
-            logits = jnp.einsum("bnhd,bmhd->bhnm", q, k).astype(jnp.float32)
-            attn = jax.nn.softmax(logits * s, axis=-1).astype(dtype)
-            return jnp.einsum("bhnm,bmhd->bnhd", llayers.dropout(attn, attn_drop, rng), v)
-        logits = jnp.einsum("bnhd,bmhd->bnhm", q, k, preferred_element_type=jnp.float32)
-        attn = jax.nn.softmax(logits * s, axis=-1).astype(dtype)
-        return jnp.einsum("bnhm,bmhd->bnhd", llayers.dropout(attn, attn_drop, rng), v)
-
-    return attend
-
-
-def _pvt_mlp_xla_in_training(p, x, rngs, *, cfg):
-    """PVT v1's MLP as before the fused kernel ran in training: XLA ops whenever rngs are
-    given (the same function)."""
-    with _fused_off() if rngs[0] is not None else contextlib.nullcontext():
-        return _ORIGINAL["pvt_mlp"](p, x, rngs, cfg=cfg)
-
-
-def _pvt_v2_mlp_xla_in_training(p, x, rngs, **kw):
-    """PVT v2's MLP as before the conv kernel ran in training: XLA ops (cuDNN's depthwise
-    conv) whenever rngs are given (the same function)."""
-    with _fused_off() if rngs[0] is not None else contextlib.nullcontext():
-        return _ORIGINAL["pvt_v2_mlp"](p, x, rngs, **kw)
-
-
-def _attend_xla_in_training(q, k, v, *, scale, dtype, attn_drop, rng):
-    f = lattention.attend_xla if rng is not None else _ORIGINAL["attend"]
-    return f(q, k, v, scale=scale, dtype=dtype, attn_drop=attn_drop, rng=rng)
-
-
-def _add_norm_pow2_only(x, y):
-    """The add+norm kernel as it was before masked tiles: power-of-two widths only."""
-    return _ORIGINAL["supported_add_layer_norm"](x, y) and lfused._is_pow2(x.shape[-1])
-
-
-def _add_norm_xla(p, x, y, *, forward_kernel=True, **kw):
-    """The residual add and LayerNorm as XLA ops, forward and gradient (the path before)."""
-    return lfused.reference_add_layer_norm(p, x, y, **kw)
-
-
-def _fused_off():
-    """Every fused kernel off while tracing (XLA ops only), as LUCID_FN_FUSED=off does."""
-    return patched({"enabled": lambda: False})
-
-
-_ORIGINAL = {"conv": llayers.conv, "space_to_depth_conv": llayers.space_to_depth_conv,
-             "attend": lattention.attend, "pvt_mlp": lpvt.mlp,
-             "pvt_v2_mlp": lpvt_v2.mlp,
-             "supported_add_layer_norm": lfused.supported_add_layer_norm}
-PATCHES = {
-    # switch -> value -> {name in lucid_fn.nn: replacement}
-    "gelu": {"lib": {}, "xla": {"gelu": _gelu_xla}, "tanh": {"gelu": _gelu_tanh}},
-    "dwconv": {"lib": {}, "shift": {"conv": _conv_shift}},
-    # v2's patch embeddings: the stem through lax.conv (the path before) or strided slices
-    # and a matmul, every strided conv over space-to-depth blocks (s2dstem, the stem only,
-    # is now the default), the stem's input rounded to bf16 in a pass of its own
-    "embed": {"lib": {}, "s2dstem": {}, "lax": {"space_to_depth_conv": llayers.conv},
-              "im2col": {"conv": _conv_im2col, "space_to_depth_conv": _conv_im2col},
-              "s2d": {"conv": _conv_s2d},
-              "s2dsplit": {"space_to_depth_conv": _s2d_after_barrier}},
-    "patchify": {"lib": {}, "conv": {"patchify_conv": _patchify_conv_xla}},
-    # the spatial reduction as reshape, transpose and matmul on GPUs too (matmul: the path
-    # before 2026-12-03), or through cuDNN in training too (convtrain: the path of that day)
-    "sr": {"lib": {}, "matmul": {"SR_CONV_ON_GPU": False},
-           "convtrain": {"SR_CONV_IN_TRAINING": True}},
-    "mlp": {"lib": {}, "xla": {"mlp_gelu": _mlp_xla, "conv_mlp": _conv_mlp_xla}},
-    "attn": {"lib": {}, "xla": {"attend": lattention.attend_xla},
-             "bnhm": {"attend": _attend_with("bnhm")},
-             "dpa": {"attend": _attend_with("dpa")},
-             "bf16logits": {"attend": _attend_with("bf16logits")}},
-    "trainfused": {"lib": {}, "0": {"attend": _attend_xla_in_training,
-                                    "pvt_mlp": _pvt_mlp_xla_in_training}},
-    # v2 training: the conv MLP through XLA (the path before), or the conv kernel with
-    # XLA's gradient recomputed from its inputs instead of the backward kernels
-    "trainconv": {"lib": {}, "xla": {"pvt_v2_mlp": _pvt_v2_mlp_xla_in_training},
-                  "xlagrad": {"CONV_GRAD_BLOCKS": {**lfused.CONV_GRAD_BLOCKS, "own": False}}},
-    # training: the attention's gradient as XLA's recomputed form (the path before)
-    "attngrad": {"lib": {},
-                 "xla": {"ATTN_GRAD_BLOCKS": {**lfused.ATTN_GRAD_BLOCKS, "own": False}}},
-    "kgelu": {"lib": {}, "rational": {"BLOCKS": {**lfused.BLOCKS, "erf": "rational"}}},
-    # the add+norm through XLA (forward and gradient), its kernel at power-of-two widths
-    # only, or its forward kernel in training too (with the backward kernel, as by default)
-    "addnorm": {"lib": {}, "xla": {"add_layer_norm": _add_norm_xla},
-                "pow2": {"supported_add_layer_norm": _add_norm_pow2_only},
-                "train": {"NORM_BLOCKS": {**lfused.NORM_BLOCKS, "train": True}}},
-    # the branches' output biases added by XLA before the add+norm (the path before)
-    "bias": {"lib": {}, "added": {"NORM_BLOCKS": {**lfused.NORM_BLOCKS, "branch_bias": False}}},
-    # the queries' bias added by XLA before the attention kernel (the path before), or in it
-    "qbias": {"lib": {}, "added": {"ATTN_BLOCKS": {**lfused.ATTN_BLOCKS, "q_bias": False}},
-              "kernel": {"ATTN_BLOCKS": {**lfused.ATTN_BLOCKS, "q_bias": True}}},
-    # v2's stage norms and patch-embedding norms through XLA's fusions (the paths before)
-    "stagenorm": {"lib": {},
-                  "xla": {"NORM_BLOCKS": {**lfused.NORM_BLOCKS, "stage_norm": False}}},
-    "embednorm": {"lib": {},
-                  "xla": {"NORM_BLOCKS": {**lfused.NORM_BLOCKS, "embed_norm": False}}},
-    # Diagnostics only, not the same function: where the v2 conv kernel's time goes.
-    "convdiag": {"lib": {}, "nogelu": {"_gelu_f32": lambda h, *a: h}},
-}
-# The v2 conv kernel's settings a variant can set one by one.
-CONV_OPTIONS = tuple(lfused.CONV_BLOCKS)
 BUILDER_KEYS = {"scan_blocks": {"1": True, "0": False, "none": None},
                 "remat": {"1": True, "0": False}}
 
 
-def _merge_patches(patches: dict, new: dict) -> None:
-    """Add ``new`` to ``patches``; two settings dicts of one name (``stagenorm=xla,
-    embednorm=xla``) combine their changes from the library's values."""
-    for name, value in new.items():
-        if isinstance(value, dict) and isinstance(patches.get(name), dict):
-            base = getattr(lfused, name)
-            value = {**patches[name], **{k: v for k, v in value.items() if base.get(k) != v}}
-        patches[name] = value
-
-
-def parse_variant(spec: str) -> tuple[dict, dict]:
-    """``"scan_blocks=0,gelu=xla"`` -> (builder kwargs, patches)."""
-    kwargs, patches = {}, {}
+def parse_variant(spec: str) -> dict:
+    """``"scan_blocks=0,conv_mlp.block_x=16"`` -> builder keywords (``kernels`` a
+    ``lucid_fn.kernels.KernelSettings``)."""
+    kwargs, kernel_items = {}, []
     if spec in ("", "default"):
-        return kwargs, patches
+        return kwargs
     for item in spec.split(","):
         key, _, value = item.partition("=")
-        value = value.lower()
-        if key in BUILDER_KEYS and value in BUILDER_KEYS[key]:
-            kwargs[key] = BUILDER_KEYS[key][value]
-        elif key in PATCHES and value in PATCHES[key]:
-            _merge_patches(patches, PATCHES[key][value])
-        elif key == "mlpblk" and len(value.split("x")) in (3, 4):  # fused MLP: MxHxWARPS[xr]
-            m, h, w = (int(v) for v in value.split("x")[:3])
-            patches["BLOCKS"] = {**lfused.BLOCKS, "block_m": m, "block_h": h, "num_warps": w,
-                                 "approx_recip": value.endswith("xr")}
-        elif key == "convblk" and len(value.split("x")) in (3, 4):  # v2: XxHxWARPS[x{b,n}]
-            bx, h, w = (int(v) for v in value.split("x")[:3])
-            flags = value.split("x")[3] if value.count("x") == 3 else ""
-            patches["CONV_BLOCKS"] = {**lfused.CONV_BLOCKS, "block_x": bx, "block_h": h,
-                                      "num_warps": w, "edge_bias": "b" not in flags,
-                                      "prefetch": 0 if "n" in flags else 1}
-        elif key.startswith("conv.") and key[5:] in CONV_OPTIONS and value.isdigit():
-            patches["CONV_BLOCKS"] = {**patches.get("CONV_BLOCKS", lfused.CONV_BLOCKS),
-                                      key[5:]: int(value)}
-        elif (key.startswith("convgrad.") and key[9:] in lfused.CONV_GRAD_BLOCKS
-              and value.isdigit()):
-            patches["CONV_GRAD_BLOCKS"] = {
-                **patches.get("CONV_GRAD_BLOCKS", lfused.CONV_GRAD_BLOCKS), key[9:]: int(value)}
-        elif key.startswith("norm.") and key[5:] in lfused.NORM_BLOCKS and value.isdigit():
-            patches["NORM_BLOCKS"] = {**patches.get("NORM_BLOCKS", lfused.NORM_BLOCKS),
-                                      key[5:]: int(value)}
-        elif key == "attnblk" and len(value.split("x")) == 2:  # attention: QUERIESxWARPS
-            q, w = (int(v) for v in value.split("x"))
-            patches["ATTN_BLOCKS"] = {**lfused.ATTN_BLOCKS, "block_q": q, "num_warps": w}
-        elif key == "attngradblk" and len(value.split("x")) == 3:  # QUERIESxWARPSxPROGRAMS
-            q, w, n = (int(v) for v in value.split("x"))
-            patches["ATTN_GRAD_BLOCKS"] = {**lfused.ATTN_GRAD_BLOCKS, "block_q": q,
-                                           "num_warps": w, "min_programs": n}
+        if key in BUILDER_KEYS and value.lower() in BUILDER_KEYS[key]:
+            kwargs[key] = BUILDER_KEYS[key][value.lower()]
+        elif key == "kernels" and value in ("on", "off"):
+            kernel_items.append(value)
         else:
-            allowed = [f"{k}={'|'.join(v)}" for k, v in {**BUILDER_KEYS, **PATCHES}.items()]
-            allowed.append("mlpblk=<rows>x<hidden chunk>x<warps>[xr: approximate reciprocal]")
-            allowed.append("convblk=<columns>x<channels>x<warps>[x + b: fc1 bias per tap, "
-                           "n: no prefetch of the next row]")
-            allowed.append("attnblk=<query rows>x<warps>")
-            allowed.append("attngradblk=<query rows>x<warps>x<least programs>")
-            allowed.append(f"conv.<{'|'.join(CONV_OPTIONS)}>=<integer>")
-            allowed.append(f"convgrad.<{'|'.join(lfused.CONV_GRAD_BLOCKS)}>=<integer>")
-            allowed.append(f"norm.<{'|'.join(lfused.NORM_BLOCKS)}>=<integer>")
-            raise SystemExit(f"bad variant item {item!r} in {spec!r}; allowed: "
-                             f"{', '.join(allowed)}")
-    return kwargs, patches
-
-
-@contextlib.contextmanager
-def patched(patches: dict):
-    """Swap functions in lucid_fn.nn (and the modules that call them) while tracing."""
-    targets = {"gelu": [lnn, llayers], "conv": [lnn, llayers], "attend": [lattention],
-               "patchify_conv": [lnn, llayers], "mlp_gelu": [lfused], "BLOCKS": [lfused],
-               "conv_mlp": [lfused], "CONV_BLOCKS": [lfused], "_gelu_f32": [lfused],
-               "ATTN_BLOCKS": [lfused], "ATTN_GRAD_BLOCKS": [lfused],
-               "pvt_mlp": [(lpvt, "mlp")],
-               "pvt_v2_mlp": [(lpvt_v2, "mlp")], "enabled": [lfused],
-               "add_layer_norm": [lfused], "supported_add_layer_norm": [lfused],
-               "NORM_BLOCKS": [lfused], "CONV_GRAD_BLOCKS": [lfused],
-               "space_to_depth_conv": [lnn, llayers], "SR_CONV_ON_GPU": [lattention],
-               "SR_CONV_IN_TRAINING": [lattention]}
-    saved = []
-    try:
-        for name, fn in patches.items():
-            for mod in targets[name]:
-                mod, attr = mod if isinstance(mod, tuple) else (mod, name)
-                saved.append((mod, attr, getattr(mod, attr)))
-                setattr(mod, attr, fn)
-        yield
-    finally:
-        for mod, name, fn in reversed(saved):
-            setattr(mod, name, fn)
+            kernel_items.append(item)
+    if kernel_items:
+        try:
+            kwargs["kernels"] = lucid_fn.kernels.parse(",".join(kernel_items))
+        except (TypeError, ValueError) as e:
+            allowed = [f"{k}={'|'.join(v)}" for k, v in BUILDER_KEYS.items()]
+            raise SystemExit(f"bad variant {spec!r}: {e}; allowed: {', '.join(allowed)}, "
+                             f"kernels=on|off, FAMILY=on|off, FAMILY.SETTING=N") from None
+    return kwargs
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -492,8 +214,7 @@ def build_ours(name: str, arch: dict, variant_kw: dict, dtype):
 
 
 def bench_ours(name, arch, spec, mode, batch, args, dtype) -> dict:
-    variant_kw, patches = parse_variant(spec)
-    model = build_ours(name, arch, variant_kw, dtype)
+    model = build_ours(name, arch, parse_variant(spec), dtype)
     cfg = model.config
     size = cfg.img_size
     row = {"model": name, "impl": "lucid_fn", "variant": spec, "mode": mode, "batch": batch,
@@ -501,41 +222,40 @@ def bench_ours(name, arch, spec, mode, batch, args, dtype) -> dict:
     kx, ky, kp = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (batch, size, size, 3), jnp.float32)
     params = jax.jit(model.init)(kp)
-    with patched(patches):
-        if mode == "infer":
-            fn = jax.jit(model.apply)
-            t0 = time.perf_counter()
-            compiled = fn.lower(params, x).compile()
-            row["compile_s"] = round(time.perf_counter() - t0, 2)
+    if mode == "infer":
+        fn = jax.jit(model.apply)
+        t0 = time.perf_counter()
+        compiled = fn.lower(params, x).compile()
+        row["compile_s"] = round(time.perf_counter() - t0, 2)
 
-            def step():
-                return compiled(params, x)
-        else:
-            y = jax.random.randint(ky, (batch,), 0, max(cfg.num_classes, 1))
-            opt = optax.adamw(1e-3, weight_decay=0.05)
-            state = {"params": params, "opt": jax.jit(opt.init)(params),
-                     "rng": jax.random.key(1)}
+        def step():
+            return compiled(params, x)
+    else:
+        y = jax.random.randint(ky, (batch,), 0, max(cfg.num_classes, 1))
+        opt = optax.adamw(1e-3, weight_decay=0.05)
+        state = {"params": params, "opt": jax.jit(opt.init)(params),
+                 "rng": jax.random.key(1)}
 
-            def train_step(params, opt_state, rng, x, y):
-                rng, sub = jax.random.split(rng)
+        def train_step(params, opt_state, rng, x, y):
+            rng, sub = jax.random.split(rng)
 
-                def loss_fn(p):
-                    logits = model.apply(p, x, train=True, rng=sub)
-                    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            def loss_fn(p):
+                logits = model.apply(p, x, train=True, rng=sub)
+                return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-                loss, grads = jax.value_and_grad(loss_fn)(params)
-                updates, opt_state = opt.update(grads, opt_state, params)
-                return optax.apply_updates(params, updates), opt_state, rng, loss
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            updates, opt_state = opt.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, rng, loss
 
-            fn = jax.jit(train_step, donate_argnums=(0, 1, 2))
-            t0 = time.perf_counter()
-            compiled = fn.lower(state["params"], state["opt"], state["rng"], x, y).compile()
-            row["compile_s"] = round(time.perf_counter() - t0, 2)
+        fn = jax.jit(train_step, donate_argnums=(0, 1, 2))
+        t0 = time.perf_counter()
+        compiled = fn.lower(state["params"], state["opt"], state["rng"], x, y).compile()
+        row["compile_s"] = round(time.perf_counter() - t0, 2)
 
-            def step():
-                state["params"], state["opt"], state["rng"], loss = compiled(
-                    state["params"], state["opt"], state["rng"], x, y)
-                return loss
+        def step():
+            state["params"], state["opt"], state["rng"], loss = compiled(
+                state["params"], state["opt"], state["rng"], x, y)
+            return loss
 
     row.update(jax_memory(compiled))
     for _ in range(args.warmup):
@@ -955,12 +675,11 @@ def run(args) -> dict:
     flops = {}
     # Counted on XLA ops only: the fused kernels' bodies are per tile, and the platform
     # switch around them carries both forms.
-    with _fused_off():
-        for name in args.models:
-            m = build_ours(name, arch, {}, dtype)
-            x = jax.ShapeDtypeStruct((1, args.img_size, args.img_size, 3), jnp.float32)
-            params = jax.eval_shape(m.init, jax.random.key(0))
-            flops[name] = count_flops(jax.make_jaxpr(m.apply)(params, x)) / 1e9
+    for name in args.models:
+        m = build_ours(name, arch, {"kernels": "off"}, dtype)
+        x = jax.ShapeDtypeStruct((1, args.img_size, args.img_size, 3), jnp.float32)
+        params = jax.eval_shape(m.init, jax.random.key(0))
+        flops[name] = count_flops(jax.make_jaxpr(m.apply)(params, x)) / 1e9
     result["meta"]["gflop_per_img_forward"] = {k: round(v, 4) for k, v in flops.items()}
 
     torch_ok = True

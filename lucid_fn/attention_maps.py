@@ -12,11 +12,9 @@
 Works for every PVT v1 model (both flavors; stage 4 carries the class token as query and
 key 0) and every PVT v2 model (``linear=True`` too, whose keys come from a 7x7 pool).
 
-The model is not copied: blocks run through the family's own ``block_fn`` and
-``nn.run_blocks``, v1's embedding through its ``stage_forward``, keys are reduced by
-``lucid_fn.nn.attention.reduce_tokens``, probabilities by the ``queries_keys_values`` and
-``attention_probs`` that ``nn.sra`` is made of. Written out here are v2's patch embedding
-and stage end (v2's ``stage_forward`` does not stop between them and the blocks).
+The probabilities come from the model's own ``apply(..., attention=blocks)``: each stage
+hands the stream entering the chosen block to the family's ``attention_probs``, built
+from the same ``queries_keys_values`` and ``attention_probs`` that ``nn.sra`` is made of.
 ``tests/test_attention_maps.py`` rebuilds every stage from these probabilities and checks
 it against ``apply(..., features=True)``.
 """
@@ -27,14 +25,12 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 
-from lucid_fn import nn
-from lucid_fn.models import common, pvt, pvt_v2
+from lucid_fn.models import pvt, pvt_v2
 from lucid_fn.nn import attention as sra_lib
 from lucid_fn.registry import Model
 
-__all__ = ["StageAttention", "attention_maps", "key_map", "resolve_blocks", "sra_probs"]
+__all__ = ["StageAttention", "attention_maps", "key_map", "resolve_blocks"]
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["probs"],
@@ -145,38 +141,6 @@ def _per_stage_blocks(block, stages: int) -> tuple[int, ...]:
     return values
 
 
-def _embed_v1(cfg, p, x, stage: int):
-    """Tokens entering a v1 stage's first block: the model's own stage_forward run with no
-    blocks (patch embedding, class token, position embedding resized as apply does)."""
-    no_blocks = jax.tree_util.tree_map(lambda a: a[:0], p["blocks"])
-    return pvt.stage_forward({**p, "blocks": no_blocks}, x, None, [], cfg=cfg, stage=stage)
-
-
-def _embed_v2(cfg, p, x, stage: int):
-    """Tokens entering a v2 stage's first block. v2's stage_forward ends with the stage
-    norm, so a run with no blocks would not give them: its patch embedding's conv, then
-    the norm."""
-    m = pvt_v2.patch_embed_conv(p, x, cfg=cfg, stage=stage)
-    b, h, w, c = m.shape
-    t = nn.layer_norm(p["patch_embed"]["norm"], m.reshape(b, h * w, c), pvt_v2.PATCH_NORM_EPS)
-    return t, (h, w)
-
-
-def _stage_end_v1(cfg, p, t, hw):
-    return t.reshape(t.shape[0], *hw, t.shape[-1])  # stages 1-3 carry no class token
-
-
-def _stage_end_v2(cfg, p, t, hw):
-    return nn.layer_norm(p["norm"], t, cfg.norm_eps).reshape(t.shape[0], *hw, t.shape[-1])
-
-
-def _run_blocks(family, cfg, p, t, hw, stage: int, start: int, stop: int, rates):
-    """Blocks ``start:stop`` of a stage, at inference, as the family's stage runs them."""
-    blocks = jax.tree_util.tree_map(lambda a: a[start:stop], p["blocks"])
-    return nn.run_blocks(family.block_fn(cfg, stage, hw), blocks, t, None, rates[start:stop],
-                         scan=cfg.scan_blocks, remat=False)
-
-
 def _kv_hw(p_attn, hw, linear: bool) -> tuple:
     """The key map reduce_tokens makes from an ``hw`` token map."""
     if "sr" not in p_attn:
@@ -187,51 +151,25 @@ def _kv_hw(p_attn, hw, linear: bool) -> tuple:
     return (hw[0] // r_h, hw[1] // r_w)  # a VALID conv drops partial windows
 
 
-def sra_probs(p_attn, x, hw, *, heads: int, scale, dtype, linear: bool = False):
-    """Softmax(q k^T * scale) of spatial-reduction attention over normed tokens ``x``
-    (B, N, C): (B, heads, N, N_kv) float32, from the same pieces ``nn.sra`` uses."""
-    q, k, _ = sra_lib.queries_keys_values(p_attn, x, hw, heads=heads, dtype=dtype,
-                                          linear=linear)
-    return sra_lib.attention_probs(q, k, scale)
-
-
-_FAMILIES = {"v1": (pvt, _embed_v1, _stage_end_v1), "v2": (pvt_v2, _embed_v2, _stage_end_v2)}
-
-
 @functools.lru_cache(maxsize=32)
 def _compiled(model: Model, blocks: tuple):
-    """One jitted function per (model, blocks): eager op-by-op dispatch would take seconds.
-
-    Each stage runs once: embedding, blocks before the chosen one, the chosen block's
-    probabilities, the remaining blocks and the stage's end, whose map feeds the next
-    stage. ``tests/test_attention_maps.py`` checks this walk against ``apply``.
-    """
+    """One jitted function per (model, blocks): eager op-by-op dispatch would take seconds."""
     cfg = model.config
     family = _family(model)
-    module, embed, stage_end = _FAMILIES[family]
     linear = getattr(cfg, "linear", False)
-    rates = common.stage_path_rates(cfg.depths, cfg.drop_path_rate)
+    first_stride = cfg.patch_size if family == "v1" else pvt_v2.STRIDES[0]
 
     @jax.jit
     def run(params, images):
-        # The model's own input checks (shape, dtype, NCHW, sizes), at trace time only.
-        jax.eval_shape(functools.partial(model.apply, features=True), params, images)
-        x = jnp.asarray(images).astype(cfg.dtype)
+        _, probs = model.apply(params, images, features=True, attention=blocks)
         out = []
-        for i, j in enumerate(blocks):
-            p = params[f"stage{i + 1}"]
-            t, hw = embed(cfg, p, x, i)
-            t = _run_blocks(module, cfg, p, t, hw, i, 0, j, rates[i])
-            bp = jax.tree_util.tree_map(lambda a, j=j: a[j], p["blocks"])
-            probs = sra_probs(bp["attn"], nn.layer_norm(bp["norm1"], t, cfg.norm_eps), hw,
-                              heads=cfg.num_heads[i], scale=cfg.qk_scale, dtype=cfg.dtype,
-                              linear=linear)
-            out.append(StageAttention(probs, block=j, q_hw=tuple(hw),
-                                      kv_hw=_kv_hw(bp["attn"], hw, linear),
+        for i, (j, p) in enumerate(zip(blocks, probs)):
+            stride = first_stride * 2**i
+            hw = (images.shape[1] // stride, images.shape[2] // stride)
+            attn = jax.tree_util.tree_map(lambda a, j=j: a[j],
+                                          params[f"stage{i + 1}"]["blocks"]["attn"])
+            out.append(StageAttention(p, block=j, q_hw=hw, kv_hw=_kv_hw(attn, hw, linear),
                                       cls_token=family == "v1" and i == 3))
-            if i < 3:
-                t = _run_blocks(module, cfg, p, t, hw, i, j, cfg.depths[i], rates[i])
-                x = stage_end(cfg, p, t, hw)
         return out
 
     return run

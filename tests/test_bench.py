@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lucid_fn import registry
-from lucid_fn.nn import fused
+from lucid_fn.kernels import KernelSettings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -72,37 +72,29 @@ def test_flop_count_matches_the_known_pvt_small_figure(bench):
         7.63, abs=0.01)
 
 
-def test_variants_parse_and_compute_the_same_function(bench):
-    kwargs, patches = bench.parse_variant("scan_blocks=0,remat=1,gelu=xla")
-    assert kwargs == {"scan_blocks": False, "remat": True} and set(patches) == {"gelu"}
-    with pytest.raises(SystemExit, match="allowed"):
-        bench.parse_variant("gelu=fast")
-    _, patches = bench.parse_variant("conv.pad=1,conv.prefetch=2")  # one setting each
-    assert patches["CONV_BLOCKS"]["pad"] == 1 and patches["CONV_BLOCKS"]["prefetch"] == 2
-    with pytest.raises(SystemExit, match="allowed"):
-        bench.parse_variant("conv.no_such_setting=1")
-    # NORM_BLOCKS settings one by one, combined with a named variant's
-    _, patches = bench.parse_variant("norm.grad=0,norm.elements=2048,addnorm=train")
-    assert patches["NORM_BLOCKS"] == {**fused.NORM_BLOCKS, "grad": 0, "elements": 2048,
-                                      "train": True}
+def test_variants_are_builder_keywords_and_kernel_settings(bench):
+    """A variant is a model built through the public API: builder keywords and a
+    KernelSettings, never a patched private name; unknown items stop the run by name."""
+    kwargs = bench.parse_variant("scan_blocks=0,remat=1,conv_mlp.block_x=16,norm=off")
+    settings = kwargs.pop("kernels")
+    assert kwargs == {"scan_blocks": False, "remat": True}
+    assert settings == KernelSettings().replace(**{"conv_mlp.block_x": 16,
+                                                   "norm.enabled": False})
+    assert bench.parse_variant("kernels=off")["kernels"] == KernelSettings.off()
+    assert bench.parse_variant("default") == {}
+    for bad in ("gelu=fast", "conv_mlp.no_such_setting=1", "attention.block_q=48"):
+        with pytest.raises(SystemExit, match="bad variant"):
+            bench.parse_variant(bad)
+    # every variant computes the same function (off the GPU, XLA's ops either way)
     arch = dict(bench.SMALL_ARCH, num_classes=10)
     x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
     ref_model = registry["pvt_v2_b0"](**arch)
     params = ref_model.init(jax.random.key(0))
     ref = np.asarray(jax.jit(ref_model.apply)(params, x))
-    for spec in ("gelu=xla,dwconv=shift",):  # jax.nn.gelu, and the conv as shifted adds
-        _, patches = bench.parse_variant(spec)
-        model = registry["pvt_v2_b0"](**arch)  # a fresh apply, so that jit traces again
-        with bench.patched(patches):
-            out = np.asarray(jax.jit(model.apply)(params, x))
-        assert np.abs(out - ref).max() < 1e-5 * np.abs(ref).max(), spec
-    # the add+norm as XLA ops takes the training path's arguments too
-    train = dict(train=True, rng=jax.random.key(2))
-    ref = np.asarray(jax.jit(lambda p, v: ref_model.apply(p, v, **train))(params, x))
-    with bench.patched(bench.parse_variant("addnorm=xla")[1]):
-        model = registry["pvt_v2_b0"](**arch)
-        out = np.asarray(jax.jit(lambda p, v: model.apply(p, v, **train))(params, x))
-    np.testing.assert_array_equal(out, ref)
+    for spec in ("kernels=off", "scan_blocks=1,remat=1"):
+        model = registry["pvt_v2_b0"](**arch, **bench.parse_variant(spec))
+        np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(params, x)), ref,
+                                   rtol=1e-6, atol=1e-6 * np.abs(ref).max())
 
 
 def test_conv_sweep_checks_each_variant_against_float32_on_cpu(tmp_path):

@@ -1,8 +1,5 @@
-"""lucid_fn.nn.layers: the exact GELU written as multiply-adds (the one the paper flavor
-and PVT v2 use) against jax.nn.gelu and float64 erf, values and gradients; linear with its
-bias deferred; strided convs over space-to-depth blocks against lax.conv."""
-
-import math
+"""lucid_fn.nn.layers: linear with its bias deferred; strided convs over space-to-depth
+blocks against lax.conv."""
 
 import jax
 import jax.numpy as jnp
@@ -10,55 +7,6 @@ import numpy as np
 import pytest
 
 from lucid_fn.nn import layers
-
-
-def _gelu64(x):
-    return np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.ravel()]
-                    ).reshape(x.shape)
-
-
-X = np.concatenate([np.linspace(-12, 12, 4001), [0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0]]
-                   ).astype(np.float32)
-
-
-def test_exact_gelu_matches_float64_erf_and_jax():
-    ours = np.asarray(layers.gelu(jnp.asarray(X), approximate=False))
-    assert ours.dtype == np.float32
-    truth = _gelu64(X.astype(np.float64))
-    assert np.abs(ours - truth).max() < 2e-6 * np.maximum(1, np.abs(truth)).max()
-    ref = np.asarray(jax.nn.gelu(jnp.asarray(X), approximate=False))
-    # 1 + erf cancels in the negative tail for both; there they differ by < 6e-7
-    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=6e-7)
-    # the far negative tail is exactly zero, as in PyTorch's float32 nn.GELU()
-    assert np.all(ours[X < -6] <= 0) and np.all(ours[X < -7.5] == 0)
-
-
-def test_exact_gelu_gradient_matches_jax():
-    x = jnp.asarray(X)
-    ours = jax.vmap(jax.grad(lambda v: layers.gelu(v, approximate=False)))(x)
-    ref = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-6)
-    # second order goes through the custom JVP too
-    h = jax.grad(jax.grad(lambda v: layers.gelu(v, approximate=False)))(0.3)
-    h_ref = jax.grad(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(0.3)
-    assert float(h) == pytest.approx(float(h_ref), rel=1e-5)
-
-
-def test_exact_gelu_keeps_bf16_and_rounds_once():
-    x = jnp.asarray(X[::7], jnp.bfloat16)
-    out = layers.gelu(x, approximate=False)
-    assert out.dtype == jnp.bfloat16
-    # computed in float32 and rounded at the end: equals rounding the float32 result
-    expect = layers.gelu(x.astype(jnp.float32), approximate=False).astype(jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expect, np.float32))
-    g = jax.grad(lambda v: layers.gelu(v, approximate=False).astype(jnp.float32).sum())(x)
-    assert g.dtype == jnp.bfloat16
-
-
-def test_tanh_gelu_is_jax_approximation():
-    x = jnp.asarray(X)
-    np.testing.assert_array_equal(np.asarray(layers.gelu(x, approximate=True)),
-                                  np.asarray(jax.nn.gelu(x, approximate=True)))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lucid_fn import nn
+from lucid_fn import kernels, nn
+from lucid_fn.registry import Model, register_model
 
 NUM_STAGES = 4
 
@@ -95,10 +96,11 @@ def compute_dtype(value) -> np.dtype:
     return dt
 
 
-# Unrolled blocks trained pvt_small 1.6x faster on an H100 (DESIGN.md), but their compile
-# time grows faster than linearly with depth: on 2 CPU cores the train step of pvt_small
-# (16 blocks) compiled in 12 s unrolled vs 7 s scanned, pvt_huge (76 blocks) in 486 s vs
-# 7 s (benchmarks/results/compile_time.md). So unroll up to pvt_small's depth, scan beyond.
+# Unrolled blocks trained pvt_small 1.6x faster on an H100 (docs/design.md), but their
+# compile time grows faster than linearly with depth: on 2 CPU cores the train step of
+# pvt_small (16 blocks) compiled in 12 s unrolled vs 7 s scanned, pvt_huge (76 blocks) in
+# 486 s vs 7 s (docs/performance.md, "Compile time"). So unroll up to pvt_small's depth,
+# scan beyond.
 MAX_UNROLLED_BLOCKS = 16
 
 
@@ -121,8 +123,9 @@ def normalize_fields(c: dict) -> dict:
         c[name] = rate(name, c[name])
     scale = c["qk_scale"]
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or scale <= 0):
-        raise ValueError(f"qk_scale must be a positive number or None; got {scale!r}")
+                              or not 0 < scale < math.inf):
+        raise ValueError(f"qk_scale must be a positive finite number or None (None: "
+                         f"head_dim ** -0.5); got {scale!r}")
     eps = c["norm_eps"]
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
         raise ValueError(f"norm_eps must be a small positive number; got {eps!r}")
@@ -130,9 +133,36 @@ def normalize_fields(c: dict) -> dict:
         if name in c:
             choice(name, c[name], (True, False))
     choice("scan_blocks", c["scan_blocks"], (None, True, False))
+    c["scan_blocks"] = resolve_scan_blocks(c["scan_blocks"], c["depths"])
     c["dtype"] = compute_dtype(c["dtype"])
+    c["kernels"] = kernels.resolve(c["kernels"])
     check_heads(c["embed_dims"], c["num_heads"])
     return c
+
+
+def check_mlp_hidden(cfg) -> None:
+    """Every stage's MLP must be at least one unit wide: int(embed_dim * mlp_ratio) >= 1."""
+    for i, (dim, ratio) in enumerate(zip(cfg.embed_dims, cfg.mlp_ratios)):
+        if cfg.mlp_hidden(i) < 1:
+            raise ValueError(
+                f"mlp_ratios[{i}]={ratio} gives stage {i + 1}'s MLP int({dim} * {ratio}) = "
+                f"{cfg.mlp_hidden(i)} hidden units; use mlp_ratios[{i}] >= {1 / dim:.3g}"
+            )
+
+
+def attention_blocks(blocks, depths, model: str) -> tuple:
+    """``apply``'s ``attention`` argument: None (four Nones), or one block index per stage,
+    each in ``0 .. depth - 1`` (attention_maps resolves negative indices first)."""
+    if blocks is None:
+        return (None,) * NUM_STAGES
+    values = tuple(blocks) if isinstance(blocks, Sequence) else ()
+    if len(values) != NUM_STAGES or not all(
+            isinstance(j, (int, np.integer)) and not isinstance(j, bool) and 0 <= j < d
+            for j, d in zip(values, depths)):
+        raise ValueError(f"{model}: attention must be {NUM_STAGES} block indices, one per "
+                         f"stage, each 0 <= index < that stage's depth (depths="
+                         f"{list(depths)}); got {blocks!r}")
+    return tuple(int(j) for j in values)
 
 
 def check_img_size(img_size: int, stride: int, how: str) -> None:
@@ -289,3 +319,31 @@ def stage_rngs(train: bool, rng) -> list:
             "rng=jax.random.key(seed), or train=False for deterministic inference"
         )
     return list(jax.random.split(rng, NUM_STAGES))
+
+
+# ------------------------------------------------------------------------- builders
+
+
+def builder(name: str, defaults: dict, doc: str, *, make_config, param_specs, make_apply,
+            in_channels: bool = False):
+    """Register the builder ``name``, with the seed's signature ``name(img_size=224,
+    num_classes=1000, **kwargs)`` (``in_channels=3`` third with ``in_channels``, as the
+    seed's PVT v2), building on ``defaults``: config, parameter specs, ``(init, apply)``."""
+
+    def build(**kwargs) -> Model:
+        cfg = make_config(name, **{**defaults, **kwargs})
+        specs = param_specs(cfg)
+        return Model(make_init(specs), make_apply(cfg, name, specs), name=name, config=cfg)
+
+    if in_channels:
+        def fn(img_size: int = 224, num_classes: int = 1000, in_channels: int = 3,
+               **kwargs) -> Model:
+            return build(img_size=img_size, num_classes=num_classes, in_channels=in_channels,
+                         **kwargs)
+    else:
+        def fn(img_size: int = 224, num_classes: int = 1000, **kwargs) -> Model:
+            return build(img_size=img_size, num_classes=num_classes, **kwargs)
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = doc
+    fn.__module__ = make_config.__module__
+    return register_model(fn)

@@ -3,7 +3,7 @@
 Reads top to bottom like the paper: config, spatial-reduction attention, MLP, block,
 stage, model, builders.
 
-Two flavors of the same network (see README, "Lucid vs the paper"):
+Two flavors of the same network (docs/parity.md):
 
 - ``"lucid"`` (default): the seed system, Lucid's ``PVT``: no attention output
   projection (Lucid's ``proj`` is a Dropout), tanh-approximate GELU.
@@ -30,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lucid_fn import nn
+from lucid_fn.kernels import mlp as mlp_kernel
+from lucid_fn.kernels.settings import KernelSettings
 from lucid_fn.models import common
-from lucid_fn.registry import Model, register_model
 
 # The patch embedding's LayerNorm keeps nn.LayerNorm's default epsilon in the seed; blocks
 # and the final norm use the builders' ``norm_eps`` (1e-6).
@@ -61,8 +62,9 @@ class PVTConfig:
     norm_eps: float = 1e-6
     flavor: str = "lucid"
     dtype: Any = np.dtype("float32")
-    scan_blocks: bool | None = None  # None: auto, see resolve_scan_blocks
+    scan_blocks: bool | None = None  # None: auto, see common.resolve_scan_blocks
     remat: bool = False
+    kernels: KernelSettings | str | None = None  # None: the defaults, see kernels.resolve
 
     @property
     def patch_sizes(self) -> tuple:
@@ -82,12 +84,12 @@ class PVTConfig:
 
 ARGUMENTS = tuple(f.name for f in dataclasses.fields(PVTConfig))
 
+
 def make_config(builder: str, **kwargs) -> PVTConfig:
     """Validate builder arguments into a config; every error names the argument."""
     common.check_kwargs(kwargs, ARGUMENTS, builder)
     c = common.normalize_fields({**dataclasses.asdict(PVTConfig()), **kwargs})
     common.choice("flavor", c["flavor"], FLAVORS)
-    c["scan_blocks"] = common.resolve_scan_blocks(c["scan_blocks"], c["depths"])
     cfg = PVTConfig(**c)
     common.check_img_size(cfg.img_size, cfg.total_stride,
                           f"patch_size={cfg.patch_size} x 2 x 2 x 2")
@@ -97,14 +99,15 @@ def make_config(builder: str, **kwargs) -> PVTConfig:
             f"form a map to reduce; got sr_ratios={list(cfg.sr_ratios)}"
         )
     common.check_sr_ratios(cfg.sr_ratios, cfg.img_size, cfg.img_size, cfg.patch_size)
+    common.check_mlp_hidden(cfg)
     return cfg
 
 
-# ------------------------------------------------------- attention, MLP and block
+# --------------------------------------------------------- attention, MLP and block
 #
-# Spatial-reduction attention and the pre-norm block are shared with PVT v2 (lucid_fn.nn);
-# what is v1's own: attention with no output projection in the lucid flavor, and a plain
-# two-layer MLP whose GELU follows the flavor.
+# Spatial-reduction attention is shared with PVT v2 (lucid_fn.nn); what is v1's own: no
+# output projection in the lucid flavor, and a plain two-layer MLP whose GELU follows the
+# flavor.
 
 
 def init_mlp(cfg: PVTConfig, stage: int) -> dict:
@@ -112,17 +115,23 @@ def init_mlp(cfg: PVTConfig, stage: int) -> dict:
     return {"fc1": nn.init_linear(dim, hidden), "fc2": nn.init_linear(hidden, dim)}
 
 
-def mlp(p, x, rngs, *, cfg: PVTConfig, defer_bias: bool = False):
-    """``defer_bias`` is accepted and not used: the fused kernel (stages 1-2) adds fc2's
-    bias on chip, and stages 3-4 are a small share of the time."""
+def mlp(p, x, rngs, *, cfg: PVTConfig):
+    """``fc2(GELU(fc1(x)))``, dropout after GELU and after fc2. With no dropout to apply
+    (inference, or a rate of 0) one fused op (kernels/mlp.py)."""
+    approximate = cfg.flavor == "lucid"
     if rngs[0] is None or cfg.drop_rate == 0:
-        # No dropout to apply (inference, or a rate of 0): one fused kernel where it pays
-        # (nn.fused; in training its backward recomputes the XLA form).
-        return nn.fused.mlp_gelu(p["fc1"], p["fc2"], x, approximate=cfg.flavor == "lucid",
-                                 dtype=cfg.dtype)
-    h = nn.gelu(nn.linear(p["fc1"], x, cfg.dtype), approximate=cfg.flavor == "lucid")
+        return mlp_kernel.mlp_gelu(p["fc1"], p["fc2"], x, approximate=approximate,
+                                   dtype=cfg.dtype, kernels=cfg.kernels)
+    h = nn.gelu(nn.linear(p["fc1"], x, cfg.dtype), approximate=approximate)
     h = nn.dropout(h, cfg.drop_rate, rngs[0])
     return nn.dropout(nn.linear(p["fc2"], h, cfg.dtype), cfg.drop_rate, rngs[1])
+
+
+def attention(p, x, rngs, *, cfg: PVTConfig, stage: int, hw):
+    """Spatial-reduction attention over the ``hw`` token map (nn/attention.py)."""
+    return nn.sra(p, x, rngs, hw=hw, heads=cfg.num_heads[stage], scale=cfg.qk_scale,
+                  dtype=cfg.dtype, attn_drop=cfg.attn_drop_rate, drop=cfg.drop_rate,
+                  kernels=cfg.kernels)
 
 
 def init_block(cfg: PVTConfig, stage: int) -> dict:
@@ -132,14 +141,22 @@ def init_block(cfg: PVTConfig, stage: int) -> dict:
     return nn.init_block(dim, attn, init_mlp(cfg, stage))
 
 
-def block_fn(cfg: PVTConfig, stage: int, hw):
-    """Stage ``stage``'s block as ``fn(p, (x, y), rng, path_rate) -> (x, y)`` (``nn.block``)."""
-    attn = functools.partial(
-        nn.sra, hw=hw, heads=cfg.num_heads[stage], scale=cfg.qk_scale, dtype=cfg.dtype,
-        attn_drop=cfg.attn_drop_rate, drop=cfg.drop_rate,
-    )
-    return functools.partial(nn.block, attn=attn, mlp=functools.partial(mlp, cfg=cfg),
-                             eps=cfg.norm_eps)
+def block(p, x, rng, path_rate, *, cfg: PVTConfig, stage: int, hw):
+    """The encoder block: pre-norm attention and MLP, each a residual branch with
+    stochastic depth. ``x`` is the stage's residual stream (an ``nn.Stream``)."""
+    k = nn.block_keys(rng)
+    norm1 = functools.partial(nn.layer_norm, p["norm1"], eps=cfg.norm_eps)
+    norm2 = functools.partial(nn.layer_norm, p["norm2"], eps=cfg.norm_eps)
+    attn = functools.partial(attention, p["attn"], cfg=cfg, stage=stage, hw=hw)
+    x = x + nn.drop_path(attn(norm1(x), k.attn), path_rate, k.attn_path)
+    x = x + nn.drop_path(mlp(p["mlp"], norm2(x), k.mlp, cfg=cfg), path_rate, k.mlp_path)
+    return x
+
+
+def attention_probs(p, x, *, cfg: PVTConfig, stage: int, hw):
+    """The block's attention probabilities over the stream entering it (attention maps)."""
+    return nn.sra_probs(p["attn"], nn.layer_norm(p["norm1"], x, cfg.norm_eps), hw=hw,
+                        heads=cfg.num_heads[stage], scale=cfg.qk_scale, dtype=cfg.dtype)
 
 
 # ---------------------------------------------------------------------------- stage
@@ -163,30 +180,27 @@ def init_stage(cfg: PVTConfig, stage: int) -> dict:
     return p
 
 
-def stage_forward(p, x, rng, path_rates, *, cfg: PVTConfig, stage: int):
-    """Patch embedding, position embedding, blocks. Returns (tokens, (h, w))."""
-    dtype = cfg.dtype
-    m = nn.patchify_conv(p["patch_embed"]["proj"], x, dtype)
+def stage_forward(p, x, rng, path_rates, *, cfg: PVTConfig, stage: int, probe=None):
+    """Patch embedding, position embedding, blocks: an NHWC map in, tokens out (with the
+    class token first in stage 4), and the token map's (h, w). ``probe``: a block index
+    whose attention probabilities also come back."""
+    m = nn.patchify_conv(p["patch_embed"]["proj"], x, cfg.dtype)
     b, h, w, c = m.shape
-    t, norm = m.reshape(b, h * w, c), p["patch_embed"]["norm"]
     # Learned for img_size; other sizes get it resized bilinearly, as the official
     # detection code and HF do (a no-op at img_size).
     pos = nn.resize_pos_embed(p["pos_embed"], (h, w), has_cls="cls_token" in p)
     k_pos, k_blocks = (None, None) if rng is None else jax.random.split(rng)
-    embed_norm = None
-    if "cls_token" not in p and (k_pos is None or cfg.drop_rate == 0):
-        # nothing between the norm, the position embedding and norm1: all three go to the
-        # first block (one kernel at inference)
-        embed_norm = (norm, PATCH_NORM_EPS, pos)
-    else:
-        t = nn.layer_norm(norm, t, PATCH_NORM_EPS)
-        if "cls_token" in p:
-            cls = jnp.broadcast_to(p["cls_token"].astype(dtype), (b, 1, c))
-            t = jnp.concatenate([cls, t], axis=1)
-        t = nn.dropout(t + pos.astype(dtype), cfg.drop_rate, k_pos)
-    t = nn.run_blocks(block_fn(cfg, stage, (h, w)), p["blocks"], t, k_blocks, path_rates,
-                      scan=cfg.scan_blocks, remat=cfg.remat, embed_norm=embed_norm)
-    return t, (h, w)
+    x = nn.Stream(m.reshape(b, h * w, c), kernels=cfg.kernels, train=rng is not None)
+    x = x.layer_norm(p["patch_embed"]["norm"], PATCH_NORM_EPS)
+    if "cls_token" in p:
+        x = x.prepend(p["cls_token"])
+    x = (x + pos).dropout(cfg.drop_rate, k_pos)
+    kw = dict(cfg=cfg, stage=stage, hw=(h, w))
+    probe = None if probe is None else (probe, functools.partial(attention_probs, **kw))
+    out = nn.run_blocks(functools.partial(block, **kw), p["blocks"], x, k_blocks, path_rates,
+                        scan=cfg.scan_blocks, remat=cfg.remat, probe=probe)
+    x, seen = out if probe else (out, None)
+    return x.tokens(), (h, w), seen
 
 
 # ---------------------------------------------------------------------------- model
@@ -210,42 +224,38 @@ def param_specs(cfg: PVTConfig) -> dict:
 def make_apply(cfg: PVTConfig, name: str, specs: dict):
     rates = common.stage_path_rates(cfg.depths, cfg.drop_path_rate)
 
-    def apply(params, x, *, train: bool = False, rng=None, features: bool = False):
+    def apply(params, x, *, train: bool = False, rng=None, features: bool = False,
+              attention=None):
         """Logits (B, num_classes) float32; the pooled class token when num_classes=0;
         with ``features=True`` the four stage maps, NHWC, strides 4/8/16/32 (class token
         left out, before the final norm), in the compute dtype. Images of another size
         than img_size (sides divisible by the total stride) use resized position
-        embeddings."""
+        embeddings. ``attention``: one block index per stage; then ``(out, probs)``, the
+        4 blocks' attention probabilities (B, heads, N_q, N_kv) float32."""
         common.check_params(params, specs, name)
         x = common.check_images(x, in_channels=cfg.in_channels, stride=cfg.total_stride,
                                 model=name)
         common.check_sr_ratios(cfg.sr_ratios, *x.shape[1:3], cfg.patch_size)
+        probes = common.attention_blocks(attention, cfg.depths, name)
         rngs = common.stage_rngs(train, rng)
         x = jnp.asarray(x).astype(cfg.dtype)
-        maps = []
+        maps, probs = [], []
         for i in range(4):
-            t, (h, w) = stage_forward(
-                params[f"stage{i + 1}"], x, rngs[i], rates[i],
-                cfg=cfg, stage=i,
-            )
+            t, (h, w), seen = stage_forward(params[f"stage{i + 1}"], x, rngs[i], rates[i],
+                                            cfg=cfg, stage=i, probe=probes[i])
             grid_tokens = t[:, 1:] if i == 3 else t
             x = grid_tokens.reshape(t.shape[0], h, w, t.shape[-1])
             maps.append(x)
+            probs.append(seen)
         if features:
-            return tuple(maps)
-        pooled = nn.layer_norm(params["norm"], t, cfg.norm_eps)[:, 0]
-        if not cfg.num_classes:
-            return pooled.astype(jnp.float32)
-        return nn.linear(params["head"], pooled, cfg.dtype).astype(jnp.float32)
+            out = tuple(maps)
+        else:
+            pooled = nn.layer_norm(params["norm"], t, cfg.norm_eps)[:, 0]
+            out = (nn.linear(params["head"], pooled, cfg.dtype) if cfg.num_classes
+                   else pooled).astype(jnp.float32)
+        return out if attention is None else (out, tuple(probs))
 
     return apply
-
-
-def build(name: str, defaults: dict, img_size, num_classes, kwargs) -> Model:
-    cfg = make_config(name, **{**defaults, **kwargs, "img_size": img_size,
-                               "num_classes": num_classes})
-    specs = param_specs(cfg)
-    return Model(common.make_init(specs), make_apply(cfg, name, specs), name=name, config=cfg)
 
 
 # ------------------------------------------------------------------------- builders
@@ -254,37 +264,24 @@ _COMMON = dict(patch_size=4, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5,
                mlp_ratios=(8, 8, 4, 4), qkv_bias=True, norm_eps=1e-6, sr_ratios=(8, 4, 2, 1))
 
 
-@register_model
-def pvt_tiny(img_size: int = 224, num_classes: int = 1000, **kwargs) -> Model:
-    """PVT-Tiny: depths [2, 2, 2, 2]; 12,457,192 parameters (lucid), 13,229,288 (paper)."""
-    return build("pvt_tiny", dict(_COMMON, depths=(2, 2, 2, 2)), img_size, num_classes, kwargs)
-
-
-@register_model
-def pvt_small(img_size: int = 224, num_classes: int = 1000, **kwargs) -> Model:
-    """PVT-Small: depths [3, 4, 6, 3]; 23,003,048 parameters (lucid), 24,485,864 (paper)."""
-    return build("pvt_small", dict(_COMMON, depths=(3, 4, 6, 3)), img_size, num_classes, kwargs)
-
-
-@register_model
-def pvt_medium(img_size: int = 224, num_classes: int = 1000, **kwargs) -> Model:
-    """PVT-Medium: depths [3, 4, 18, 3]; 41,492,648 parameters (lucid), 44,208,104 (paper)."""
-    return build("pvt_medium", dict(_COMMON, depths=(3, 4, 18, 3)), img_size, num_classes,
-                 kwargs)
-
-
-@register_model
-def pvt_large(img_size: int = 224, num_classes: int = 1000, **kwargs) -> Model:
-    """PVT-Large: depths [3, 4, 27, 3]; 55,359,848 parameters (lucid), 58,999,784 (paper)."""
-    return build("pvt_large", dict(_COMMON, depths=(3, 4, 27, 3)), img_size, num_classes,
-                 kwargs)
-
-
-@register_model
-def pvt_huge(img_size: int = 224, num_classes: int = 1000, **kwargs) -> Model:
-    """PVT-Huge: widths [128, 256, 512, 768], depths [3, 10, 60, 3], drop_path_rate 0.02;
-    286,706,920 parameters (lucid), 304,945,512 (paper). Its 76 blocks are scanned by
-    default (unrolled, its train step takes minutes to compile)."""
-    defaults = dict(_COMMON, embed_dims=(128, 256, 512, 768), num_heads=(2, 4, 8, 12),
-                    depths=(3, 10, 60, 3), drop_path_rate=0.02)
-    return build("pvt_huge", defaults, img_size, num_classes, kwargs)
+_builder = functools.partial(common.builder, make_config=make_config,
+                             param_specs=param_specs, make_apply=make_apply)
+pvt_tiny = _builder("pvt_tiny", dict(_COMMON, depths=(2, 2, 2, 2)),
+                    "PVT-Tiny: depths [2, 2, 2, 2]; 12,457,192 parameters (lucid), "
+                    "13,229,288 (paper).")
+pvt_small = _builder("pvt_small", dict(_COMMON, depths=(3, 4, 6, 3)),
+                     "PVT-Small: depths [3, 4, 6, 3]; 23,003,048 parameters (lucid), "
+                     "24,485,864 (paper).")
+pvt_medium = _builder("pvt_medium", dict(_COMMON, depths=(3, 4, 18, 3)),
+                      "PVT-Medium: depths [3, 4, 18, 3]; 41,492,648 parameters (lucid), "
+                      "44,208,104 (paper).")
+pvt_large = _builder("pvt_large", dict(_COMMON, depths=(3, 4, 27, 3)),
+                     "PVT-Large: depths [3, 4, 27, 3]; 55,359,848 parameters (lucid), "
+                     "58,999,784 (paper).")
+pvt_huge = _builder("pvt_huge", dict(_COMMON, embed_dims=(128, 256, 512, 768),
+                                     num_heads=(2, 4, 8, 12), depths=(3, 10, 60, 3),
+                                     drop_path_rate=0.02),
+                    "PVT-Huge: widths [128, 256, 512, 768], depths [3, 10, 60, 3], "
+                    "drop_path_rate 0.02; 286,706,920 parameters (lucid), 304,945,512 "
+                    "(paper). Its 76 blocks are scanned by default (unrolled, its train step "
+                    "takes minutes to compile).")

@@ -34,8 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lucid_fn import nn
+from lucid_fn.kernels import conv_mlp as conv_mlp_kernel
+from lucid_fn.kernels.settings import KernelSettings
 from lucid_fn.models import common
-from lucid_fn.registry import Model, register_model
 
 PATCH_NORM_EPS = 1e-5  # OverlapPatchEmbed keeps nn.LayerNorm's default
 # Patch embeddings over at most this many input channels (the stem on RGB) run as a
@@ -68,8 +69,9 @@ class PVTv2Config:
     linear: bool = False
     norm_eps: float = 1e-6
     dtype: Any = np.dtype("float32")
-    scan_blocks: bool | None = None
+    scan_blocks: bool | None = None  # None: auto, see common.resolve_scan_blocks
     remat: bool = False
+    kernels: KernelSettings | str | None = None  # None: the defaults, see kernels.resolve
 
     @property
     def kernel_sizes(self) -> tuple:
@@ -83,9 +85,9 @@ ARGUMENTS = tuple(f.name for f in dataclasses.fields(PVTv2Config))
 
 
 def make_config(builder: str, **kwargs) -> PVTv2Config:
+    """Validate builder arguments into a config; every error names the argument."""
     common.check_kwargs(kwargs, ARGUMENTS, builder)
     c = common.normalize_fields({**dataclasses.asdict(PVTv2Config()), **kwargs})
-    c["scan_blocks"] = common.resolve_scan_blocks(c["scan_blocks"], c["depths"])
     cfg = PVTv2Config(**c)
     if cfg.patch_size <= STRIDES[0] or cfg.patch_size % 2 == 0:
         raise ValueError(
@@ -94,6 +96,7 @@ def make_config(builder: str, **kwargs) -> PVTv2Config:
         )
     common.check_img_size(cfg.img_size, TOTAL_STRIDE, "4 x 2 x 2 x 2")
     check_sr_ratios(cfg, cfg.img_size, cfg.img_size)
+    common.check_mlp_hidden(cfg)
     return cfg
 
 
@@ -102,7 +105,7 @@ def check_sr_ratios(cfg: PVTv2Config, h: int, w: int) -> None:
         common.check_sr_ratios(cfg.sr_ratios, h, w, STRIDES[0])
 
 
-# ---------------------------------------------------------------------------- layers
+# --------------------------------------------------------- attention, MLP and block
 
 
 def init_conv(kernel_size, d_in, d_out, groups: int = 1) -> dict:
@@ -120,21 +123,26 @@ def init_mlp(cfg: PVTv2Config, stage: int) -> dict:
             "fc2": nn.init_linear(hidden, dim)}
 
 
-def mlp(p, x, rngs, *, hw, cfg: PVTv2Config, defer_bias: bool = False):
-    """``defer_bias`` (at inference): fc2's bias not added, as a ``nn.Biased``."""
-    # fc1 bias, conv, bias and GELU in one kernel (nn.fused) where no dropout sits between
-    # the conv and fc2: at inference, and in training at a dropout rate of 0
+def mlp(p, x, rngs, *, cfg: PVTv2Config, hw):
+    """``fc2(GELU(DWConv(fc1(x))))`` (a ReLU after fc1 when ``linear``), dropout after
+    GELU and after fc2, on tokens of an ``hw`` map. With no dropout to apply (inference,
+    or a rate of 0) one fused op (kernels/conv_mlp.py)."""
     if rngs[0] is None or cfg.drop_rate == 0:
-        fc2 = {"kernel": p["fc2"]["kernel"]} if defer_bias else p["fc2"]
-        y = nn.fused.conv_mlp(p["fc1"], p["dwconv"], fc2, x, hw=hw, relu=cfg.linear,
-                              dtype=cfg.dtype)
-        return nn.Biased(y, p["fc2"]["bias"].astype(y.dtype)) if defer_bias else y
+        return conv_mlp_kernel.conv_mlp(p["fc1"], p["dwconv"], p["fc2"], x, hw=hw,
+                                        relu=cfg.linear, dtype=cfg.dtype, kernels=cfg.kernels)
     h = nn.linear(p["fc1"], x, cfg.dtype)
     if cfg.linear:
         h = jax.nn.relu(h)
     h = nn.depthwise_conv3x3(p["dwconv"], h, hw, cfg.dtype)
     h = nn.dropout(nn.gelu(h, approximate=False), cfg.drop_rate, rngs[0])
     return nn.dropout(nn.linear(p["fc2"], h, cfg.dtype), cfg.drop_rate, rngs[1])
+
+
+def attention(p, x, rngs, *, cfg: PVTv2Config, stage: int, hw):
+    """Spatial-reduction attention over the ``hw`` token map (nn/attention.py)."""
+    return nn.sra(p, x, rngs, hw=hw, heads=cfg.num_heads[stage], scale=cfg.qk_scale,
+                  dtype=cfg.dtype, attn_drop=cfg.attn_drop_rate, drop=cfg.drop_rate,
+                  linear=cfg.linear, kernels=cfg.kernels)
 
 
 def init_block(cfg: PVTv2Config, stage: int) -> dict:
@@ -144,13 +152,24 @@ def init_block(cfg: PVTv2Config, stage: int) -> dict:
     return nn.init_block(dim, attn, init_mlp(cfg, stage))
 
 
-def block_fn(cfg: PVTv2Config, stage: int, hw):
-    attn = functools.partial(
-        nn.sra, hw=hw, heads=cfg.num_heads[stage], scale=cfg.qk_scale, dtype=cfg.dtype,
-        attn_drop=cfg.attn_drop_rate, drop=cfg.drop_rate, linear=cfg.linear,
-    )
-    return functools.partial(nn.block, attn=attn, mlp=functools.partial(mlp, hw=hw, cfg=cfg),
-                             eps=cfg.norm_eps)
+def block(p, x, rng, path_rate, *, cfg: PVTv2Config, stage: int, hw):
+    """The encoder block: pre-norm attention and MLP, each a residual branch with
+    stochastic depth. ``x`` is the stage's residual stream (an ``nn.Stream``)."""
+    k = nn.block_keys(rng)
+    norm1 = functools.partial(nn.layer_norm, p["norm1"], eps=cfg.norm_eps)
+    norm2 = functools.partial(nn.layer_norm, p["norm2"], eps=cfg.norm_eps)
+    attn = functools.partial(attention, p["attn"], cfg=cfg, stage=stage, hw=hw)
+    x = x + nn.drop_path(attn(norm1(x), k.attn), path_rate, k.attn_path)
+    x = x + nn.drop_path(mlp(p["mlp"], norm2(x), k.mlp, cfg=cfg, hw=hw), path_rate,
+                         k.mlp_path)
+    return x
+
+
+def attention_probs(p, x, *, cfg: PVTv2Config, stage: int, hw):
+    """The block's attention probabilities over the stream entering it (attention maps)."""
+    return nn.sra_probs(p["attn"], nn.layer_norm(p["norm1"], x, cfg.norm_eps), hw=hw,
+                        heads=cfg.num_heads[stage], scale=cfg.qk_scale, dtype=cfg.dtype,
+                        linear=cfg.linear)
 
 
 # ---------------------------------------------------------------------------- stage
@@ -175,15 +194,20 @@ def patch_embed_conv(p, x, *, cfg: PVTv2Config, stage: int):
                  dtype=cfg.dtype)
 
 
-def stage_forward(p, x, rng, path_rates, *, cfg: PVTv2Config, stage: int):
-    """Overlapping patch embedding, blocks, stage norm: NHWC map in, NHWC map out."""
+def stage_forward(p, x, rng, path_rates, *, cfg: PVTv2Config, stage: int, probe=None):
+    """Overlapping patch embedding, blocks, stage norm: an NHWC map in, an NHWC map out.
+    ``probe``: a block index whose attention probabilities also come back."""
     m = patch_embed_conv(p, x, cfg=cfg, stage=stage)
     b, h, w, c = m.shape
-    t = nn.run_blocks(block_fn(cfg, stage, (h, w)), p["blocks"], m.reshape(b, h * w, c), rng,
-                      path_rates, scan=cfg.scan_blocks, remat=cfg.remat,
-                      embed_norm=(p["patch_embed"]["norm"], PATCH_NORM_EPS),
-                      norm=(p["norm"], cfg.norm_eps))
-    return t.reshape(b, h, w, c)
+    x = nn.Stream(m.reshape(b, h * w, c), kernels=cfg.kernels, train=rng is not None)
+    x = x.layer_norm(p["patch_embed"]["norm"], PATCH_NORM_EPS)
+    kw = dict(cfg=cfg, stage=stage, hw=(h, w))
+    probe = None if probe is None else (probe, functools.partial(attention_probs, **kw))
+    out = nn.run_blocks(functools.partial(block, **kw), p["blocks"], x, rng, path_rates,
+                        scan=cfg.scan_blocks, remat=cfg.remat, probe=probe)
+    x, seen = out if probe else (out, None)
+    x = x.layer_norm(p["norm"], cfg.norm_eps)
+    return x.tokens().reshape(b, h, w, c), seen
 
 
 # ---------------------------------------------------------------------------- model
@@ -201,36 +225,35 @@ def param_specs(cfg: PVTv2Config) -> dict:
 def make_apply(cfg: PVTv2Config, name: str, specs: dict):
     rates = common.stage_path_rates(cfg.depths, cfg.drop_path_rate)
 
-    def apply(params, x, *, train: bool = False, rng=None, features: bool = False):
+    def apply(params, x, *, train: bool = False, rng=None, features: bool = False,
+              attention=None):
         """Logits (B, num_classes) float32; the pooled features when num_classes=0; with
         ``features=True`` the four stage maps (after each stage's norm), NHWC, strides
-        4/8/16/32, in the compute dtype. Any image size whose sides 32 divides."""
+        4/8/16/32, in the compute dtype. Any image size whose sides 32 divides.
+        ``attention``: one block index per stage; then ``(out, probs)``, the 4 blocks'
+        attention probabilities (B, heads, N_q, N_kv) float32."""
         common.check_params(params, specs, name)
         x = common.check_images(x, in_channels=cfg.in_channels, stride=TOTAL_STRIDE,
                                 model=name)
         check_sr_ratios(cfg, *x.shape[1:3])
+        probes = common.attention_blocks(attention, cfg.depths, name)
         rngs = common.stage_rngs(train, rng)
         x = jnp.asarray(x).astype(cfg.dtype)
-        maps = []
+        maps, probs = [], []
         for i in range(4):
-            x = stage_forward(params[f"stage{i + 1}"], x, rngs[i], rates[i],
-                              cfg=cfg, stage=i)
+            x, seen = stage_forward(params[f"stage{i + 1}"], x, rngs[i], rates[i],
+                                    cfg=cfg, stage=i, probe=probes[i])
             maps.append(x)
+            probs.append(seen)
         if features:
-            return tuple(maps)
-        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        if not cfg.num_classes:
-            return pooled
-        return nn.linear(params["head"], pooled.astype(cfg.dtype), cfg.dtype).astype(jnp.float32)
+            out = tuple(maps)
+        else:
+            pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+            out = (nn.linear(params["head"], pooled.astype(cfg.dtype), cfg.dtype).astype(
+                jnp.float32) if cfg.num_classes else pooled)
+        return out if attention is None else (out, tuple(probs))
 
     return apply
-
-
-def build(name: str, defaults: dict, img_size, num_classes, in_channels, kwargs) -> Model:
-    cfg = make_config(name, **{**defaults, **kwargs, "img_size": img_size,
-                               "num_classes": num_classes, "in_channels": in_channels})
-    specs = param_specs(cfg)
-    return Model(common.make_init(specs), make_apply(cfg, name, specs), name=name, config=cfg)
 
 
 # ------------------------------------------------------------------------- builders
@@ -239,29 +262,21 @@ def build(name: str, defaults: dict, img_size, num_classes, in_channels, kwargs)
 _WIDE = (64, 128, 320, 512)
 
 
-def _builder(name: str, doc: str, **defaults):
-    def builder(img_size: int = 224, num_classes: int = 1000, in_channels: int = 3,
-                **kwargs) -> Model:
-        return build(name, defaults, img_size, num_classes, in_channels, kwargs)
-
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = doc
-    return register_model(builder)
-
-
-pvt_v2_b0 = _builder("pvt_v2_b0", "PVT v2 b0: widths 32/64/160/256, depths 2/2/2/2; "
-                     "3,666,760 parameters.", embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2))
-pvt_v2_b1 = _builder("pvt_v2_b1", "PVT v2 b1: depths 2/2/2/2; 14,009,000 parameters.",
-                     embed_dims=_WIDE, depths=(2, 2, 2, 2))
-pvt_v2_b2 = _builder("pvt_v2_b2", "PVT v2 b2: depths 3/4/6/3; 25,362,856 parameters.",
-                     embed_dims=_WIDE, depths=(3, 4, 6, 3))
-pvt_v2_b2_li = _builder("pvt_v2_b2_li", "PVT v2 b2 with linear SRA (7x7 pooled keys and "
-                        "values, ReLU in the MLP); 22,553,512 parameters.",
-                        embed_dims=_WIDE, depths=(3, 4, 6, 3), linear=True)
-pvt_v2_b3 = _builder("pvt_v2_b3", "PVT v2 b3: depths 3/4/18/3; 45,238,696 parameters.",
-                     embed_dims=_WIDE, depths=(3, 4, 18, 3))
-pvt_v2_b4 = _builder("pvt_v2_b4", "PVT v2 b4: depths 3/8/27/3; 62,556,072 parameters.",
-                     embed_dims=_WIDE, depths=(3, 8, 27, 3))
-pvt_v2_b5 = _builder("pvt_v2_b5", "PVT v2 b5: depths 3/6/40/3, MLP ratios 4; 81,956,008 "
-                     "parameters.", embed_dims=_WIDE, depths=(3, 6, 40, 3),
-                     mlp_ratios=(4, 4, 4, 4))
+_builder = functools.partial(common.builder, make_config=make_config,
+                             param_specs=param_specs, make_apply=make_apply, in_channels=True)
+pvt_v2_b0 = _builder("pvt_v2_b0", dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2)),
+                     "PVT v2 b0: widths 32/64/160/256, depths 2/2/2/2; 3,666,760 parameters.")
+pvt_v2_b1 = _builder("pvt_v2_b1", dict(embed_dims=_WIDE, depths=(2, 2, 2, 2)),
+                     "PVT v2 b1: depths 2/2/2/2; 14,009,000 parameters.")
+pvt_v2_b2 = _builder("pvt_v2_b2", dict(embed_dims=_WIDE, depths=(3, 4, 6, 3)),
+                     "PVT v2 b2: depths 3/4/6/3; 25,362,856 parameters.")
+pvt_v2_b2_li = _builder("pvt_v2_b2_li", dict(embed_dims=_WIDE, depths=(3, 4, 6, 3), linear=True),
+                        "PVT v2 b2 with linear SRA (7x7 pooled keys and values, ReLU in the "
+                        "MLP); 22,553,512 parameters.")
+pvt_v2_b3 = _builder("pvt_v2_b3", dict(embed_dims=_WIDE, depths=(3, 4, 18, 3)),
+                     "PVT v2 b3: depths 3/4/18/3; 45,238,696 parameters.")
+pvt_v2_b4 = _builder("pvt_v2_b4", dict(embed_dims=_WIDE, depths=(3, 8, 27, 3)),
+                     "PVT v2 b4: depths 3/8/27/3; 62,556,072 parameters.")
+pvt_v2_b5 = _builder("pvt_v2_b5", dict(embed_dims=_WIDE, depths=(3, 6, 40, 3),
+                                       mlp_ratios=(4, 4, 4, 4)),
+                     "PVT v2 b5: depths 3/6/40/3, MLP ratios 4; 81,956,008 parameters.")

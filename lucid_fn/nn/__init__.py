@@ -1,9 +1,9 @@
-"""Functional building blocks shared by the model families."""
+"""Functional building blocks shared by the model families: plain layers (layers.py),
+spatial-reduction attention (attention.py), and the residual stream and block runner
+where adds and norms become kernels (block.py)."""
 
-from lucid_fn.nn import fused
-from lucid_fn.nn.attention import init_sra, sra
-from lucid_fn.nn.block import init_block, run_blocks
-from lucid_fn.nn.block import block as block
+from lucid_fn.nn.attention import init_sra, sra, sra_probs
+from lucid_fn.nn.block import Stream, block_keys, init_block, layer_norm, run_blocks
 from lucid_fn.nn.layers import (
     Biased,
     Init,
@@ -17,27 +17,26 @@ from lucid_fn.nn.layers import (
     init_conv,
     init_layer_norm,
     init_linear,
-    layer_norm,
     linear,
     materialize,
     normal,
     patchify_conv,
-    space_to_depth_conv,
     resize_pos_embed,
+    space_to_depth_conv,
     stack,
 )
 
 __all__ = [
     "Biased",
     "Init",
+    "Stream",
     "adaptive_avg_pool",
     "add_bias",
-    "block",
+    "block_keys",
     "conv",
     "depthwise_conv3x3",
     "drop_path",
     "dropout",
-    "fused",
     "gelu",
     "init_block",
     "init_conv",
@@ -49,9 +48,10 @@ __all__ = [
     "materialize",
     "normal",
     "patchify_conv",
-    "space_to_depth_conv",
     "resize_pos_embed",
     "run_blocks",
+    "space_to_depth_conv",
     "sra",
+    "sra_probs",
     "stack",
 ]

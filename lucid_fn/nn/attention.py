@@ -12,7 +12,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lucid_fn.nn import fused, layers
+from lucid_fn.kernels import attention as attention_kernel
+from lucid_fn.kernels.settings import KernelSettings
+from lucid_fn.nn import layers
 
 SR_NORM_EPS = 1e-5  # nn.LayerNorm's default: the official PVT code, Lucid, timm (HF: 1e-6)
 LINEAR_POOL = 7
@@ -35,19 +37,13 @@ def init_sra(dim: int, *, sr_ratio: int, qkv_bias: bool, proj: bool, linear: boo
     return p
 
 
-# The reduction's kernel = stride conv through cuDNN on GPUs instead of reshape, transpose
-# and matmul (layers.patchify_conv, elsewhere): at inference the transpose was a pass of its
-# own over the tokens (pvt_v2_b2 on the H200 2.3% faster). In training cuDNN's strided conv
-# and its gradients lost 5% (pvt_v2_b2 and pvt_small, same run; benchmarks/NOTES.md), so
-# there it is an option (SR_CONV_IN_TRAINING).
-SR_CONV_ON_GPU = True
-SR_CONV_IN_TRAINING = False
-
-
 def _reduce_map(p, m, dtype, *, inference: bool):
-    """The kernel = stride conv over an NHWC map (partial windows dropped, both ways)."""
+    """The kernel = stride conv over an NHWC map (partial windows dropped, both ways): at
+    inference on GPUs through cuDNN, whose strided conv saves the transpose pass that
+    reshape + matmul takes (layers.patchify_conv, elsewhere); in training its gradients
+    were slower (benchmarks/NOTES.md)."""
     patchify = functools.partial(layers.patchify_conv, p, dtype=dtype)
-    if not (SR_CONV_ON_GPU and (inference or SR_CONV_IN_TRAINING)):
+    if not inference:
         return patchify(m)
     conv = functools.partial(layers.conv, p, stride=p["kernel"].shape[0], padding=0,
                              dtype=dtype)
@@ -104,31 +100,33 @@ def attend_xla(q, k, v, *, scale: float | None, dtype, attn_drop: float = 0.0, r
     return jnp.einsum("bhnm,bmhd->bnhd", attn, v)
 
 
-def attend(q, k, v, *, scale: float | None, dtype, attn_drop: float, rng):
+def attend(q, k, v, *, scale: float | None, dtype, attn_drop: float, rng,
+           kernels: KernelSettings = KernelSettings()):
     """:func:`attend_xla`; with no dropout to apply (``rng`` None or a rate of 0) one fused
-    kernel where it pays (``nn.fused.attention``: the float32 logits never leave the chip,
+    kernel where it pays (kernels/attention.py: the float32 logits never leave the chip,
     in its backward kernel either)."""
     if rng is None or attn_drop == 0:  # q may be a layers.Biased
-        return fused.attention(q, k, v, scale=scale, dtype=dtype, reference=functools.partial(
-            attend_xla, scale=scale, dtype=dtype))
+        return attention_kernel.attention(
+            q, k, v, scale=scale, dtype=dtype, kernels=kernels,
+            reference=functools.partial(attend_xla, scale=scale, dtype=dtype))
     return attend_xla(q, k, v, scale=scale, dtype=dtype, attn_drop=attn_drop, rng=rng)
 
 
 def sra(p, x, rngs, *, hw, heads: int, scale: float | None, dtype, attn_drop: float,
-        drop: float, linear: bool = False, defer_bias: bool = False):
+        drop: float, linear: bool = False, kernels: KernelSettings = KernelSettings()):
     """SRA over tokens ``x`` (B, N, C) laid out on an ``hw`` map (a class token, if any,
-    only where nothing is reduced). ``rngs``: 3 keys or Nones (attention, output x2).
-    ``defer_bias`` (with no output dropout): the projection's bias not added, as a
-    ``layers.Biased``; then the queries' bias is left to the attention kernel too."""
+    only where nothing is reduced). ``rngs``: 3 keys (attention, output x2), or Nones at
+    inference, where the queries' bias goes to the attention kernel un-added and the
+    output comes back as a ``layers.Biased`` (its projection's bias not added) for the
+    residual add + LayerNorm kernel to add (nn/block.py)."""
     b, n, c = x.shape
-    # rngs: keys in training, all Nones at inference
+    inference = rngs[0] is None
     q, k, v = queries_keys_values(p, x, hw, heads=heads, dtype=dtype, linear=linear,
-                                  defer_q_bias=defer_bias and fused.ATTN_BLOCKS["q_bias"],
-                                  inference=rngs[0] is None)
-    out = attend(q, k, v, scale=scale, dtype=dtype, attn_drop=attn_drop,
-                 rng=rngs[0]).reshape(b, n, c)
+                                  defer_q_bias=inference, inference=inference)
+    out = attend(q, k, v, scale=scale, dtype=dtype, attn_drop=attn_drop, rng=rngs[0],
+                 kernels=kernels).reshape(b, n, c)
     if "proj" in p:
-        if defer_bias and rngs[2] is None:
+        if rngs[2] is None:
             return layers.linear(p["proj"], out, dtype, defer_bias=True)
         out = layers.linear(p["proj"], out, dtype)
     else:
@@ -136,3 +134,10 @@ def sra(p, x, rngs, *, hw, heads: int, scale: float | None, dtype, attn_drop: fl
         # attention-rate dropout before the output dropout.
         out = layers.dropout(out, attn_drop, rngs[1])
     return layers.dropout(out, drop, rngs[2])
+
+
+def sra_probs(p, x, *, hw, heads: int, scale: float | None, dtype, linear: bool = False):
+    """Softmax(q k^T * scale) of SRA over normed tokens ``x`` (B, N, C): (B, heads, N, N_kv)
+    float32, from the pieces :func:`sra` is made of (what attention maps show)."""
+    q, k, _ = queries_keys_values(p, x, hw, heads=heads, dtype=dtype, linear=linear)
+    return attention_probs(q, k, scale)

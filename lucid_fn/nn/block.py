@@ -1,12 +1,19 @@
-"""The pre-norm transformer block both PVT families use, and how a stage runs its blocks.
+"""The residual stream of a stage, and how a stage runs its blocks.
 
-    x = x + DropPath(attn(LN1(x)));  x = x + DropPath(mlp(LN2(x)))
+Model files write a block as the paper's equations over the stream ``x``::
 
-The families differ only in ``attn`` and ``mlp``, which come in as functions. Each
-residual add is computed together with the LayerNorm that reads its result
-(``fused.add_layer_norm``: one kernel at inference on GPUs), so a block hands its MLP
-branch to the next block un-added and the stage adds the last one (in the same kernel
-as its closing LayerNorm, where the stage has one).
+    x = x + drop_path(attn(layer_norm(norm1, x)))
+    x = x + drop_path(mlp(layer_norm(norm2, x)))
+
+and a stage as patch embedding, norm, position embedding, blocks, norm. This module is
+the one place where those adds and norms become kernels (kernels/layer_norm.py): ``x``
+is a :class:`Stream`, which holds the stream's tokens with one step not yet taken, a
+branch to add or a LayerNorm (and position embedding) to apply. The LayerNorm that reads
+the stream next takes that step in the same kernel: a block's residual add with the
+next block's norm1 (or its own norm2), a stage's opening norm with the first norm1, a
+stage's last add with its closing norm. A branch may arrive with its output bias not yet
+added (``layers.Biased``); at inference the kernel adds it too. With the kernels off,
+or off GPU, each step is XLA's own op: the same function (tests/test_block.py).
 """
 
 from __future__ import annotations
@@ -17,30 +24,131 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lucid_fn.nn import fused, layers
-
-ATTN_RNGS, MLP_RNGS = 3, 2
-
-
-def _norm_kernels(inference: bool) -> tuple:
-    """(add+norm, norm+norm): the kernels run at inference; in training the forwards only
-    with NORM_BLOCKS["train"] (an option: there the add+norm's forward measured the same
-    as XLA's fusions, benchmarks/NOTES.md), the add+norm's backward kernel with
-    NORM_BLOCKS["grad"]."""
-    if inference or fused.NORM_BLOCKS["train"]:
-        return fused.add_layer_norm, fused.norm_layer_norm
-    return (functools.partial(fused.add_layer_norm, forward_kernel=False),
-            fused.reference_norm_layer_norm)
+from lucid_fn.kernels import layer_norm as norm_kernels
+from lucid_fn.kernels.settings import KernelSettings
+from lucid_fn.nn import layers
 
 
-class PendingNorm(NamedTuple):
-    """In a block's carry in place of a branch: the stream is not yet normalised by this
-    LayerNorm (a stage's patch-embedding norm) nor given its position embedding ``pos``
-    (PVT v1's, added after that norm), so that the first block computes it with its norm1
-    in one kernel (``fused.norm_layer_norm``)."""
-    params: dict
-    eps: float
-    pos: jax.Array | None = None
+@jax.tree_util.register_pytree_node_class
+class Stream:
+    """A stage's residual stream (B, N, C), as ``base`` and at most one step still to
+    take: ``branch`` (the stream is ``base + branch``; an array or ``layers.Biased``), or
+    ``norm = (params, eps)`` with an optional ``pos`` (the stream is
+    ``layer_norm(params, base) + pos``). ``kernels`` and ``train`` say which kernels may
+    take the steps (the norm kernels' forwards at inference only, their backward in
+    training)."""
+
+    def __init__(self, base, *, kernels: KernelSettings, train: bool, branch=None,
+                 norm=None, pos=None):
+        self.base, self.branch, self.norm, self.pos = base, branch, norm, pos
+        self.kernels, self.train = kernels, train
+        self._tokens = None if branch is not None or norm is not None else base
+
+    # -------------------------------------------------------------- as a pytree
+
+    def tree_flatten(self):
+        eps = None if self.norm is None else self.norm[1]
+        children = (self.base, self.branch, None if self.norm is None else self.norm[0],
+                    self.pos)
+        return children, (eps, self.kernels, self.train)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        eps, kernels, train = aux
+        base, branch, norm_params, pos = children
+        norm = None if norm_params is None else (norm_params, eps)
+        return cls(base, kernels=kernels, train=train, branch=branch, norm=norm, pos=pos)
+
+    # -------------------------------------------------------------- steps
+
+    def _with(self, base, **step) -> Stream:
+        return Stream(base, kernels=self.kernels, train=self.train, **step)
+
+    def tokens(self):
+        """The stream as an array: the step still pending taken by XLA ops."""
+        if self._tokens is None:
+            if self.norm is not None:
+                self._tokens = norm_kernels.norm_and_position(self.norm[0], self.base,
+                                                              self.pos, self.norm[1])
+            else:
+                self._tokens = self.base + layers.add_bias(self.branch).astype(self.base.dtype)
+        return self._tokens
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+    def __add__(self, y) -> Stream:
+        """The stream plus ``y``: a block's branch, or a position embedding (which goes
+        into a pending opening norm: the first norm1's kernel adds it)."""
+        if self._tokens is None and self.norm is not None and self.pos is None:
+            return self._with(self.base, norm=self.norm, pos=y)
+        if self.train:
+            y = layers.add_bias(y)  # the backward kernel takes arrays
+        return self._with(self.tokens(), branch=y)
+
+    def layer_norm(self, p, eps: float) -> Stream:
+        """The stream replaced by its LayerNorm: a stage's opening norm (taken with the
+        first block's norm1) or closing norm (taken with the last residual add, writing
+        the norm alone)."""
+        if self._tokens is None and self.branch is not None:
+            n = norm_kernels.add_layer_norm(p, self.base, self.branch, eps=eps, keep_sum=False,
+                                            **self._norm_kernel())
+            return self._with(n)
+        return self._with(self.tokens(), norm=(p, eps))
+
+    def dropout(self, rate: float, rng) -> Stream:
+        if rng is None or rate == 0:
+            return self
+        return self._with(layers.dropout(self.tokens(), rate, rng))
+
+    def prepend(self, token) -> Stream:
+        """A (1, 1, C) token (PVT v1's class token) in front of every image's tokens."""
+        x = self.tokens()
+        token = jnp.broadcast_to(token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+        return self._with(jnp.concatenate([token, x], axis=1))
+
+    def read_norm(self, p, eps: float):
+        """``layer_norm(p, stream)`` as a branch's input (the stream unchanged), taking the
+        pending step in the same kernel where there is one."""
+        if self._tokens is not None:
+            return layers.layer_norm(p, self._tokens, eps)
+        if self.norm is not None:
+            # in training the opening's norms are XLA's: no backward kernel takes them
+            pair = (norm_kernels.reference_norm_layer_norm if self.train
+                    else functools.partial(norm_kernels.norm_layer_norm, kernels=self.kernels))
+            self._tokens, h = pair(self.norm[0], p, self.base, self.pos, eps_a=self.norm[1],
+                                   eps=eps)
+            return h
+        self._tokens, h = norm_kernels.add_layer_norm(p, self.base, self.branch, eps=eps,
+                                                      **self._norm_kernel())
+        return h
+
+    def _norm_kernel(self) -> dict:
+        """The add+norm's kernels: the forward's at inference, the backward's in training
+        (where the forward kernel gained nothing, benchmarks/NOTES.md)."""
+        return dict(kernels=self.kernels, forward_kernel=not self.train)
+
+
+def layer_norm(p, x, eps: float):
+    """LayerNorm of an array, or of a :class:`Stream` as a branch's input."""
+    if isinstance(x, Stream):
+        return x.read_norm(p, eps)
+    return layers.layer_norm(p, x, eps)
+
+
+class BlockKeys(NamedTuple):
+    """A block's random keys: the attention's three (its dropouts), the MLP's two, and
+    one drop-path key per branch. All None at inference."""
+    attn: tuple
+    mlp: tuple
+    attn_path: jax.Array | None
+    mlp_path: jax.Array | None
+
+
+def block_keys(rng) -> BlockKeys:
+    k = [None] * 7 if rng is None else list(jax.random.split(rng, 7))
+    return BlockKeys(tuple(k[:3]), tuple(k[3:5]), k[5], k[6])
 
 
 def init_block(dim: int, attn: dict, mlp: dict) -> dict:
@@ -48,49 +156,20 @@ def init_block(dim: int, attn: dict, mlp: dict) -> dict:
             "norm2": layers.init_layer_norm(dim), "mlp": mlp}
 
 
-def block(p, carry, rng, path_rate, *, attn, mlp, eps: float):
-    """One block on ``carry = (x, y)``: the residual stream and the previous block's MLP
-    branch not yet added to it (None before a stage's first block, or a
-    :class:`PendingNorm` still to apply to ``x``; at inference it may be a
-    ``layers.Biased``); returns its own ``(x, y)`` the same way.
-    ``attn(p, x, rngs, defer_bias=...)`` and ``mlp(p, x, rngs, defer_bias=...)`` get
-    ATTN_RNGS / MLP_RNGS keys, or Nones at inference (``rng`` None: no dropout, no
-    drop-path), when they may return ``layers.Biased``."""
-    n = ATTN_RNGS + MLP_RNGS + 2
-    rngs = [None] * n if rng is None else list(jax.random.split(rng, n))
-    a_rngs, m_rngs, path_rngs = rngs[:ATTN_RNGS], rngs[ATTN_RNGS:n - 2], rngs[n - 2:]
-    inference = rng is None
-    add_norm, norm_norm = _norm_kernels(inference)
-    # At inference the branches come back with their output bias not added
-    # (layers.Biased): the add+norm adds it, saving a pass over the tokens per branch.
-    defer = inference and fused.NORM_BLOCKS["branch_bias"]
-    x, y = carry
-    if y is None:
-        h = layers.layer_norm(p["norm1"], x, eps)
-    elif isinstance(y, PendingNorm):
-        x, h = norm_norm(y.params, p["norm1"], x, y.pos, eps_a=y.eps, eps=eps)
-    else:
-        x, h = add_norm(p["norm1"], x, y, eps=eps)
-    a = attn(p["attn"], h, a_rngs, defer_bias=defer)
-    x, h = add_norm(p["norm2"], x, layers.drop_path(a, path_rate, path_rngs[0]), eps=eps)
-    y = mlp(p["mlp"], h, m_rngs, defer_bias=defer)
-    return x, layers.drop_path(y, path_rate, path_rngs[1])
+# ------------------------------------------------------------------ running blocks
 
 
-def run_blocks(fn, blocks, x, rng, path_rates, *, scan: bool, remat: bool, norm=None,
-               embed_norm=None):
-    """Run ``fn(p, (x, y), rng, path_rate) -> (x, y)`` (:func:`block`) over blocks stacked on
-    a leading axis of ``blocks``; returns the stream with the last branch added, or with
-    ``norm = (params, eps)`` the LayerNorm of that (a stage's closing norm: the last add
-    and the norm in the add+norm kernel, which then writes the norm alone).
-    ``embed_norm = (params, eps)`` or ``(params, eps, pos)``: ``x`` is first normalised by
-    that and given the position embedding ``pos`` (unrolled and without remat, in the first
-    block's kernel with its norm1).
+def run_blocks(fn, blocks, x: Stream, rng, path_rates, *, scan: bool, remat: bool,
+               probe=None):
+    """Run ``fn(p, x, rng, path_rate) -> x`` (a block over a :class:`Stream`) over the
+    blocks stacked on a leading axis of ``blocks``, with one key each from ``rng`` (None
+    at inference) and their drop-path rates.
 
     Scanned, compile time stays flat in depth; unrolled, XLA fuses across blocks, which
-    trained faster on GPU (DESIGN.md). Both compute the same function. ``remat`` recomputes
-    each block's activations in the backward pass instead of storing them.
-    """
+    trained faster on GPU (docs/design.md). Both compute the same function. ``remat``
+    recomputes each block's activations in the backward pass instead of storing them.
+    ``probe = (j, f)``: also return ``f(p_j, x)``, block j's params and the stream that
+    enters it (attention maps read it there)."""
     depth = len(path_rates)
     if not any(path_rates):
         # No drop-path anywhere in the stage: a static 0 lets drop_path draw no masks,
@@ -101,30 +180,41 @@ def run_blocks(fn, blocks, x, rng, path_rates, *, scan: bool, remat: bool, norm=
         # prevented or XLA may merge the recomputation back into the forward pass.
         fn = jax.checkpoint(fn, prevent_cse=not scan)
     keys = None if rng is None else jax.random.split(rng, depth)
-    pending = None
-    if embed_norm is not None:
+    if x.norm is not None and (scan or remat or not depth):
         # a scan's carry keeps one structure, and remat would trace the eps
-        pending = PendingNorm(*embed_norm)
-        if scan or remat or not depth or not fused.NORM_BLOCKS["embed_norm"]:
-            x, pending = fused.norm_and_position(pending.params, x, pending.pos,
-                                                 pending.eps), None
-    if scan:
-        def body(carry, xs):
-            p, key, r = xs
-            x, y = fn(p, carry, key, r)
-            return (x, layers.add_bias(y)), None  # a scan's carry keeps one structure
+        x = x._with(x.tokens())
+    run = functools.partial(_scan if scan else _unrolled, fn)
+    if probe is None:
+        return run(x, blocks, keys, path_rates)
+    j, f = probe
+    x = run(x, *_part(blocks, keys, path_rates, 0, j))
+    seen = f(jax.tree_util.tree_map(lambda a: a[j], blocks), x)
+    return run(x, *_part(blocks, keys, path_rates, j, depth)), seen
 
-        # A scan's carry keeps one structure: the first block adds zeros (exact).
-        (x, y), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)),
-                                 (blocks, keys, jnp.asarray(path_rates, jnp.float32)))
-    else:
-        y = pending
-        for j in range(depth):
-            p = jax.tree_util.tree_map(functools.partial(lambda a, j: a[j], j=j), blocks)
-            x, y = fn(p, (x, y), None if keys is None else keys[j], float(path_rates[j]))
-    if norm is not None and y is not None and fused.NORM_BLOCKS["stage_norm"]:
-        add_norm = _norm_kernels(inference=rng is None)[0]
-        return add_norm(norm[0], x, y, eps=norm[1], keep_sum=False)
-    # no blocks (a slice of a stage) leaves x as it was
-    x = x if y is None else x + layers.add_bias(y)
-    return x if norm is None else layers.layer_norm(norm[0], x, norm[1])
+
+def _part(blocks, keys, rates, start: int, stop: int) -> tuple:
+    """Blocks ``start:stop`` of a stage: their params, keys and drop-path rates."""
+    cut = functools.partial(jax.tree_util.tree_map, lambda a: a[start:stop])
+    return cut(blocks), None if keys is None else keys[start:stop], rates[start:stop]
+
+
+def _unrolled(fn, x, blocks, keys, rates):
+    for j in range(len(rates)):
+        p = jax.tree_util.tree_map(functools.partial(lambda a, j: a[j], j=j), blocks)
+        x = fn(p, x, None if keys is None else keys[j], float(rates[j]))
+    return x
+
+
+def _scan(fn, x, blocks, keys, rates):
+    if not len(rates):
+        return x
+
+    def body(x, xs):
+        p, key, r = xs
+        x = fn(p, x, key, r)
+        return x._with(x.base, branch=layers.add_bias(x.branch)), None
+
+    # A scan's carry keeps one structure: the first block adds zeros (exact).
+    start = x._with(x.tokens(), branch=jnp.zeros_like(x.tokens()))
+    x, _ = jax.lax.scan(body, start, (blocks, keys, jnp.asarray(rates, jnp.float32)))
+    return x

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lucid_fn.kernels.gelu import gelu  # noqa: F401  (GELU's forms live with the kernels')
+
 Params = dict
 
 
@@ -115,9 +117,14 @@ class Biased(NamedTuple):
     """A linear layer's output with its bias not yet added (``value + bias`` is the
     output). A residual branch is handed on this way at inference so that the add+norm
     kernel adds the bias in its own pass: XLA cannot fuse an add into a custom kernel's
-    input, so each bias cost a pass over the tokens of its own (benchmarks/NOTES.md)."""
+    input, so each bias cost a pass over the tokens of its own (benchmarks/NOTES.md).
+    Whoever reads it adds the bias: :func:`add_bias`, :func:`drop_path`, nn/block.py."""
     value: jax.Array
     bias: jax.Array
+
+    def __radd__(self, x):
+        """``x + branch``, the bias added first (in the branch's dtype)."""
+        return x + add_bias(self)
 
 
 def add_bias(y):
@@ -234,79 +241,6 @@ def adaptive_avg_pool(x, out_hw):
     return jnp.einsum("ih,jw,bhwc->bijc", ph, pw, x)
 
 
-# Exact GELU, x * Phi(x), with erf as XLA's own float32 rational approximation
-# (xla/hlo/builder/lib/math.cc, ErfImpl32: x P(x^2) / Q(x^2), |error| < 4e-7 against the
-# true erf, as lax.erf) written in plain multiply-adds and one divide. jax.nn.gelu's exact
-# form goes through erfc, two polynomial branches, exp and selects, which XLA on GPU does
-# not fuse as well: on an H100, pvt_small's bf16 inference took 25.9 ms of device time per
-# step with it and 19.4 ms with this one (benchmarks/NOTES.md). Computed in float32
-# whatever the input dtype, rounded once at the end.
-_ERF_P = (0.00022905065861350646, 0.0034082910107109506, 0.050955695062380861,
-          0.18520832239976145, 1.128379143519084)
-_ERF_Q = (-1.1791602954361697e-7, 0.000023547966471313185, 0.0010179625278914885,
-          0.014070470171167667, 0.11098505178285362, 0.49746925110067538, 1.0)
-_ERF_CLAMP = 3.7439211627767994  # erfinv(1 - 2^-23): beyond it erf is +-1 in float32
-_SQRT_HALF = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-
-
-def _polynomial(x, coeffs):
-    r = jnp.full_like(x, coeffs[0])
-    for c in coeffs[1:]:
-        r = r * x + c
-    return r
-
-
-def erf_f32(x, reciprocal=None):
-    """erf in float32 from multiply-adds and one divide; within float32 rounding of
-    ``lax.erf`` (the same approximation XLA uses for it). ``reciprocal``: how the divide
-    is done, an exact division by default (the fused GPU kernel passes a hardware one)."""
-    z = jnp.clip(x.astype(jnp.float32), -_ERF_CLAMP, _ERF_CLAMP)
-    z2 = z * z
-    num, den = z * _polynomial(z2, _ERF_P), _polynomial(z2, _ERF_Q)
-    return num / den if reciprocal is None else num * reciprocal(den)
-
-
-def gelu_cdf_f32(x32, reciprocal=None):
-    """Phi(x) for float32 ``x32``, the GELU gate (``reciprocal`` as for ``erf_f32``)."""
-    # Clamped, the approximation would hold Phi at its value at the clamp (about 6e-8)
-    # however far below -clamp * sqrt(2) x goes; the select makes that tail exact zeros.
-    z = x32 * _SQRT_HALF
-    return jnp.where(z < -_ERF_CLAMP, 0.0, 0.5 + 0.5 * erf_f32(z, reciprocal))
-
-
-@jax.custom_jvp
-def gelu_exact(x):
-    """``x * Phi(x)`` (PyTorch's ``nn.GELU()``), computed in float32, returned in x's dtype."""
-    x = jnp.asarray(x)
-    x32 = x.astype(jnp.float32)
-    return (x32 * gelu_cdf_f32(x32)).astype(x.dtype)
-
-
-@jax.checkpoint
-def _gelu_exact_tangent(x, t):
-    # d/dx x Phi(x) = Phi(x) + x phi(x). Checkpointed: reverse mode keeps x (which the
-    # forward pass has written anyway) and recomputes the slope inside the backward
-    # fusion, rather than writing a slope tensor the size of the MLP's hidden layer.
-    x, t = jnp.asarray(x), jnp.asarray(t)
-    x32 = x.astype(jnp.float32)
-    slope = gelu_cdf_f32(x32) + x32 * jnp.exp(-0.5 * x32 * x32) * _INV_SQRT_2PI
-    return (t.astype(jnp.float32) * slope).astype(t.dtype)
-
-
-@gelu_exact.defjvp
-def _gelu_exact_jvp(primals, tangents):
-    (x,), (t,) = primals, tangents
-    return gelu_exact(x), _gelu_exact_tangent(x, t)
-
-
-def gelu(x, approximate: bool):
-    """GELU: the tanh approximation (``approximate=True``, Lucid's) or exact erf."""
-    if approximate:
-        return jax.nn.gelu(x, approximate=True)
-    return gelu_exact(x)
-
-
 def dropout(x, rate: float, rng):
     """Inverted dropout; a no-op (no RNG drawn) when ``rng`` is None or the rate is 0."""
     if rng is None or rate == 0.0:
@@ -320,10 +254,12 @@ def drop_path(x, rate, rng):
     """Stochastic depth: drop the whole residual branch per sample.
 
     ``rate`` may be a traced scalar (blocks run under ``lax.scan`` carry their own rate).
-    A rate known to be 0 draws nothing: the mask would be all ones.
+    A rate known to be 0 draws nothing: the mask would be all ones, and a
+    :class:`Biased` branch stays so.
     """
     if rng is None or (isinstance(rate, (int, float, np.floating)) and rate == 0):
         return x
+    x = add_bias(x)
     keep = 1.0 - jnp.asarray(rate, jnp.float32)
     mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / keep.astype(x.dtype), 0).astype(x.dtype)
