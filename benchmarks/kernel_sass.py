@@ -7,10 +7,14 @@ loop by opcode: what an H100 or H200 will execute, read here at no device time
 (benchmarks/NOTES.md). Needs ``pip install triton`` (3.6.0 matches the GPU image)::
 
     PYTHONPATH=. python benchmarks/kernel_sass.py conv --shape 256 56 56 512
-    PYTHONPATH=. python benchmarks/kernel_sass.py conv --blocks block_x=16 masked_loads=0
+    PYTHONPATH=. python benchmarks/kernel_sass.py conv --kernels conv_mlp.block_x=16
+    PYTHONPATH=. python benchmarks/kernel_sass.py conv_training --shape 128 56 56 512
     PYTHONPATH=. python benchmarks/kernel_sass.py norm --shape 256 196 320
     PYTHONPATH=. python benchmarks/kernel_sass.py norm_backward --shape 128 196 320
-    PYTHONPATH=. python benchmarks/kernel_sass.py slope --shape 128 14 14 1280 320
+
+``conv`` is the inference forward, ``conv_training`` the training forward (which also
+writes GELU'(z)) and the transposed-conv kernel of the backward. ``--kernels`` takes
+``lucid_fn.kernels.parse`` items.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conv_sweep import conv_blocks, parse  # benchmarks/, beside this file
-from lucid_fn.nn import fused
+from lucid_fn import kernels
+from lucid_fn.kernels import conv_mlp, dispatch
+from lucid_fn.kernels import layer_norm as ln
 
 
 def capture_triton_modules(fn, *args) -> list[str]:
@@ -118,124 +123,102 @@ def report(ir_text: str, num_warps: int, elements_per_iter: int | None = None) -
     return out
 
 
-def conv_case(shape, blocks: dict):
-    """The conv kernel's Triton modules at a (B, H, W, hidden) map with ``blocks`` as
-    CONV_BLOCKS settings, and the elements each thread handles per loop iteration."""
+def conv_case(shape, ks: kernels.KernelSettings):
+    """The conv kernel's Triton modules at a (B, H, W, hidden) map, each with its warps and
+    the elements a thread handles per loop iteration; and the tiles."""
     b, hh, ww, hidden = shape
     c = 64
     fc1 = {"kernel": jnp.zeros((c, hidden)), "bias": jnp.zeros((hidden,))}
     dw = {"kernel": jnp.zeros((3, 3, 1, hidden)), "bias": jnp.zeros((hidden,))}
     fc2 = {"kernel": jnp.zeros((hidden, c)), "bias": jnp.zeros((c,))}
     x = jax.ShapeDtypeStruct((b, hh * ww, c), jnp.bfloat16)
-    with conv_blocks(blocks):
-        mods = capture_triton_modules(
-            functools.partial(fused.pallas_conv_mlp, hw=(hh, ww), relu=False,
-                              dtype=jnp.bfloat16), fc1, dw, fc2, x)
-        tiles = fused.conv_tiles(b, (hh, ww), hidden)
-        warps = fused.CONV_BLOCKS["num_warps"]
+    settings = ks.conv_mlp
+    mods = capture_triton_modules(
+        functools.partial(conv_mlp.pallas_conv_mlp, hw=(hh, ww), relu=False,
+                          dtype=jnp.bfloat16, settings=settings), fc1, dw, fc2, x)
+    tiles = conv_mlp.conv_tiles(b, (hh, ww), hidden, settings)
     # One loop iteration handles one input row of bx columns x bc channels.
-    return [(m, warps) for m in mods], tiles["bx"] * tiles["bc"] // (32 * warps), tiles
+    warps = settings.num_warps
+    return [(m, warps, tiles["bx"] * tiles["bc"] // (32 * warps)) for m in mods], tiles
 
 
-def conv_backward_case(shape, blocks: dict):
-    """The conv kernel's two backward kernels (g GELU'(z); the transposed conv with the
-    taps' gradient) at a (B, H, W, hidden) map, and the elements each thread handles per
-    loop iteration of the second."""
+def conv_training_case(shape, ks: kernels.KernelSettings):
+    """The training forward (activations and GELU'(z)) and the transposed-conv kernel of
+    its backward at a (B, H, W, hidden) map, each with the elements a thread handles per
+    loop iteration."""
     b, hh, ww, hidden = shape
     m = jax.ShapeDtypeStruct((b * hh * ww, hidden), jnp.bfloat16)
     taps = jax.ShapeDtypeStruct((9, hidden), jnp.bfloat16)
     table = jax.ShapeDtypeStruct((16, hidden), jnp.float32)
-    with conv_blocks(blocks):
-        mods = capture_triton_modules(
-            lambda h, t, e, g: fused._conv_gelu_table_bwd((b, (hh, ww), False),
-                                                          (h, t, e, None), g),
-            m, taps, table, m)
-        tiles = fused.conv_tiles(b, (hh, ww), hidden, fused.CONV_GRAD_BLOCKS["transpose_size"])
-        warps = (fused.CONV_GRAD_BLOCKS["gelu_warps"], fused.CONV_GRAD_BLOCKS["transpose_warps"])
-    return list(zip(mods, warps)), tiles["bx"] * tiles["bc"] // (32 * warps[1]), tiles
+    settings = ks.conv_mlp
+    static = (b, (hh, ww), settings, False)
+    mods = capture_triton_modules(
+        lambda h, t, e, g: jax.vjp(lambda *a: conv_mlp.conv_gelu_table(*a, static),
+                                   h, t, e)[1](g), m, taps, table, m)
+    forward = conv_mlp.conv_tiles(b, (hh, ww), hidden, settings)
+    backward = conv_mlp.conv_tiles(b, (hh, ww), hidden, settings, settings.grad_size)
+    per_thread = [t["bx"] * t["bc"] // (32 * w) for t, w in
+                  ((forward, settings.num_warps), (backward, settings.grad_warps))]
+    return (list(zip(mods, (settings.num_warps, settings.grad_warps), per_thread)),
+            {"forward": forward, "backward": backward})
 
 
-def slope_case(shape, blocks: dict):
-    """The training forward's conv kernel writing GELU'(z) too, and the backward's
-    ``slope_matmul`` kernel (fc2's input gradient times that slope, the edge table's
-    sums), at a (B, H, W, HIDDEN, C_OUT) map; elements per thread per loop iteration of
-    the first."""
-    b, hh, ww, hidden, c_out = shape
-    m = jax.ShapeDtypeStruct((b * hh * ww, hidden), jnp.bfloat16)
-    taps = jax.ShapeDtypeStruct((9, hidden), jnp.bfloat16)
-    table = jax.ShapeDtypeStruct((16, hidden), jnp.float32)
-    dy = jax.ShapeDtypeStruct((b * hh * ww, c_out), jnp.bfloat16)
-    w2 = jax.ShapeDtypeStruct((hidden, c_out), jnp.bfloat16)
-    static = (b, (hh, ww), False)
-    with conv_blocks(blocks):
-        mods = capture_triton_modules(
-            lambda h, t, e: fused._table_conv_gelu(h, t, e, static, slope=True), m, taps, table)
-        mods += capture_triton_modules(
-            lambda d, w, s: fused.slope_matmul(d, w, s, batch=b, hw=(hh, ww)), dy, w2, m)
-        conv = fused.conv_tiles(b, (hh, ww), hidden)
-        warps = (fused.CONV_BLOCKS["num_warps"], fused.slope_warps(c_out))
-        tiles = {"conv": conv, "slope_matmul": fused.slope_tiles(b * hh * ww, hidden)}
-    return list(zip(mods, warps)), conv["bx"] * conv["bc"] // (32 * warps[0]), tiles
-
-
-def norm_case(shape):
+def norm_case(shape, ks: kernels.KernelSettings):
     """The add+norm kernel's Triton modules on (B, N, C) tokens, and the elements each
     thread handles (its one tile, padded to a power of two)."""
     c = shape[-1]
     p = {"scale": jnp.zeros((c,)), "bias": jnp.zeros((c,))}
     x = jax.ShapeDtypeStruct(tuple(shape), jnp.bfloat16)
     mods = capture_triton_modules(
-        functools.partial(fused.pallas_add_layer_norm, eps=1e-6), p, x, x)
-    rows = fused._norm_rows(int(np.prod(shape[:-1])), c)
-    tile = fused._next_pow2(c)
-    warps = fused.NORM_BLOCKS["num_warps"]
-    return [(m, warps) for m in mods], rows * tile // (32 * warps), {"rows": rows, "tile": tile}
+        functools.partial(ln.pallas_add_layer_norm, eps=1e-6, settings=ks.norm), p, x, x)
+    rows = ln._norm_rows(int(np.prod(shape[:-1])), c, ks.norm)
+    tile = dispatch.next_pow2(c)
+    warps = ks.norm.num_warps
+    return [(m, warps, rows * tile // (32 * warps)) for m in mods], {"rows": rows, "tile": tile}
 
 
-def norm_backward_case(shape):
+def norm_backward_case(shape, ks: kernels.KernelSettings):
     """The add+norm's backward kernel (the sum kept, as the blocks' add+norms) on (B, N, C)
     tokens, as :func:`norm_case`."""
     c = shape[-1]
     p = {"scale": jnp.zeros((c,)), "bias": jnp.zeros((c,))}
     x = jax.ShapeDtypeStruct(tuple(shape), jnp.bfloat16)
     mods = capture_triton_modules(
-        lambda p, s, gs, gn: fused.pallas_add_layer_norm_grad(p, (s,), (gs, gn), eps=1e-6),
-        p, x, x, x)
-    _, per_thread, tiles = norm_case(shape)
-    return [(m, fused.NORM_BLOCKS["num_warps"]) for m in mods], per_thread, tiles
+        lambda p, s, gs, gn: ln.pallas_add_layer_norm_grad(p, (s,), (gs, gn), eps=1e-6,
+                                                           settings=ks.norm), p, x, x, x)
+    forward, tiles = norm_case(shape, ks)
+    return [(m, *forward[0][1:]) for m in mods], tiles
 
 
-DEFAULT_SHAPES = {"conv": (256, 56, 56, 512), "conv_backward": (128, 56, 56, 512),
-                  "slope": (128, 56, 56, 512, 64),
+CASES = {"conv": conv_case, "conv_training": conv_training_case, "norm": norm_case,
+         "norm_backward": norm_backward_case}
+DEFAULT_SHAPES = {"conv": (256, 56, 56, 512), "conv_training": (128, 56, 56, 512),
                   "norm": (256, 196, 320), "norm_backward": (128, 3136, 64)}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kernel", choices=("conv", "conv_backward", "slope", "norm",
-                                       "norm_backward"))
+    ap.add_argument("kernel", choices=tuple(CASES))
     ap.add_argument("--shape", type=int, nargs="+", default=None,
-                    help="conv: B H W HIDDEN (default 256 56 56 512); slope: B H W HIDDEN "
-                         "C_OUT (default 128 56 56 512 64); norm: B N C "
-                         "(default 256 196 320; norm_backward 128 3136 64)")
-    ap.add_argument("--blocks", nargs="*", default=[],
-                    help="conv: CONV_BLOCKS settings, key=integer (booleans as 0/1)")
+                    help="conv, conv_training: B H W HIDDEN (default 256 56 56 512, "
+                         "128 56 56 512); norm, norm_backward: B N C (default 256 196 320, "
+                         "128 3136 64)")
+    ap.add_argument("--kernels", default="",
+                    help="kernel settings, e.g. conv_mlp.block_x=16 (lucid_fn.kernels.parse)")
     ap.add_argument("--dump", default=None, help="write the SASS here")
     args = ap.parse_args(argv)
     shape = tuple(args.shape or DEFAULT_SHAPES[args.kernel])
     if len(shape) != len(DEFAULT_SHAPES[args.kernel]):
         ap.error(f"--shape for {args.kernel} takes {len(DEFAULT_SHAPES[args.kernel])} "
                  f"integers, got {len(shape)}")
-    if args.kernel in ("norm", "norm_backward"):
-        case = norm_case if args.kernel == "norm" else norm_backward_case
-        mods, per_thread, tiles = case(shape)
-    else:
-        _, blocks = parse(":" + ",".join(args.blocks))
-        case = {"conv": conv_case, "conv_backward": conv_backward_case,
-                "slope": slope_case}[args.kernel]
-        mods, per_thread, tiles = case(shape, blocks)
-    print("tiles", tiles, "elements per thread per iteration", per_thread)
-    for text, warps in mods:
+    try:
+        ks = kernels.parse(args.kernels)
+    except (TypeError, ValueError) as e:
+        ap.error(str(e))
+    mods, tiles = CASES[args.kernel](shape, ks)
+    print("tiles", tiles)
+    for text, warps, per_thread in mods:
+        print("elements per thread per iteration", per_thread)
         r = report(text, warps, per_thread)
         print({k: v for k, v in r.items() if k != "loop_opcodes"})
         print(" loop:", dict(r["loop_opcodes"].most_common()))

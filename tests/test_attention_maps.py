@@ -75,7 +75,9 @@ def embed(model, p, x, stage):
     cfg = model.config
     if isinstance(cfg, pvt.PVTConfig):
         no_blocks = jax.tree_util.tree_map(lambda a: a[:0], p["blocks"])
-        return pvt.stage_forward({**p, "blocks": no_blocks}, x, None, [], cfg=cfg, stage=stage)
+        t, hw, _ = pvt.stage_forward({**p, "blocks": no_blocks}, x, None, [], cfg=cfg,
+                                     stage=stage)
+        return t, hw
     k = (7, 3, 3, 3)[stage]
     m = jax.lax.conv_general_dilated(x, p["patch_embed"]["proj"]["kernel"], ((4, 2, 2, 2)[stage],) * 2,
                                      [(k // 2, k // 2)] * 2,
