@@ -3,9 +3,10 @@
 Nothing is allocated: params and images are ``jax.ShapeDtypeStruct``s, so pvt_huge's 287M
 parameters cost no memory. Each measurement is a fresh ``jax.jit(...).lower(...).compile()``.
 
-    python benchmarks/compile_time.py --models pvt_tiny pvt_huge --out benchmarks/results
+    python benchmarks/compile_time.py --models pvt_tiny pvt_huge --out OUT
 
-writes ``compile_time.json`` and ``compile_time.md`` there and prints the table.
+writes ``<name>.json`` and ``<name>.md`` there (``--name``, default ``compile_time``) and
+prints the table.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def device_name() -> str:
            f"{os.cpu_count()} cores"
 
 
-def write(out: str | None, rows: list, batch: int) -> str:
+def write(out: str | None, rows: list, batch: int, name: str = "compile_time") -> str:
     """The table so far; rewritten after every row, so a stopped run keeps what it measured."""
     md = [f"Compile seconds, jax {jax.__version__}, {device_name()}, batch {batch}, 224x224.",
           "", "| model | blocks | remat | forward (s) | grad (s) |", "|---|---|---|---|---|"]
@@ -64,21 +65,22 @@ def write(out: str | None, rows: list, batch: int) -> str:
            for r in rows]
     if out:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "compile_time.json"), "w") as f:
+        with open(os.path.join(out, name + ".json"), "w") as f:
             json.dump({"jax": jax.__version__, "device": device_name(), "batch": batch,
                        "rows": rows}, f, indent=1)
-        with open(os.path.join(out, "compile_time.md"), "w") as f:
+        with open(os.path.join(out, name + ".md"), "w") as f:
             f.write("\n".join(md) + "\n")
     return "\n".join(md)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["pvt_tiny", "pvt_huge"])
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--remat", action="store_true", help="also measure remat=True")
-    ap.add_argument("--out", default=None, help="folder for compile_time.json / .md")
-    args = ap.parse_args()
+    ap.add_argument("--out", default=None, help="folder for the .json and .md")
+    ap.add_argument("--name", default="compile_time")
+    args = ap.parse_args(argv)
 
     rows = []
     for name in args.models:
@@ -86,7 +88,7 @@ def main():
             for remat in ((False, True) if args.remat else (False,)):
                 rows.append(measure(name, scan, remat, args.batch))
                 print(json.dumps(rows[-1]), flush=True)
-                table = write(args.out, rows, args.batch)
+                table = write(args.out, rows, args.batch, args.name)
     print(table)
 
 
