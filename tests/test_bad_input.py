@@ -27,6 +27,10 @@ BAD_BUILDS = [
     (dict(num_classes=-1), r"num_classes must be an integer >= 0"),
     (dict(depths=[2, 0, 2, 2]), r"depths must hold positive whole numbers"),
     (dict(scan_blocks="yes"), r"scan_blocks must be one of None, True, False"),
+    (dict(qk_scale=float("nan")), r"qk_scale must be a positive finite number"),
+    (dict(mlp_ratios=[0.01, 8, 4, 4]), r"mlp_ratios\[0\]=0.01 gives stage 1's MLP .* 0 "
+                                       r"hidden units; use mlp_ratios\[0\] >= 0.015625"),
+    (dict(kernels="attention.block_q=100"), r"AttentionSettings.block_q must be a power of two"),
 ]
 
 
@@ -49,6 +53,7 @@ BAD_IMAGES = [
     (np.zeros((2, 70, 64, 3), np.float32), r"divisible by its total stride 32; got 70x64.*96x64"),
     (np.zeros((2, 64, 64, 3), np.uint8), r"floating-point images; got dtype uint8.*255"),
     (np.zeros((2, 64, 64, 3), np.int32), r"floating-point images; got dtype int32"),
+    (np.zeros((0, 64, 64, 3), np.float32), r"empty batch.*\(0, 64, 64, 3\).*at least one"),
 ]
 
 

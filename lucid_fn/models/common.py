@@ -85,7 +85,7 @@ def choice(name: str, value, allowed: Sequence) -> object:
 
 def compute_dtype(value) -> np.dtype:
     try:
-        dt = jnp.dtype(value)
+        dt = None if value is None else jnp.dtype(value)
     except TypeError:
         dt = None
     if dt is None or not jnp.issubdtype(dt, jnp.floating):
@@ -146,7 +146,7 @@ def check_mlp_hidden(cfg) -> None:
         if cfg.mlp_hidden(i) < 1:
             raise ValueError(
                 f"mlp_ratios[{i}]={ratio} gives stage {i + 1}'s MLP int({dim} * {ratio}) = "
-                f"{cfg.mlp_hidden(i)} hidden units; use mlp_ratios[{i}] >= {1 / dim:.3g}"
+                f"{cfg.mlp_hidden(i)} hidden units; use mlp_ratios[{i}] >= {1 / dim:.6g}"
             )
 
 
@@ -224,6 +224,9 @@ def check_images(x, *, in_channels: int, stride: int, model: str):
             f"{model} was built for in_channels={in_channels}; got images with "
             f"{shape[-1]} channels (shape {shape}). Build with in_channels={shape[-1]}."
         )
+    if shape[0] == 0:
+        raise ValueError(f"{model} got an empty batch: images of shape {shape}; pass at "
+                         f"least one image")
     h, w = shape[1:3]
     if h % stride or w % stride:
         raise ValueError(
