@@ -64,7 +64,7 @@ def test_small_cpu_run_writes_json_and_markdown(bench, tmp_path):
 
 
 def test_flop_count_matches_the_known_pvt_small_figure(bench):
-    # issue 7: pvt_small's forward is 7.63 GFLOP per 224x224 image (2 per multiply-add)
+    # pvt_small's forward is 7.63 GFLOP per 224x224 image (2 per multiply-add)
     model = registry["pvt_small"](flavor="paper")
     params = jax.eval_shape(model.init, jax.random.key(0))
     x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)

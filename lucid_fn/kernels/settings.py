@@ -20,38 +20,42 @@ __all__ = ["AttentionSettings", "ConvMlpSettings", "KernelSettings", "MlpSetting
            "NormSettings", "resolve"]
 
 
-def _check_fields(obj) -> None:
-    """Every field an int >= 1 (a power of two where its name is in POW2), or a bool."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        where = f"{type(obj).__name__}.{f.name}"
-        if f.type in (bool, "bool"):
-            if not isinstance(value, bool):
-                raise TypeError(f"{where} must be True or False; got {value!r}")
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{where} must be an integer >= 1; got {value!r}")
-        if f.name in getattr(obj, "POW2", ()) and value & (value - 1):
-            raise ValueError(f"{where} must be a power of two (the kernels' tiles are); "
-                             f"got {value}")
+def _tile(default: int):
+    """A setting that must be a power of two, as the kernels' tiles are."""
+    return dataclasses.field(default=default, metadata={"pow2": True})
+
+
+class _Checked:
+    """Each field a bool, or an int >= 1 (a power of two where the field is a
+    :func:`_tile`); checked as the settings are made."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            where = f"{type(self).__name__}.{f.name}"
+            if f.type in (bool, "bool"):
+                if not isinstance(value, bool):
+                    raise TypeError(f"{where} must be True or False; got {value!r}")
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{where} must be an integer >= 1; got {value!r}")
+            if f.metadata.get("pow2") and value & (value - 1):
+                raise ValueError(f"{where} must be a power of two (the kernels' tiles are); "
+                                 f"got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
-class MlpSettings:
+class MlpSettings(_Checked):
     """PVT v1's MLP, ``fc2(GELU(fc1(x)))`` in one kernel (kernels/mlp.py): rows per
     program, hidden units per chunk, warps."""
     enabled: bool = True
-    block_m: int = 128
-    block_h: int = 128
-    num_warps: int = 8
-    POW2 = ("block_m", "block_h", "num_warps")
-
-    def __post_init__(self):
-        _check_fields(self)
+    block_m: int = _tile(128)
+    block_h: int = _tile(128)
+    num_warps: int = _tile(8)
 
 
 @dataclasses.dataclass(frozen=True)
-class ConvMlpSettings:
+class ConvMlpSettings(_Checked):
     """PVT v2's MLP: fc1's bias, the depthwise 3x3 conv and GELU in one kernel between
     fc1 and fc2, and its backward (kernels/conv_mlp.py, conv_mlp_grad.py).
 
@@ -61,52 +65,39 @@ class ConvMlpSettings:
     bands splitting the map until there are ``min_programs`` programs. The backward's
     tiles hold about ``grad_size`` elements a row."""
     enabled: bool = True
-    block_x: int = 32
-    block_h: int = 64
-    num_warps: int = 4
+    block_x: int = _tile(32)
+    block_h: int = _tile(64)
+    num_warps: int = _tile(4)
     min_programs: int = 1024
-    exact_min: int = 4
-    max_h: int = 256
-    max_h_narrow: int = 128
-    grad_size: int = 512
-    grad_warps: int = 4
-    POW2 = ("block_x", "block_h", "num_warps", "exact_min", "max_h", "max_h_narrow",
-            "grad_size", "grad_warps")
-
-    def __post_init__(self):
-        _check_fields(self)
+    exact_min: int = _tile(4)
+    max_h: int = _tile(256)
+    max_h_narrow: int = _tile(128)
+    grad_size: int = _tile(512)
+    grad_warps: int = _tile(4)
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionSettings:
+class AttentionSettings(_Checked):
     """The attention core softmax(q k^T * scale) v (kernels/attention.py): query rows per
     program and warps; its backward: query rows a step, warps, and the least number of
     programs (a program walks several steps down one head's queries)."""
     enabled: bool = True
-    block_q: int = 128
-    num_warps: int = 4
-    grad_block_q: int = 64
-    grad_num_warps: int = 4
+    block_q: int = _tile(128)
+    num_warps: int = _tile(4)
+    grad_block_q: int = _tile(64)
+    grad_num_warps: int = _tile(4)
     grad_min_programs: int = 1024
-    POW2 = ("block_q", "num_warps", "grad_block_q", "grad_num_warps")
-
-    def __post_init__(self):
-        _check_fields(self)
 
 
 @dataclasses.dataclass(frozen=True)
-class NormSettings:
+class NormSettings(_Checked):
     """The residual add + LayerNorm family (kernels/layer_norm.py): about ``elements``
     elements per program (whole rows, a power of two of them, at least ``min_rows``),
     warps."""
     enabled: bool = True
-    elements: int = 4096
-    num_warps: int = 4
-    min_rows: int = 8
-    POW2 = ("elements", "num_warps", "min_rows")
-
-    def __post_init__(self):
-        _check_fields(self)
+    elements: int = _tile(4096)
+    num_warps: int = _tile(4)
+    min_rows: int = _tile(8)
 
 
 _FAMILIES = {"mlp": MlpSettings, "conv_mlp": ConvMlpSettings, "attention": AttentionSettings,

@@ -1,13 +1,18 @@
-"""Checks every model family runs before any XLA work: builder arguments and input images.
+"""What the PVT families share: the config fields of every pyramid, the checks run before
+any XLA work (builder arguments, images, params), the attention both families' blocks
+run, and the builders' registration.
 
 Errors name the argument, what was given and what is allowed, in the user's terms.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +22,42 @@ from lucid_fn import kernels, nn
 from lucid_fn.registry import Model, register_model
 
 NUM_STAGES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class PyramidConfig:
+    """The builder arguments both families take (each family's config adds its own)."""
+    img_size: int = 224
+    num_classes: int = 1000
+    patch_size: int = 4
+    in_channels: int = 3
+    embed_dims: tuple = (64, 128, 320, 512)
+    num_heads: tuple = (1, 2, 5, 8)
+    mlp_ratios: tuple = (8.0, 8.0, 4.0, 4.0)
+    qkv_bias: bool = True
+    qk_scale: float | None = None
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    depths: tuple = (3, 4, 6, 3)
+    sr_ratios: tuple = (8, 4, 2, 1)
+    norm_eps: float = 1e-6
+    dtype: Any = np.dtype("float32")
+    scan_blocks: bool | None = None  # None: auto, see resolve_scan_blocks
+    remat: bool = False
+    kernels: Any = None  # a lucid_fn.kernels.KernelSettings once resolved
+
+    def mlp_hidden(self, stage: int) -> int:
+        return int(self.embed_dims[stage] * self.mlp_ratios[stage])
+
+    @property
+    def first_stride(self) -> int:
+        """The first patch embedding's stride; each later stage halves the map."""
+        return self.patch_size
+
+    @property
+    def total_stride(self) -> int:
+        return self.first_stride * 8
 
 # Seed (Lucid) constructor arguments we deliberately replace, with what to use instead.
 _RENAMED = {
@@ -196,6 +237,13 @@ def check_sr_ratios(sr_ratios, h: int, w: int, first_stride: int) -> None:
             )
 
 
+def check_reduction(cfg, h: int, w: int) -> None:
+    """:func:`check_sr_ratios` for ``h`` x ``w`` images, unless the attention is linear
+    (a 7x7 pool that takes any map)."""
+    if not getattr(cfg, "linear", False):
+        check_sr_ratios(cfg.sr_ratios, h, w, cfg.first_stride)
+
+
 def check_images(x, *, in_channels: int, stride: int, model: str):
     """Validate a batch of NHWC images (any size whose sides ``stride`` divides)."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
@@ -291,6 +339,26 @@ def check_params(params, specs, model: str) -> None:
 # ------------------------------------------------------- pieces of every model's apply
 
 
+def apply_inputs(params, images, *, cfg, specs, name: str, train: bool, rng, attention):
+    """What every ``apply`` checks and sets up first, at trace time: the params against
+    the model's ``specs``, the images, each stage's reduction windows, the attention
+    probes, the stages' keys and drop-path rates. Returns (images in the compute dtype,
+    keys, rates, probes)."""
+    check_params(params, specs, name)
+    images = check_images(images, in_channels=cfg.in_channels, stride=cfg.total_stride,
+                          model=name)
+    check_reduction(cfg, *images.shape[1:3])
+    probes = attention_blocks(attention, cfg.depths, name)
+    rngs = stage_rngs(train, rng)
+    rates = stage_path_rates(cfg.depths, cfg.drop_path_rate)
+    return jnp.asarray(images).astype(cfg.dtype), rngs, rates, probes
+
+
+def head_specs(cfg) -> dict:
+    """The classifier's specs, none for a headless model (``num_classes=0``)."""
+    return {"head": nn.init_linear(cfg.embed_dims[3], cfg.num_classes)} if cfg.num_classes else {}
+
+
 def make_init(specs):
     """``init(key) -> params`` drawing ``specs`` (nn.Init leaves).
 
@@ -324,14 +392,48 @@ def stage_rngs(train: bool, rng) -> list:
     return list(jax.random.split(rng, NUM_STAGES))
 
 
+# --------------------------------------------------- spatial-reduction attention
+
+
+def attention(p, x, rngs, *, cfg, stage: int, hw):
+    """Stage ``stage``'s spatial-reduction attention over the ``hw`` token map (nn.sra)."""
+    return nn.sra(p, x, rngs, hw=hw, heads=cfg.num_heads[stage], scale=cfg.qk_scale,
+                  dtype=cfg.dtype, attn_drop=cfg.attn_drop_rate, drop=cfg.drop_rate,
+                  linear=getattr(cfg, "linear", False), kernels=cfg.kernels)
+
+
+def attention_probs(p, x, *, cfg, stage: int, hw):
+    """A block's attention probabilities over the stream entering it (attention maps)."""
+    return nn.sra_probs(p["attn"], nn.layer_norm(p["norm1"], x, cfg.norm_eps), hw=hw,
+                        heads=cfg.num_heads[stage], scale=cfg.qk_scale, dtype=cfg.dtype,
+                        linear=getattr(cfg, "linear", False))
+
+
+def run_stage_blocks(block, p, x, rng, path_rates, *, cfg, stage: int, hw, probe):
+    """A stage's blocks over the stream ``x``: (stream, block ``probe``'s attention
+    probabilities or None)."""
+    kw = dict(cfg=cfg, stage=stage, hw=hw)
+    probe = None if probe is None else (probe, functools.partial(attention_probs, **kw))
+    out = nn.run_blocks(functools.partial(block, **kw), p["blocks"], x, rng, path_rates,
+                        scan=cfg.scan_blocks, remat=cfg.remat, probe=probe)
+    return out if probe else (out, None)
+
+
 # ------------------------------------------------------------------------- builders
 
 
-def builder(name: str, defaults: dict, doc: str, *, make_config, param_specs, make_apply,
-            in_channels: bool = False):
-    """Register the builder ``name``, with the seed's signature ``name(img_size=224,
-    num_classes=1000, **kwargs)`` (``in_channels=3`` third with ``in_channels``, as the
-    seed's PVT v2), building on ``defaults``: config, parameter specs, ``(init, apply)``."""
+def register_builders(table: dict, *, make_config, param_specs, make_apply,
+                      in_channels: bool = False) -> None:
+    """Register a builder for each ``name: (defaults, doc)`` of ``table``, with the seed's
+    signature ``name(img_size=224, num_classes=1000, **kwargs)`` (``in_channels=3`` third
+    with ``in_channels``, as the seed's PVT v2): config, parameter specs, ``(init, apply)``."""
+    for name, (defaults, doc) in table.items():
+        register_model(_builder(name, defaults, doc, in_channels,
+                                (make_config, param_specs, make_apply)))
+
+
+def _builder(name: str, defaults: dict, doc: str, in_channels: bool, family: tuple):
+    make_config, param_specs, make_apply = family
 
     def build(**kwargs) -> Model:
         cfg = make_config(name, **{**defaults, **kwargs})
@@ -349,4 +451,4 @@ def builder(name: str, defaults: dict, doc: str, *, make_config, param_specs, ma
     fn.__name__ = fn.__qualname__ = name
     fn.__doc__ = doc
     fn.__module__ = make_config.__module__
-    return register_model(fn)
+    return fn

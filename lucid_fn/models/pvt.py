@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lucid_fn import nn
 from lucid_fn.kernels import mlp as mlp_kernel
-from lucid_fn.kernels.settings import KernelSettings
 from lucid_fn.models import common
 
 # The patch embedding's LayerNorm keeps nn.LayerNorm's default epsilon in the seed; blocks
@@ -44,42 +41,17 @@ FLAVORS = ("lucid", "paper")
 
 
 @dataclasses.dataclass(frozen=True)
-class PVTConfig:
-    img_size: int = 224
-    num_classes: int = 1000
-    patch_size: int = 4
-    in_channels: int = 3
-    embed_dims: tuple = (64, 128, 320, 512)
-    num_heads: tuple = (1, 2, 5, 8)
-    mlp_ratios: tuple = (8.0, 8.0, 4.0, 4.0)
-    qkv_bias: bool = True
-    qk_scale: float | None = None
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    depths: tuple = (3, 4, 6, 3)
-    sr_ratios: tuple = (8, 4, 2, 1)
-    norm_eps: float = 1e-6
+class PVTConfig(common.PyramidConfig):
+    """PVT v1's builder arguments: the pyramid's (models/common.py) and the flavor."""
     flavor: str = "lucid"
-    dtype: Any = np.dtype("float32")
-    scan_blocks: bool | None = None  # None: auto, see common.resolve_scan_blocks
-    remat: bool = False
-    kernels: KernelSettings | str | None = None  # None: the defaults, see kernels.resolve
 
     @property
     def patch_sizes(self) -> tuple:
         return (self.patch_size, 2, 2, 2)
 
-    @property
-    def total_stride(self) -> int:
-        return self.patch_size * 8
-
     def grid(self, stage: int) -> int:
         """Side of stage ``stage``'s (0-based) token map for img_size inputs."""
         return self.img_size // (self.patch_size * 2**stage)
-
-    def mlp_hidden(self, stage: int) -> int:
-        return int(self.embed_dims[stage] * self.mlp_ratios[stage])
 
 
 ARGUMENTS = tuple(f.name for f in dataclasses.fields(PVTConfig))
@@ -98,7 +70,7 @@ def make_config(builder: str, **kwargs) -> PVTConfig:
             f"sr_ratios[3] must be 1: stage 4 carries the class token, so its tokens do not "
             f"form a map to reduce; got sr_ratios={list(cfg.sr_ratios)}"
         )
-    common.check_sr_ratios(cfg.sr_ratios, cfg.img_size, cfg.img_size, cfg.patch_size)
+    common.check_reduction(cfg, cfg.img_size, cfg.img_size)
     common.check_mlp_hidden(cfg)
     return cfg
 
@@ -127,13 +99,6 @@ def mlp(p, x, rngs, *, cfg: PVTConfig):
     return nn.dropout(nn.linear(p["fc2"], h, cfg.dtype), cfg.drop_rate, rngs[1])
 
 
-def attention(p, x, rngs, *, cfg: PVTConfig, stage: int, hw):
-    """Spatial-reduction attention over the ``hw`` token map (nn/attention.py)."""
-    return nn.sra(p, x, rngs, hw=hw, heads=cfg.num_heads[stage], scale=cfg.qk_scale,
-                  dtype=cfg.dtype, attn_drop=cfg.attn_drop_rate, drop=cfg.drop_rate,
-                  kernels=cfg.kernels)
-
-
 def init_block(cfg: PVTConfig, stage: int) -> dict:
     dim = cfg.embed_dims[stage]
     attn = nn.init_sra(dim, sr_ratio=cfg.sr_ratios[stage], qkv_bias=cfg.qkv_bias,
@@ -142,21 +107,13 @@ def init_block(cfg: PVTConfig, stage: int) -> dict:
 
 
 def block(p, x, rng, path_rate, *, cfg: PVTConfig, stage: int, hw):
-    """The encoder block: pre-norm attention and MLP, each a residual branch with
-    stochastic depth. ``x`` is the stage's residual stream (an ``nn.Stream``)."""
-    k = nn.block_keys(rng)
-    norm1 = functools.partial(nn.layer_norm, p["norm1"], eps=cfg.norm_eps)
-    norm2 = functools.partial(nn.layer_norm, p["norm2"], eps=cfg.norm_eps)
-    attn = functools.partial(attention, p["attn"], cfg=cfg, stage=stage, hw=hw)
-    x = x + nn.drop_path(attn(norm1(x), k.attn), path_rate, k.attn_path)
-    x = x + nn.drop_path(mlp(p["mlp"], norm2(x), k.mlp, cfg=cfg), path_rate, k.mlp_path)
-    return x
-
-
-def attention_probs(p, x, *, cfg: PVTConfig, stage: int, hw):
-    """The block's attention probabilities over the stream entering it (attention maps)."""
-    return nn.sra_probs(p["attn"], nn.layer_norm(p["norm1"], x, cfg.norm_eps), hw=hw,
-                        heads=cfg.num_heads[stage], scale=cfg.qk_scale, dtype=cfg.dtype)
+    """The encoder block: ``x = x + drop_path(attn(norm1(x)))``, ``x = x +
+    drop_path(mlp(norm2(x)))`` (nn.prenorm_block) with spatial-reduction attention and
+    this MLP, over the stage's residual stream ``x``."""
+    return nn.prenorm_block(p, x, rng, path_rate, eps=cfg.norm_eps,
+                            attn=functools.partial(common.attention, cfg=cfg, stage=stage,
+                                                   hw=hw),
+                            mlp=functools.partial(mlp, cfg=cfg))
 
 
 # ---------------------------------------------------------------------------- stage
@@ -195,11 +152,8 @@ def stage_forward(p, x, rng, path_rates, *, cfg: PVTConfig, stage: int, probe=No
     if "cls_token" in p:
         x = x.prepend(p["cls_token"])
     x = (x + pos).dropout(cfg.drop_rate, k_pos)
-    kw = dict(cfg=cfg, stage=stage, hw=(h, w))
-    probe = None if probe is None else (probe, functools.partial(attention_probs, **kw))
-    out = nn.run_blocks(functools.partial(block, **kw), p["blocks"], x, k_blocks, path_rates,
-                        scan=cfg.scan_blocks, remat=cfg.remat, probe=probe)
-    x, seen = out if probe else (out, None)
+    x, seen = common.run_stage_blocks(block, p, x, k_blocks, path_rates, cfg=cfg, stage=stage,
+                                      hw=(h, w), probe=probe)
     return x.tokens(), (h, w), seen
 
 
@@ -216,14 +170,10 @@ def param_specs(cfg: PVTConfig) -> dict:
     """
     specs = {f"stage{i + 1}": init_stage(cfg, i) for i in range(4)}
     specs["norm"] = nn.init_layer_norm(cfg.embed_dims[3])
-    if cfg.num_classes:
-        specs["head"] = nn.init_linear(cfg.embed_dims[3], cfg.num_classes)
-    return specs
+    return {**specs, **common.head_specs(cfg)}
 
 
 def make_apply(cfg: PVTConfig, name: str, specs: dict):
-    rates = common.stage_path_rates(cfg.depths, cfg.drop_path_rate)
-
     def apply(params, x, *, train: bool = False, rng=None, features: bool = False,
               attention=None):
         """Logits (B, num_classes) float32; the pooled class token when num_classes=0;
@@ -232,13 +182,9 @@ def make_apply(cfg: PVTConfig, name: str, specs: dict):
         than img_size (sides divisible by the total stride) use resized position
         embeddings. ``attention``: one block index per stage; then ``(out, probs)``, the
         4 blocks' attention probabilities (B, heads, N_q, N_kv) float32."""
-        common.check_params(params, specs, name)
-        x = common.check_images(x, in_channels=cfg.in_channels, stride=cfg.total_stride,
-                                model=name)
-        common.check_sr_ratios(cfg.sr_ratios, *x.shape[1:3], cfg.patch_size)
-        probes = common.attention_blocks(attention, cfg.depths, name)
-        rngs = common.stage_rngs(train, rng)
-        x = jnp.asarray(x).astype(cfg.dtype)
+        x, rngs, rates, probes = common.apply_inputs(
+            params, x, cfg=cfg, specs=specs, name=name, train=train, rng=rng,
+            attention=attention)
         maps, probs = [], []
         for i in range(4):
             t, (h, w), seen = stage_forward(params[f"stage{i + 1}"], x, rngs[i], rates[i],
@@ -259,29 +205,25 @@ def make_apply(cfg: PVTConfig, name: str, specs: dict):
 
 
 # ------------------------------------------------------------------------- builders
+# name: (arguments, docstring); parameter counts at 1000 classes, 224x224.
 
 _COMMON = dict(patch_size=4, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8),
                mlp_ratios=(8, 8, 4, 4), qkv_bias=True, norm_eps=1e-6, sr_ratios=(8, 4, 2, 1))
-
-
-_builder = functools.partial(common.builder, make_config=make_config,
-                             param_specs=param_specs, make_apply=make_apply)
-pvt_tiny = _builder("pvt_tiny", dict(_COMMON, depths=(2, 2, 2, 2)),
-                    "PVT-Tiny: depths [2, 2, 2, 2]; 12,457,192 parameters (lucid), "
-                    "13,229,288 (paper).")
-pvt_small = _builder("pvt_small", dict(_COMMON, depths=(3, 4, 6, 3)),
-                     "PVT-Small: depths [3, 4, 6, 3]; 23,003,048 parameters (lucid), "
-                     "24,485,864 (paper).")
-pvt_medium = _builder("pvt_medium", dict(_COMMON, depths=(3, 4, 18, 3)),
-                      "PVT-Medium: depths [3, 4, 18, 3]; 41,492,648 parameters (lucid), "
-                      "44,208,104 (paper).")
-pvt_large = _builder("pvt_large", dict(_COMMON, depths=(3, 4, 27, 3)),
-                     "PVT-Large: depths [3, 4, 27, 3]; 55,359,848 parameters (lucid), "
-                     "58,999,784 (paper).")
-pvt_huge = _builder("pvt_huge", dict(_COMMON, embed_dims=(128, 256, 512, 768),
-                                     num_heads=(2, 4, 8, 12), depths=(3, 10, 60, 3),
-                                     drop_path_rate=0.02),
-                    "PVT-Huge: widths [128, 256, 512, 768], depths [3, 10, 60, 3], "
-                    "drop_path_rate 0.02; 286,706,920 parameters (lucid), 304,945,512 "
-                    "(paper). Its 76 blocks are scanned by default (unrolled, its train step "
-                    "takes minutes to compile).")
+_HUGE = dict(_COMMON, embed_dims=(128, 256, 512, 768), num_heads=(2, 4, 8, 12),
+             drop_path_rate=0.02)
+BUILDERS = {
+    "pvt_tiny": (dict(_COMMON, depths=(2, 2, 2, 2)), "PVT-Tiny: depths [2, 2, 2, 2]; "
+                 "12,457,192 parameters (lucid), 13,229,288 (paper)."),
+    "pvt_small": (dict(_COMMON, depths=(3, 4, 6, 3)), "PVT-Small: depths [3, 4, 6, 3]; "
+                  "23,003,048 parameters (lucid), 24,485,864 (paper)."),
+    "pvt_medium": (dict(_COMMON, depths=(3, 4, 18, 3)), "PVT-Medium: depths [3, 4, 18, 3]; "
+                   "41,492,648 parameters (lucid), 44,208,104 (paper)."),
+    "pvt_large": (dict(_COMMON, depths=(3, 4, 27, 3)), "PVT-Large: depths [3, 4, 27, 3]; "
+                  "55,359,848 parameters (lucid), 58,999,784 (paper)."),
+    "pvt_huge": (dict(_HUGE, depths=(3, 10, 60, 3)), "PVT-Huge: widths [128, 256, 512, "
+                 "768], depths [3, 10, 60, 3], drop_path_rate 0.02; 286,706,920 parameters "
+                 "(lucid), 304,945,512 (paper). Its 76 blocks are scanned by default "
+                 "(unrolled, its train step takes minutes to compile)."),
+}
+common.register_builders(BUILDERS, make_config=make_config, param_specs=param_specs,
+                         make_apply=make_apply)

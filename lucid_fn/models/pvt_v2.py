@@ -27,15 +27,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lucid_fn import nn
 from lucid_fn.kernels import conv_mlp as conv_mlp_kernel
-from lucid_fn.kernels.settings import KernelSettings
 from lucid_fn.models import common
 
 PATCH_NORM_EPS = 1e-5  # OverlapPatchEmbed keeps nn.LayerNorm's default
@@ -44,41 +41,26 @@ PATCH_NORM_EPS = 1e-5  # OverlapPatchEmbed keeps nn.LayerNorm's default
 # embeddings were slower that way (benchmarks/NOTES.md).
 S2D_MAX_CHANNELS = 8
 STRIDES = (4, 2, 2, 2)
-TOTAL_STRIDE = 32
 
 
 # ---------------------------------------------------------------------------- config
 
 
 @dataclasses.dataclass(frozen=True)
-class PVTv2Config:
-    img_size: int = 224  # the size summaries assume; any multiple of 32 runs
-    num_classes: int = 1000
-    patch_size: int = 7  # stage 1's overlapping patch (kernel); stride 4
-    in_channels: int = 3
-    embed_dims: tuple = (64, 128, 320, 512)
-    num_heads: tuple = (1, 2, 5, 8)
-    mlp_ratios: tuple = (8.0, 8.0, 4.0, 4.0)
-    qkv_bias: bool = True
-    qk_scale: float | None = None
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    depths: tuple = (3, 4, 6, 3)
-    sr_ratios: tuple = (8, 4, 2, 1)
+class PVTv2Config(common.PyramidConfig):
+    """PVT v2's builder arguments: the pyramid's (models/common.py), with ``patch_size``
+    stage 1's overlapping kernel (stride 4), and ``linear`` SRA. Any multiple of 32 runs
+    (img_size is the size summaries assume)."""
+    patch_size: int = 7
     linear: bool = False
-    norm_eps: float = 1e-6
-    dtype: Any = np.dtype("float32")
-    scan_blocks: bool | None = None  # None: auto, see common.resolve_scan_blocks
-    remat: bool = False
-    kernels: KernelSettings | str | None = None  # None: the defaults, see kernels.resolve
 
     @property
     def kernel_sizes(self) -> tuple:
         return (self.patch_size, 3, 3, 3)
 
-    def mlp_hidden(self, stage: int) -> int:
-        return int(self.embed_dims[stage] * self.mlp_ratios[stage])
+    @property
+    def first_stride(self) -> int:
+        return STRIDES[0]
 
 
 ARGUMENTS = tuple(f.name for f in dataclasses.fields(PVTv2Config))
@@ -94,15 +76,10 @@ def make_config(builder: str, **kwargs) -> PVTv2Config:
             f"patch_size={cfg.patch_size}: v2's first patch embedding overlaps, so its "
             f"kernel must be odd and larger than its stride 4 (e.g. 7, the default)"
         )
-    common.check_img_size(cfg.img_size, TOTAL_STRIDE, "4 x 2 x 2 x 2")
-    check_sr_ratios(cfg, cfg.img_size, cfg.img_size)
+    common.check_img_size(cfg.img_size, cfg.total_stride, "4 x 2 x 2 x 2")
+    common.check_reduction(cfg, cfg.img_size, cfg.img_size)
     common.check_mlp_hidden(cfg)
     return cfg
-
-
-def check_sr_ratios(cfg: PVTv2Config, h: int, w: int) -> None:
-    if not cfg.linear:  # the linear variant pools to 7x7 and takes any map size
-        common.check_sr_ratios(cfg.sr_ratios, h, w, STRIDES[0])
 
 
 # --------------------------------------------------------- attention, MLP and block
@@ -138,13 +115,6 @@ def mlp(p, x, rngs, *, cfg: PVTv2Config, hw):
     return nn.dropout(nn.linear(p["fc2"], h, cfg.dtype), cfg.drop_rate, rngs[1])
 
 
-def attention(p, x, rngs, *, cfg: PVTv2Config, stage: int, hw):
-    """Spatial-reduction attention over the ``hw`` token map (nn/attention.py)."""
-    return nn.sra(p, x, rngs, hw=hw, heads=cfg.num_heads[stage], scale=cfg.qk_scale,
-                  dtype=cfg.dtype, attn_drop=cfg.attn_drop_rate, drop=cfg.drop_rate,
-                  linear=cfg.linear, kernels=cfg.kernels)
-
-
 def init_block(cfg: PVTv2Config, stage: int) -> dict:
     dim = cfg.embed_dims[stage]
     attn = nn.init_sra(dim, sr_ratio=cfg.sr_ratios[stage], qkv_bias=cfg.qkv_bias, proj=True,
@@ -153,23 +123,13 @@ def init_block(cfg: PVTv2Config, stage: int) -> dict:
 
 
 def block(p, x, rng, path_rate, *, cfg: PVTv2Config, stage: int, hw):
-    """The encoder block: pre-norm attention and MLP, each a residual branch with
-    stochastic depth. ``x`` is the stage's residual stream (an ``nn.Stream``)."""
-    k = nn.block_keys(rng)
-    norm1 = functools.partial(nn.layer_norm, p["norm1"], eps=cfg.norm_eps)
-    norm2 = functools.partial(nn.layer_norm, p["norm2"], eps=cfg.norm_eps)
-    attn = functools.partial(attention, p["attn"], cfg=cfg, stage=stage, hw=hw)
-    x = x + nn.drop_path(attn(norm1(x), k.attn), path_rate, k.attn_path)
-    x = x + nn.drop_path(mlp(p["mlp"], norm2(x), k.mlp, cfg=cfg, hw=hw), path_rate,
-                         k.mlp_path)
-    return x
-
-
-def attention_probs(p, x, *, cfg: PVTv2Config, stage: int, hw):
-    """The block's attention probabilities over the stream entering it (attention maps)."""
-    return nn.sra_probs(p["attn"], nn.layer_norm(p["norm1"], x, cfg.norm_eps), hw=hw,
-                        heads=cfg.num_heads[stage], scale=cfg.qk_scale, dtype=cfg.dtype,
-                        linear=cfg.linear)
+    """The encoder block: ``x = x + drop_path(attn(norm1(x)))``, ``x = x +
+    drop_path(mlp(norm2(x)))`` (nn.prenorm_block) with spatial-reduction attention and
+    the conv MLP, over the stage's residual stream ``x``."""
+    return nn.prenorm_block(p, x, rng, path_rate, eps=cfg.norm_eps,
+                            attn=functools.partial(common.attention, cfg=cfg, stage=stage,
+                                                   hw=hw),
+                            mlp=functools.partial(mlp, cfg=cfg, hw=hw))
 
 
 # ---------------------------------------------------------------------------- stage
@@ -201,11 +161,8 @@ def stage_forward(p, x, rng, path_rates, *, cfg: PVTv2Config, stage: int, probe=
     b, h, w, c = m.shape
     x = nn.Stream(m.reshape(b, h * w, c), kernels=cfg.kernels, train=rng is not None)
     x = x.layer_norm(p["patch_embed"]["norm"], PATCH_NORM_EPS)
-    kw = dict(cfg=cfg, stage=stage, hw=(h, w))
-    probe = None if probe is None else (probe, functools.partial(attention_probs, **kw))
-    out = nn.run_blocks(functools.partial(block, **kw), p["blocks"], x, rng, path_rates,
-                        scan=cfg.scan_blocks, remat=cfg.remat, probe=probe)
-    x, seen = out if probe else (out, None)
+    x, seen = common.run_stage_blocks(block, p, x, rng, path_rates, cfg=cfg, stage=stage,
+                                      hw=(h, w), probe=probe)
     x = x.layer_norm(p["norm"], cfg.norm_eps)
     return x.tokens().reshape(b, h, w, c), seen
 
@@ -217,14 +174,10 @@ def param_specs(cfg: PVTv2Config) -> dict:
     """Linear weights N(0, 0.02) (timm's trunc_normal_(std=.02) bounds at +-2 absolute, the
     same distribution), convs as timm's v2 init, LayerNorm 1 and 0."""
     specs = {f"stage{i + 1}": init_stage(cfg, i) for i in range(4)}
-    if cfg.num_classes:
-        specs["head"] = nn.init_linear(cfg.embed_dims[3], cfg.num_classes)
-    return specs
+    return {**specs, **common.head_specs(cfg)}
 
 
 def make_apply(cfg: PVTv2Config, name: str, specs: dict):
-    rates = common.stage_path_rates(cfg.depths, cfg.drop_path_rate)
-
     def apply(params, x, *, train: bool = False, rng=None, features: bool = False,
               attention=None):
         """Logits (B, num_classes) float32; the pooled features when num_classes=0; with
@@ -232,13 +185,9 @@ def make_apply(cfg: PVTv2Config, name: str, specs: dict):
         4/8/16/32, in the compute dtype. Any image size whose sides 32 divides.
         ``attention``: one block index per stage; then ``(out, probs)``, the 4 blocks'
         attention probabilities (B, heads, N_q, N_kv) float32."""
-        common.check_params(params, specs, name)
-        x = common.check_images(x, in_channels=cfg.in_channels, stride=TOTAL_STRIDE,
-                                model=name)
-        check_sr_ratios(cfg, *x.shape[1:3])
-        probes = common.attention_blocks(attention, cfg.depths, name)
-        rngs = common.stage_rngs(train, rng)
-        x = jnp.asarray(x).astype(cfg.dtype)
+        x, rngs, rates, probes = common.apply_inputs(
+            params, x, cfg=cfg, specs=specs, name=name, train=train, rng=rng,
+            attention=attention)
         maps, probs = [], []
         for i in range(4):
             x, seen = stage_forward(params[f"stage{i + 1}"], x, rngs[i], rates[i],
@@ -257,26 +206,26 @@ def make_apply(cfg: PVTv2Config, name: str, specs: dict):
 
 
 # ------------------------------------------------------------------------- builders
-# The seed's signature: name(img_size=224, num_classes=1000, in_channels=3, **kwargs).
+# name: (arguments, docstring); parameter counts at 1000 classes, 224x224. The seed's
+# signature: name(img_size=224, num_classes=1000, in_channels=3, **kwargs).
 
 _WIDE = (64, 128, 320, 512)
-
-
-_builder = functools.partial(common.builder, make_config=make_config,
-                             param_specs=param_specs, make_apply=make_apply, in_channels=True)
-pvt_v2_b0 = _builder("pvt_v2_b0", dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2)),
-                     "PVT v2 b0: widths 32/64/160/256, depths 2/2/2/2; 3,666,760 parameters.")
-pvt_v2_b1 = _builder("pvt_v2_b1", dict(embed_dims=_WIDE, depths=(2, 2, 2, 2)),
-                     "PVT v2 b1: depths 2/2/2/2; 14,009,000 parameters.")
-pvt_v2_b2 = _builder("pvt_v2_b2", dict(embed_dims=_WIDE, depths=(3, 4, 6, 3)),
-                     "PVT v2 b2: depths 3/4/6/3; 25,362,856 parameters.")
-pvt_v2_b2_li = _builder("pvt_v2_b2_li", dict(embed_dims=_WIDE, depths=(3, 4, 6, 3), linear=True),
-                        "PVT v2 b2 with linear SRA (7x7 pooled keys and values, ReLU in the "
-                        "MLP); 22,553,512 parameters.")
-pvt_v2_b3 = _builder("pvt_v2_b3", dict(embed_dims=_WIDE, depths=(3, 4, 18, 3)),
-                     "PVT v2 b3: depths 3/4/18/3; 45,238,696 parameters.")
-pvt_v2_b4 = _builder("pvt_v2_b4", dict(embed_dims=_WIDE, depths=(3, 8, 27, 3)),
-                     "PVT v2 b4: depths 3/8/27/3; 62,556,072 parameters.")
-pvt_v2_b5 = _builder("pvt_v2_b5", dict(embed_dims=_WIDE, depths=(3, 6, 40, 3),
-                                       mlp_ratios=(4, 4, 4, 4)),
-                     "PVT v2 b5: depths 3/6/40/3, MLP ratios 4; 81,956,008 parameters.")
+BUILDERS = {
+    "pvt_v2_b0": (dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2)),
+                  "PVT v2 b0: widths 32/64/160/256, depths 2/2/2/2; 3,666,760 parameters."),
+    "pvt_v2_b1": (dict(embed_dims=_WIDE, depths=(2, 2, 2, 2)),
+                  "PVT v2 b1: depths 2/2/2/2; 14,009,000 parameters."),
+    "pvt_v2_b2": (dict(embed_dims=_WIDE, depths=(3, 4, 6, 3)),
+                  "PVT v2 b2: depths 3/4/6/3; 25,362,856 parameters."),
+    "pvt_v2_b2_li": (dict(embed_dims=_WIDE, depths=(3, 4, 6, 3), linear=True),
+                     "PVT v2 b2 with linear SRA (7x7 pooled keys and values, ReLU in the "
+                     "MLP); 22,553,512 parameters."),
+    "pvt_v2_b3": (dict(embed_dims=_WIDE, depths=(3, 4, 18, 3)),
+                  "PVT v2 b3: depths 3/4/18/3; 45,238,696 parameters."),
+    "pvt_v2_b4": (dict(embed_dims=_WIDE, depths=(3, 8, 27, 3)),
+                  "PVT v2 b4: depths 3/8/27/3; 62,556,072 parameters."),
+    "pvt_v2_b5": (dict(embed_dims=_WIDE, depths=(3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4)),
+                  "PVT v2 b5: depths 3/6/40/3, MLP ratios 4; 81,956,008 parameters."),
+}
+common.register_builders(BUILDERS, make_config=make_config, param_specs=param_specs,
+                         make_apply=make_apply, in_channels=True)

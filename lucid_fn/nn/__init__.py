@@ -3,7 +3,8 @@ spatial-reduction attention (attention.py), and the residual stream and block ru
 where adds and norms become kernels (block.py)."""
 
 from lucid_fn.nn.attention import init_sra, sra, sra_probs
-from lucid_fn.nn.block import Stream, block_keys, init_block, layer_norm, run_blocks
+from lucid_fn.nn.block import (Stream, block_keys, init_block, layer_norm, prenorm_block,
+                               run_blocks)
 from lucid_fn.nn.layers import (
     Biased,
     Init,
@@ -48,6 +49,7 @@ __all__ = [
     "materialize",
     "normal",
     "patchify_conv",
+    "prenorm_block",
     "resize_pos_embed",
     "run_blocks",
     "space_to_depth_conv",

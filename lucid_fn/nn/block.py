@@ -1,11 +1,12 @@
 """The residual stream of a stage, and how a stage runs its blocks.
 
-Model files write a block as the paper's equations over the stream ``x``::
+Blocks are the paper's equations over the stream ``x`` (:func:`prenorm_block`)::
 
     x = x + drop_path(attn(layer_norm(norm1, x)))
     x = x + drop_path(mlp(layer_norm(norm2, x)))
 
-and a stage as patch embedding, norm, position embedding, blocks, norm. This module is
+and model files write a stage as patch embedding, norm, position embedding, blocks, norm
+over the same stream. This module is
 the one place where those adds and norms become kernels (kernels/layer_norm.py): ``x``
 is a :class:`Stream`, which holds the stream's tokens with one step not yet taken, a
 branch to add or a LayerNorm (and position embedding) to apply. The LayerNorm that reads
@@ -83,8 +84,10 @@ class Stream:
         into a pending opening norm: the first norm1's kernel adds it)."""
         if self._tokens is None and self.norm is not None and self.pos is None:
             return self._with(self.base, norm=self.norm, pos=y)
-        if self.train:
-            y = layers.add_bias(y)  # the backward kernel takes arrays
+        if self.train or not isinstance(y, layers.Biased):
+            # in the stream's dtype (a position embedding is float32); in training as an
+            # array, which the add+norm's backward kernel takes
+            y = layers.add_bias(y).astype(self.base.dtype)
         return self._with(self.tokens(), branch=y)
 
     def layer_norm(self, p, eps: float) -> Stream:
@@ -151,6 +154,23 @@ def block_keys(rng) -> BlockKeys:
     return BlockKeys(tuple(k[:3]), tuple(k[3:5]), k[5], k[6])
 
 
+def prenorm_block(p, x, rng, path_rate, *, attn, mlp, eps: float):
+    """The pre-norm transformer block both PVT families use, over the stream ``x`` (a
+    :class:`Stream`, or a plain array):
+
+        x = x + drop_path(attn(norm1(x)))
+        x = x + drop_path(mlp(norm2(x)))
+
+    ``attn(p, h, keys)`` and ``mlp(p, h, keys)`` get the block's params and its keys (all
+    None at inference, ``rng`` None)."""
+    k = block_keys(rng)
+    norm1 = functools.partial(layer_norm, p["norm1"], eps=eps)
+    norm2 = functools.partial(layer_norm, p["norm2"], eps=eps)
+    x = x + layers.drop_path(attn(p["attn"], norm1(x), k.attn), path_rate, k.attn_path)
+    x = x + layers.drop_path(mlp(p["mlp"], norm2(x), k.mlp), path_rate, k.mlp_path)
+    return x
+
+
 def init_block(dim: int, attn: dict, mlp: dict) -> dict:
     return {"norm1": layers.init_layer_norm(dim), "attn": attn,
             "norm2": layers.init_layer_norm(dim), "mlp": mlp}
@@ -180,8 +200,9 @@ def run_blocks(fn, blocks, x: Stream, rng, path_rates, *, scan: bool, remat: boo
         # prevented or XLA may merge the recomputation back into the forward pass.
         fn = jax.checkpoint(fn, prevent_cse=not scan)
     keys = None if rng is None else jax.random.split(rng, depth)
-    if x.norm is not None and (scan or remat or not depth):
-        # a scan's carry keeps one structure, and remat would trace the eps
+    if scan or remat or not depth:
+        # the pending step taken first: a scan's carry keeps one structure, and under remat
+        # it would be recomputed in the backward
         x = x._with(x.tokens())
     run = functools.partial(_scan if scan else _unrolled, fn)
     if probe is None:
