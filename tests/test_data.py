@@ -193,3 +193,44 @@ def test_worker_processes_give_the_same_batches_and_resume():
         np.testing.assert_array_equal(next(again)[1], expected[1])
     finally:
         data.close(again)
+
+
+class _CreatesAFile:
+    """A pickle payload: unpickling it calls ``fn(*args)`` (here: creates a file)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize("payload", ["open", "system"])
+def test_cifar_pickles_that_would_run_code_are_refused(tmp_path, payload):
+    import os
+
+    root = write_cifar(tmp_path / "cifar-10-batches-py")
+    marker = tmp_path / "pwned"
+    evil = (_CreatesAFile(open, str(marker), "w") if payload == "open"
+            else _CreatesAFile(os.system, f"touch {marker}"))
+    with open(root / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": evil, b"labels": [0]}, f)
+    with pytest.raises(DataError, match=r"refusing to read .*data_batch_2.*"
+                                        r"(io\.open|posix\.system)"):
+        data.load(data_cfg("data.name=cifar10", f'data.path="{root}"'))
+    assert not marker.exists()
+
+
+def test_cifar_reader_takes_every_pickle_protocol_numpy_writes(tmp_path):
+    """The allow-list admits numpy's array reconstruction at every protocol (2: the
+    original files' and _codecs for bytes; 4: the default; 5: _frombuffer)."""
+    d = {b"data": np.arange(6, dtype=np.uint8).reshape(2, 3), b"labels": [1, np.int64(2)],
+         b"filenames": [b"a.png"], b"batch_label": "training batch 1 of 5"}
+    for protocol in (2, 4, 5):
+        (tmp_path / "b").write_bytes(pickle.dumps(d, protocol=protocol))
+        back = data.read_cifar_batch(tmp_path / "b")
+        np.testing.assert_array_equal(back[b"data"], d[b"data"])
+        assert back[b"labels"] == [1, 2] and back[b"filenames"] == [b"a.png"]
+    (tmp_path / "b").write_bytes(pickle.dumps(d)[:-20])
+    with pytest.raises(DataError, match="cannot read CIFAR file .*'.*b'"):
+        data.read_cifar_batch(tmp_path / "b")

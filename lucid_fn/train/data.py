@@ -198,6 +198,55 @@ def _check_images(images, where):
     return images
 
 
+# What a CIFAR batch (a pickled dict of bytes keys, a uint8 array, lists of ints and bytes)
+# may name when unpickled: numpy's array and scalar reconstruction (numpy 1 and 2 module
+# names; protocol 5 pickles use _frombuffer), the bytes encoding of protocol-2 pickles, and
+# builtin containers. Anything else (os.system, subprocess, eval...) is refused: a plain
+# pickle.load of a crafted "data_batch_1" would run code.
+_CIFAR_GLOBALS = frozenset(
+    [(f"numpy.{core}.multiarray", name) for core in ("core", "_core")
+     for name in ("_reconstruct", "scalar")]
+    + [(f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")]
+    + [("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")]
+    + [(builtins, name) for builtins in ("builtins", "__builtin__")
+       for name in ("bytearray", "bytes", "dict", "list", "tuple", "set", "frozenset", "int",
+                    "float", "str")])
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what a CIFAR batch holds."""
+
+    def find_class(self, module, name):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name}")
+        if module.startswith("numpy.core."):  # numpy 1's name; numpy 2 warns on it
+            try:
+                return super().find_class("numpy._core." + module[len("numpy.core."):], name)
+            except (ImportError, AttributeError):
+                pass
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path) -> Any:
+    """One file of the python version of CIFAR, unpickled without running code: only
+    numpy arrays and builtin values are built; anything else is a DataError naming it."""
+    try:
+        with open(path, "rb") as fh:
+            return _CifarUnpickler(fh, encoding="bytes").load()
+    except _RefusedGlobal as e:
+        raise DataError(
+            f"refusing to read {str(path)!r}: it is a pickle that asks to build {e}, which "
+            f"a CIFAR batch never holds (unpickling it could run code). Use the files of "
+            f"the python version of CIFAR from https://www.cs.toronto.edu/~kriz/cifar.html"
+        ) from None
+    except Exception as e:  # noqa: BLE001 (a truncated or foreign file: any pickle error)
+        raise DataError(f"cannot read CIFAR file {str(path)!r}: {e}") from None
+
+
 def load_cifar(path: str, classes: int):
     root = pathlib.Path(path)
     sub = {10: "cifar-10-batches-py", 100: "cifar-100-python"}[classes]
@@ -214,12 +263,11 @@ def load_cifar(path: str, classes: int):
             if not f.is_file():
                 raise DataError(f"CIFAR-{classes} file {str(f)!r} is missing; data.path must "
                                 f"be the folder '{sub}' from the python version of CIFAR-{classes}")
+            d = read_cifar_batch(f)
             try:
-                with open(f, "rb") as fh:
-                    d = pickle.load(fh, encoding="bytes")
                 x = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
                 y = np.asarray(d[key])
-            except Exception as e:  # noqa: BLE001 (any unreadable pickle)
+            except Exception as e:  # noqa: BLE001 (any pickle that is not a CIFAR batch)
                 raise DataError(f"cannot read CIFAR-{classes} file {str(f)!r}: {e}") from None
             xs.append(x)
             ys.append(_check_labels(y, classes, str(f)))
