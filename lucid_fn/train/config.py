@@ -166,7 +166,7 @@ STEP_COUNT = Range(1, 2**31 - 1)  # the step counter is an int32 on the device
 # Every numeric setting and its valid values, checked before anything runs (a test checks
 # that no numeric field is missing). Cross-field rules are in ``validate``.
 RANGES = {
-    "data.img_size": AT_LEAST_1,
+    "data.img_size": Range(1, 16384),  # one 16384^2 RGB image is 800 MB of uint8
     "data.test_fraction": Range(0, 1, lo_open=True, hi_open=True),
     "data.split_seed": AT_LEAST_0,  # numpy seeds are non-negative
     "data.workers": AT_LEAST_0,
