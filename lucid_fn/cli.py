@@ -186,8 +186,9 @@ def cmd_train(args) -> int:
         return 1
     acc, start = result["test_accuracy"], result["start_step"]
     if start == result["steps"]:
+        acc = "unknown (no metrics.jsonl)" if acc is None else f"{acc:.4f}"
         print(f"{cfg.model.name} on {cfg.data.name}: this run had already finished "
-              f"({start} steps, checkpoint in {result['workdir']}): test accuracy {acc:.4f}. "
+              f"({start} steps, checkpoint in {result['workdir']}): test accuracy {acc}. "
               f"Use another --workdir (or --new) for a new run.")
         return 0
     resumed = f", continued from step {start}" if start else ""

@@ -570,7 +570,15 @@ def read_state_dict(path) -> Mapping:
             f"reading {os.path.basename(path)} needs PyTorch, which is not installed: "
             f"pip install torch (CPU is enough), or convert the checkpoint to .safetensors"
         ) from None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        # weights_only: torch's restricted unpickler, tensors and containers only.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (torch raises many kinds for a bad file)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ValueError(
+            f"{path} cannot be read as a PyTorch checkpoint of tensors ({first}); it may be "
+            f"truncated, not a checkpoint, or hold Python objects, which are never unpickled "
+            f"here") from None
 
 
 def _is_own_file(path) -> bool:

@@ -9,15 +9,12 @@ compiled or initialised: configs are validated, not trained.
 
 import math
 
-import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from lucid_fn import registry  # noqa: E402
-from lucid_fn.train import ConfigError, load_config  # noqa: E402
-from lucid_fn.train import config as config_lib  # noqa: E402
+from lucid_fn import registry
+from lucid_fn.train import ConfigError, load_config
+from lucid_fn.train import config as config_lib
 
 # Fixed examples (derandomized) keep the suite reproducible and fast; the boundary sweep
 # below is exhaustive where random draws are thin.

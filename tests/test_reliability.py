@@ -300,3 +300,93 @@ def test_convert_never_replaces_its_input_or_writes_where_it_cannot(tmp_path, ca
     if pathlib.Path("/proc/self").is_dir():
         one_line_error(capsys, ["convert", str(src), "/proc/self/m.safetensors", *args],
                        "/proc/self")
+
+
+# ------------------------------------------------------------------------ the sweep
+
+
+def test_a_metrics_row_cut_short_by_a_kill_is_dropped(tmp_path):
+    from lucid_fn.train import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    path.write_text('{"step": 1, "loss": 2.0}\ngarbage\n{"step": 3, "loss": 1.8}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2, is not a metrics row"):
+        read_metrics(path)
+
+
+def test_a_finished_run_without_metrics_is_reported_not_crashed(finished, tmp_path, capsys):
+    workdir = copy_run(finished, tmp_path)
+    (workdir / "metrics.jsonl").unlink()
+    assert main(["train", str(workdir / "config.toml"), "--no-progress"]) == 0
+    assert "already finished (6 steps" in capsys.readouterr().out
+
+
+def test_fit_checks_a_config_changed_in_python(tmp_path):
+    cfg = small_config(tmp_path / "run")
+    cfg.optim.lr = -1e-3  # dataclasses are mutable: load_config's checks are bypassed
+    with pytest.raises(ConfigError, match=r"optim\.lr must be > 0"):
+        fit(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("labels,batch,message", [
+    (np.zeros(40, int), 16, "has 1 class; a classifier needs at least 2"),
+    (np.arange(40) % 2, 64, "training split has 32 examples, fewer than one batch of 64"),
+])
+def test_data_that_cannot_train_is_refused_before_compiling(tmp_path, labels, batch, message):
+    np.savez(tmp_path / "d.npz", images=np.zeros((40, 32, 32), np.uint8), labels=labels)
+    cfg = small_config(tmp_path / "run", "data.name=npz", f'data.path="{tmp_path / "d.npz"}"',
+                       f"train.batch_size={batch}")
+    with pytest.raises(ValueError, match=message):
+        fit(cfg, progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_npz_integer_images_are_exact_and_channels_first_is_named(tmp_path):
+    from lucid_fn.train import DataError, data
+
+    from test_data import data_cfg
+
+    x = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 3))  # int64
+    np.savez(tmp_path / "a.npz", images=x, labels=np.arange(10) % 2)
+    ds = data.load(data_cfg("data.name=npz", f'data.path="{tmp_path / "a.npz"}"',
+                            "data.img_size=8"))
+    np.testing.assert_array_equal(np.concatenate([ds.train.images, ds.test.images]).sum(),
+                                  x.sum())
+    np.savez(tmp_path / "b.npz", images=x - 10, labels=np.arange(10) % 2)
+    with pytest.raises(DataError, match=r"integer images range over \[-10, "):
+        data.load(data_cfg("data.name=npz", f'data.path="{tmp_path / "b.npz"}"'))
+    np.savez(tmp_path / "c.npz", images=x.transpose(0, 3, 1, 2), labels=np.arange(10) % 2)
+    with pytest.raises(DataError, match=r"looks like NCHW.*transpose\(0, 2, 3, 1\)"):
+        data.load(data_cfg("data.name=npz", f'data.path="{tmp_path / "c.npz"}"'))
+
+
+def test_a_config_path_that_is_a_folder_is_named(tmp_path, capsys):
+    one_line_error(capsys, ["train", str(tmp_path)], "is a folder; give a .toml file")
+
+
+def test_a_torch_file_torch_cannot_read_is_one_line(tmp_path, capsys, monkeypatch):
+    import sys
+    import types
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Weights only load failed. This file can still be loaded...\nmore")
+
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(load=refuse))
+    (tmp_path / "m.pth").write_bytes(b"\x80\x04not really")
+    one_line_error(capsys, ["convert", str(tmp_path / "m.pth"), str(tmp_path / "o.safetensors"),
+                            "--model", "pvt_tiny"],
+                   "cannot be read as a PyTorch checkpoint of tensors (Weights only load failed")
+
+
+def test_ctrl_c_outside_training_is_one_line(capsys, monkeypatch):
+    import lucid_fn
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lucid_fn, "list_models", interrupted)
+    assert main(["list"]) == 130
+    assert capsys.readouterr().err.strip() == "lucid-fn list: interrupted"

@@ -386,6 +386,9 @@ def load_config(path=None, overrides=()) -> Config:
     tables = DEFAULT_RUN
     if path is not None:
         path = pathlib.Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a folder; give a .toml file "
+                              f"(e.g. configs/digits.toml)")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:

@@ -208,11 +208,19 @@ def _check_images(images, where):
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        hint = ""
+        if images.ndim == 4 and images.shape[1] in (1, 3):
+            hint = "; this looks like NCHW (channels first): store x.transpose(0, 2, 3, 1)"
         raise DataError(f"{where}: images must be (N, H, W), (N, H, W, 1) or (N, H, W, 3) "
-                        f"NHWC, got shape {images.shape}")
+                        f"NHWC, got shape {images.shape}{hint}")
+    if np.issubdtype(images.dtype, np.integer) and images.dtype != np.uint8:
+        if images.size and (images.min() < 0 or images.max() > 255):
+            raise DataError(f"{where}: integer images range over [{images.min()}, "
+                            f"{images.max()}]; pixels must be in 0..255")
+        images = images.astype(np.uint8)  # exact: every value fits
     if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
-        raise DataError(f"{where}: images must be uint8 0..255 or float (0..1 or 0..255), got "
-                        f"{images.dtype}")
+        raise DataError(f"{where}: images must be integers 0..255 or floats (0..1 or 0..255), "
+                        f"got {images.dtype}")
     if images.dtype != np.uint8 and not np.isfinite(images).all():
         raise DataError(f"{where}: images contain NaN or infinity")
     return images

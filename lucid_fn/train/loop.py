@@ -106,6 +106,18 @@ def check_classes(model, dataset, what) -> None:
             f"never be predicted. Evaluate it on data of its own classes")
 
 
+def check_trainable(dataset, batch_size: int) -> None:
+    """What the data must hold before anything compiles: two classes (one class is
+    always right) and a batch of training examples."""
+    if dataset.num_classes < 2:
+        raise data_lib.DataError(f"the {dataset.name} data has {dataset.num_classes} class; a "
+                                 f"classifier needs at least 2 (one class is always right)")
+    if len(dataset.train) < batch_size:
+        raise data_lib.DataError(
+            f"the training split has {len(dataset.train)} examples, fewer than one batch of "
+            f"{batch_size}; lower train.batch_size")
+
+
 def step_spec(cfg, model, kw, dataset) -> step_lib.StepSpec:
     """What the compiled steps of a run close over: model, optimizer, normalisation,
     augmentation."""
@@ -164,9 +176,8 @@ class MetricsLog:
         self.path = path
         rows = read_metrics(path) if path.is_file() else []
         kept = [r for r in rows if r["step"] <= from_step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        weights.atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
         self.rows = kept
 
     def write(self, row: dict) -> None:
@@ -176,7 +187,27 @@ class MetricsLog:
 
 
 def read_metrics(path) -> list[dict]:
-    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
+    """The rows of a metrics.jsonl. A last line cut short (the run was killed while
+    appending it) is dropped; any other line that is not a JSON object is an error."""
+    text = pathlib.Path(path).read_text(errors="replace")
+    lines = text.split("\n")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        elif i == len(lines):  # no newline after it: a write that never finished
+            break
+        else:
+            raise ValueError(f"{path}, line {i}, is not a metrics row ({line[:80]!r}); the "
+                             f"file was edited or damaged. Delete that line (or the file: "
+                             f"a resumed run rewrites it from the checkpoint's step)")
+    return rows
 
 
 def plot_curves(rows: list[dict], path) -> None:
@@ -243,6 +274,8 @@ def fit(cfg, *, resume=False, progress: bool = True, callbacks=(), mesh=None) ->
 
     The workdir is locked for the run (a second run on it is refused) and must be new,
     empty, or this config's run (``lucid_fn.train.workdir``)."""
+    # A Config built or changed in Python skipped load_config's checks: check it whole.
+    cfg = config_lib.from_dict(cfg.to_dict())
     maybe_initialize_distributed()
     t_start = time.perf_counter()
     mesh = mesh or step_lib.make_mesh()
@@ -268,6 +301,7 @@ def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start) -> dict:
         check_init_from(cfg)  # before the data is read and the steps compile
 
     dataset = data_lib.load(cfg.data, cfg.model.kwargs.get("num_classes"))
+    check_trainable(dataset, tc.batch_size // jax.process_count())
     model, kw = build_model(cfg, dataset)
     spec = step_spec(cfg, model, kw, dataset)
     ckpt = Checkpointer(workdir / "checkpoints", tc.keep_checkpoints)
@@ -389,7 +423,7 @@ def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start) -> dict:
                 raise Interrupted(f"interrupted at step {step}; checkpoint saved in "
                                   f"{ckpt.directory}; continue with --resume")
         ckpt.wait()
-        final = log.rows[-1]
+        final = log.rows[-1] if log.rows else {}  # none: metrics.jsonl was deleted
         result = {"test_accuracy": final.get("test_accuracy"), "steps": tc.steps,
                   "start_step": start,
                   "seconds": time.perf_counter() - t_start, "compile_seconds": compile_s,
