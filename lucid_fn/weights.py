@@ -553,7 +553,14 @@ def read_state_dict(path) -> Mapping:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    if path.endswith(".safetensors"):
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; give a checkpoint file (.safetensors, .pth, "
+                         f".bin)")
+    kind = _sniff(path)
+    if kind is None:
+        raise ValueError(f"{path} is neither a safetensors file nor a PyTorch checkpoint (a "
+                         f"zip archive or a pickle); give a .safetensors, .pth or .bin file")
+    if kind == "safetensors":
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
@@ -579,6 +586,19 @@ def read_state_dict(path) -> Mapping:
             f"{path} cannot be read as a PyTorch checkpoint of tensors ({first}); it may be "
             f"truncated, not a checkpoint, or hold Python objects, which are never unpickled "
             f"here") from None
+
+
+def _sniff(path) -> str | None:
+    """"safetensors", "torch" or None, from the file's first bytes (not its name): a
+    safetensors header is a little-endian length then JSON; torch.save writes a zip
+    archive, or a pickle in its legacy format."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return "torch"
+    return "safetensors" if path.endswith(".safetensors") else None  # its reader says why
 
 
 def _is_own_file(path) -> bool:

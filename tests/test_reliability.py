@@ -390,3 +390,13 @@ def test_ctrl_c_outside_training_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(lucid_fn, "list_models", interrupted)
     assert main(["list"]) == 130
     assert capsys.readouterr().err.strip() == "lucid-fn list: interrupted"
+
+
+def test_eval_data_without_its_path_is_named():
+    """`lucid-fn eval m.safetensors --data cifar10` looked for 'data_batch_1' in the
+    current folder; the data section is checked on its own as in a training config."""
+    from lucid_fn.train import config as config_lib
+
+    with pytest.raises(ConfigError, match=r"data.name='cifar10' needs data.path.*--data "
+                                          r"cifar10:/path/to/data"):
+        config_lib.validate_section(config_lib.DataConfig(name="cifar10"), "data")

@@ -258,7 +258,7 @@ def test_load_torch_checkpoint_reads_safetensors_without_torch(tmp_path, lucid_f
     params = weights.load_torch_checkpoint(path, "pvt_tiny", **config)
     np.testing.assert_array_equal(params["stage1"]["pos_embed"], sd["pos_emb1"])
     pth = tmp_path / "model.pth"
-    pth.write_bytes(b"a torch pickle")
+    pth.write_bytes(b"PK\x03\x04 a zip archive, as torch.save writes")
     with pytest.raises(ImportError, match="needs PyTorch.*pip install torch"):
         weights.load_torch_checkpoint(pth, "pvt_tiny", **config)
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
@@ -336,3 +336,12 @@ def test_non_finite_params_are_never_written_or_loaded(tmp_path, small_model):
     save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(ValueError, match=r"m\.safetensors: tensor norm\.scale holds NaN"):
         weights.load(path)
+
+
+def test_files_that_are_no_checkpoint_are_named_by_what_they_are(tmp_path):
+    """A text file used to be handed to torch ("needs PyTorch"); a folder too."""
+    (tmp_path / "notes.txt").write_text("not weights")
+    with pytest.raises(ValueError, match="neither a safetensors file nor a PyTorch checkpoint"):
+        weights.read_state_dict(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match="is a folder; give a checkpoint file"):
+        weights.read_state_dict(tmp_path)

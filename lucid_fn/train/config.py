@@ -271,6 +271,10 @@ def validate_section(obj, section: str) -> None:
                         or v not in LIST_RANGES[path]:
                     rule = f"numbers {LIST_RANGES[path]}".replace(" finite", "")
                     raise ConfigError(f"{path} must hold {rule}, got {value!r}")
+    if section == "data" and obj.name in ("cifar10", "cifar100", "folder", "npz") \
+            and not obj.path:
+        raise ConfigError(f"data.name={obj.name!r} needs data.path (the folder or file); "
+                          f"e.g. --data {obj.name}:/path/to/data")
 
 
 def validate(cfg: Config) -> None:
@@ -278,9 +282,6 @@ def validate(cfg: Config) -> None:
         validate_section(getattr(cfg, section), section)
     if not cfg.train.workdir.strip():
         raise ConfigError("train.workdir is empty; name a folder, e.g. --workdir runs/my_run")
-    if cfg.data.name in ("cifar10", "cifar100", "folder", "npz") and not cfg.data.path:
-        raise ConfigError(f"data.name={cfg.data.name!r} needs data.path (the folder or file); "
-                          f"e.g. --data {cfg.data.name}:/path/to/data")
     if cfg.train.batch_size % cfg.optim.accum_steps:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by "
                           f"optim.accum_steps={cfg.optim.accum_steps}")
