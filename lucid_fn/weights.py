@@ -477,6 +477,7 @@ def atomic_write(path, write: Callable[[str], None]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+        _fsync_folder(folder)  # the rename itself survives a power cut
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -488,6 +489,19 @@ def _check_params(params, model, name: str) -> None:
     from lucid_fn.models.common import check_params
 
     check_params(params, jax.eval_shape(model.init, jax.random.key(0)), name)
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder; its renames are durable enough
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save(path, params, name: str, **builder_kwargs) -> None:

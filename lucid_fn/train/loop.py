@@ -6,7 +6,8 @@
 Outputs in ``train.workdir``: ``config.toml`` (the resolved config), ``metrics.jsonl``
 (one JSON object per log step and per evaluation), ``checkpoints/<step>/`` (orbax),
 ``model.safetensors`` (final params, EMA when on, loadable with ``lucid_fn.weights.load``)
-and ``curves.png``.
+and ``curves.png``; ``.lock`` is held while a run is in it. A run only writes into a folder
+that is new, empty or its own (``lucid_fn.train.workdir``; docs/reliability.md).
 
 The host never waits for the device inside the loop except every ``log_every`` steps,
 when the pending metrics are fetched in one transfer, and before each checkpoint, whose
@@ -231,10 +232,8 @@ def plot_curves(rows: list[dict], path) -> None:
                  label="test")
     ax2.set_xlabel("step"), ax2.set_ylabel("accuracy"), ax2.legend()
     fig.tight_layout()
-    tmp = pathlib.Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    weights.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _progress(total, initial, enabled):
