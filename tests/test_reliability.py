@@ -400,3 +400,29 @@ def test_eval_data_without_its_path_is_named():
     with pytest.raises(ConfigError, match=r"data.name='cifar10' needs data.path.*--data "
                                           r"cifar10:/path/to/data"):
         config_lib.validate_section(config_lib.DataConfig(name="cifar10"), "data")
+
+
+def test_a_forked_child_does_not_keep_the_workdir_locked(tmp_path):
+    """Data workers are forked processes: one that outlives its run must not hold the lock."""
+    import signal
+
+    lock = workdir_lib.WorkdirLock(tmp_path)
+    lock.acquire()
+    ready, started = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child (fork hooks have run): outlive the parent's lock for a while
+        import time
+
+        os.write(started, b"x")
+        time.sleep(30)
+        os._exit(0)
+    try:
+        os.read(ready, 1)
+        lock.release()
+        with workdir_lib.WorkdirLock(tmp_path):  # free although the child still runs
+            pass
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(ready)
+        os.close(started)

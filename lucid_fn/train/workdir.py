@@ -175,6 +175,15 @@ class WorkdirLock:
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, json.dumps(info).encode())
         self._fd = fd
+        if hasattr(os, "register_at_fork"):
+            # A forked data worker would share the locked file and could keep the folder
+            # locked after this run died; its copy is closed (the run's own stays locked).
+            os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def release(self) -> None:
         if self._fd is not None:
