@@ -426,3 +426,17 @@ def test_a_forked_child_does_not_keep_the_workdir_locked(tmp_path):
         os.waitpid(pid, 0)
         os.close(ready)
         os.close(started)
+
+
+def test_api_arguments_are_checked_by_name(tmp_path):
+    from lucid_fn.train import DataError, data, evaluate_file
+
+    from test_data import data_cfg
+
+    with pytest.raises(ValueError, match=r"resume must be True, False or 'auto'; got 'yes'"):
+        fit(small_config(tmp_path / "run"), resume="yes", progress=False)
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1; got 0"):
+        evaluate_file(tmp_path, batch_size=0)
+    (tmp_path / "f").write_text("")
+    with pytest.raises(DataError, match=r"image folder .* is a file, not a folder"):
+        data.load(data_cfg("data.name=folder", f'data.path="{tmp_path / "f"}"'))

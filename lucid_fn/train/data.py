@@ -384,7 +384,9 @@ def scan_folder(path: str):
 
     root = pathlib.Path(path)
     if not root.is_dir():
-        raise DataError(f"image folder {str(root)!r} does not exist")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataError(f"image folder {str(root)!r} {what}; --data takes a folder with one "
+                        f"subfolder of images per class")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError(f"image folder {str(root)!r} has no class subfolders; expected "

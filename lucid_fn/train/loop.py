@@ -273,6 +273,8 @@ def fit(cfg, *, resume=False, progress: bool = True, callbacks=(), mesh=None) ->
 
     The workdir is locked for the run (a second run on it is refused) and must be new,
     empty, or this config's run (``lucid_fn.train.workdir``)."""
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"resume must be True, False or 'auto'; got {resume!r}")
     # A Config built or changed in Python skipped load_config's checks: check it whole.
     cfg = config_lib.from_dict(cfg.to_dict())
     maybe_initialize_distributed()
@@ -463,6 +465,8 @@ def evaluate_file(path, data=None, *, batch_size: int = 256, use_ema: bool = Tru
     workdir (its latest orbax checkpoint, EMA params when the run kept them). ``data``:
     data config fields (at least ``name``, e.g. ``{"name": "npz", "path": ...}``); a
     workdir defaults to its own data. Images are read at the model's size and channels."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
     path = pathlib.Path(path)
     data = dict(data or {})
     if path.is_dir():
