@@ -16,6 +16,7 @@ steps must all have had a finite loss before it is written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -286,16 +287,14 @@ def fit(cfg, *, resume=False, progress: bool = True, callbacks=(), mesh=None) ->
             f"train.batch_size={cfg.train.batch_size} must be divisible by the {n_dev} "
             f"devices times optim.accum_steps={cfg.optim.accum_steps}")
     workdir = workdir_lib.prepare(cfg.train.workdir)
-    lock = workdir_lib.WorkdirLock(workdir)
-    if jax.process_index() == 0:  # one lock per run, however many hosts it spans
-        lock.acquire()
-    try:
-        return _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start)
-    finally:
-        lock.release()
+    # Released in reverse order whatever happens: the checkpointer, then the lock.
+    with contextlib.ExitStack() as cleanup:
+        if jax.process_index() == 0:  # one lock per run, however many hosts it spans
+            cleanup.enter_context(workdir_lib.WorkdirLock(workdir))
+        return _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup)
 
 
-def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start) -> dict:
+def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup) -> dict:
     n_dev, tc = mesh.devices.size, cfg.train
     workdir_lib.check_owned(workdir, cfg)  # before anything in it is written
     if not workdir_lib.has_checkpoints(workdir):
@@ -306,6 +305,7 @@ def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start) -> dict:
     model, kw = build_model(cfg, dataset)
     spec = step_spec(cfg, model, kw, dataset)
     ckpt = Checkpointer(workdir / "checkpoints", tc.keep_checkpoints)
+    cleanup.callback(ckpt.close)
     resume = check_resume(resume, ckpt)
     # Written first: a folder holding checkpoints always holds their config.
     workdir_lib.write_config(workdir, config_lib.to_toml(cfg))
@@ -440,7 +440,6 @@ def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start) -> dict:
             bar.close()
         for sig, h in handlers.items():
             signal.signal(sig, h)
-        ckpt.close()
     return result
 
 
