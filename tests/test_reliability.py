@@ -419,7 +419,8 @@ def test_eval_data_without_its_path_is_named():
         config_lib.validate_section(config_lib.DataConfig(name="cifar10"), "data")
 
 
-@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # JAX's threads: the child execs nothing
+# JAX warns that its threads do not survive a fork; this child only sleeps.
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
 def test_a_forked_child_does_not_keep_the_workdir_locked(tmp_path):
     """Data workers are forked processes: one that outlives its run must not hold the lock."""
     import signal
