@@ -10,8 +10,25 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+
+
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (argparse then names the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 def _builder_kwargs(args) -> dict:
@@ -83,6 +100,7 @@ def cmd_convert(args) -> int:
     from lucid_fn import count_params, weights
 
     kw = _builder_kwargs(args)
+    _check_convert_paths(args.input, args.output)
     sd = weights.read_state_dict(args.input)
     layout = weights.detect_layout(weights.unwrap(sd))
     params = weights.from_state_dict(sd, args.model, head=args.head, **kw)
@@ -97,6 +115,26 @@ def cmd_convert(args) -> int:
     print(f"self-check: reloaded and ran a forward pass, output {tuple(out.shape)}, "
           f"finite={finite}")
     return 0 if finite else 1
+
+
+def _check_convert_paths(source: str, target: str) -> None:
+    """The output is a new .safetensors file in a folder we can write, never the input."""
+    if not target.endswith(".safetensors"):
+        raise ValueError(f"the output {target!r} must end in .safetensors (that is the format "
+                         f"written); e.g. {os.path.splitext(target)[0]}.safetensors")
+    if os.path.exists(target) and os.path.exists(source) and os.path.samefile(source, target):
+        raise ValueError(f"the output {target!r} is the input: converting would replace the "
+                         f"checkpoint being read; write to another file")
+    if os.path.isdir(target):
+        raise ValueError(f"the output {target!r} is a folder; give a file name, e.g. "
+                         f"{os.path.join(target, 'model.safetensors')}")
+    folder = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"the output's folder {folder!r} does not exist; create it "
+                                f"first")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"cannot write in {folder!r} (the output's folder); choose a "
+                              f"folder you can write to")
 
 
 def _train_config(args):
@@ -148,8 +186,9 @@ def cmd_train(args) -> int:
         return 1
     acc, start = result["test_accuracy"], result["start_step"]
     if start == result["steps"]:
+        acc = "unknown (no metrics.jsonl)" if acc is None else f"{acc:.4f}"
         print(f"{cfg.model.name} on {cfg.data.name}: this run had already finished "
-              f"({start} steps, checkpoint in {result['workdir']}): test accuracy {acc:.4f}. "
+              f"({start} steps, checkpoint in {result['workdir']}): test accuracy {acc}. "
               f"Use another --workdir (or --new) for a new run.")
         return 0
     resumed = f", continued from step {start}" if start else ""
@@ -183,14 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="parameter groups, total and output shape of a model")
     p.add_argument("model", help="registered name, e.g. pvt_small ('lucid-fn list' shows all)")
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--num-classes", type=_at_least(0), default=None)
+    p.add_argument("--img-size", type=_at_least(1), default=None)
     p.add_argument("--flavor", default=None, choices=["lucid", "paper"],
                    help="PVT v1 only: 'lucid' (default) or 'paper'")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=_at_least(1), default=1)
     p.add_argument("--forward", action="store_true",
                    help="also initialise the model and run a jitted forward pass")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_at_least(0), default=0)
     p.set_defaults(fn=cmd_summary)
 
     p = sub.add_parser("convert", help="convert a checkpoint (Lucid, official, HF, timm "
@@ -198,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output", help="a .safetensors path; written atomically")
     p.add_argument("--model", required=True, help="registered name, e.g. pvt_v2_b0")
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--num-classes", type=_at_least(0), default=None)
+    p.add_argument("--img-size", type=_at_least(1), default=None)
     p.add_argument("--flavor", default=None, choices=["lucid", "paper"],
                    help="PVT v1 only: 'lucid' (default) or 'paper'")
     p.add_argument("--head", default="keep", choices=["keep", "reset"],
@@ -215,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="digits | cifar10:PATH | cifar100:PATH | an image folder | a .npz file")
     p.add_argument("--model", default=None, help="registered name (model.name)")
-    p.add_argument("--steps", type=int, default=None, help="train.steps")
+    p.add_argument("--steps", type=_at_least(1), default=None, help="train.steps")
     p.add_argument("--workdir", default=None, help="train.workdir (default runs/digits)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in the workdir from its latest checkpoint "
@@ -228,18 +267,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="test accuracy of a run's workdir or a .safetensors file")
     p.add_argument("checkpoint", help="a run's workdir (latest checkpoint) or a .safetensors")
     p.add_argument("--data", default=None, help="as for train; default: the run's data")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=_at_least(1), default=256)
     p.set_defaults(fn=cmd_eval)
     return ap
 
 
+def error_line(e: BaseException) -> str:
+    """An expected failure as the one line the user sees."""
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])  # str(KeyError) would quote the message
+    if isinstance(e, OSError) and e.strerror and e.filename:  # raised by the OS, not by us
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
 def main(argv=None) -> int:
+    """Expected failures (bad names, values, files, data, checkpoints, a busy workdir) are
+    one line on stderr and exit code 2; anything else keeps its traceback."""
     args = build_parser().parse_args(argv)
+    if args.command == "train" and args.resume and args.new:
+        print("lucid-fn train: --resume and --new exclude each other; pass one",
+              file=sys.stderr)
+        return 2
     try:
         return args.fn(args)
-    except (KeyError, ValueError, ImportError, FileNotFoundError) as e:
-        print(f"lucid-fn {args.command}: {e}", file=sys.stderr)
+    except (KeyError, ValueError, ImportError, OSError) as e:
+        print(f"lucid-fn {args.command}: {error_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"lucid-fn {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -172,6 +172,31 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
+def _arrays(state_dict) -> dict:
+    """The state dict's values as numpy arrays; a value that is not a numeric array
+    (None, a string, a nested dict) is an error naming its key."""
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"a state dict is a mapping of parameter names to arrays; got "
+                         f"{type(state_dict).__name__}")
+    out, bad = {}, []
+    for key, value in state_dict.items():
+        try:
+            array = None if value is None else _to_numpy(value)
+        except (TypeError, ValueError):
+            array = None
+        if array is None or not (np.issubdtype(array.dtype, np.number)
+                                 or array.dtype == np.bool_):
+            bad.append(f"{key} ({type(value).__name__})")
+        else:
+            out[key] = array
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(f"state dict values must be numeric arrays; {len(bad)} are not: "
+                         f"{', '.join(bad[:5])}{more}. The checkpoint is incomplete or not "
+                         f"a state dict")
+    return out
+
+
 def unwrap(state_dict: Mapping) -> Mapping:
     """Training checkpoints often nest the weights under 'model' or 'state_dict'."""
     for key in ("model", "state_dict"):
@@ -225,8 +250,11 @@ def _resize_checkpoint_pos_embeds(sd: dict, expected: dict, layout: Layout) -> N
             continue
         has_cls = path[0] == "stage4"
         side = math.isqrt(shape[1] - has_cls)
-        if sd[key].shape[-1] == shape[-1] and math.isqrt(sd[key].shape[1] - has_cls) ** 2 == \
-                sd[key].shape[1] - has_cls:
+        theirs = sd[key].shape
+        # Only a (1, [1 +] S*S, C) grid of the same width is resized; any other shape is a
+        # mismatch to report, never reshaped into one that fits.
+        if len(theirs) == 3 and theirs[0] == 1 and theirs[-1] == shape[-1] and \
+                theirs[1] > has_cls and math.isqrt(theirs[1] - has_cls) ** 2 == theirs[1] - has_cls:
             sd[key] = np.asarray(nn.resize_pos_embed(sd[key], (side, side), has_cls))
 
 
@@ -305,7 +333,7 @@ def from_state_dict(state_dict: Mapping, name: str, *, head: str = "keep", rng=N
     """
     if head not in ("keep", "reset"):
         raise ValueError(f"head must be 'keep' or 'reset'; got {head!r}")
-    sd = {k: _to_numpy(v) for k, v in unwrap(state_dict).items()}
+    sd = _arrays(unwrap(state_dict))
     model = registry[name](**builder_kwargs)
     family = _family(model.config)
     layout = detect_layout(sd)
@@ -332,6 +360,11 @@ def from_state_dict(state_dict: Mapping, name: str, *, head: str = "keep", rng=N
     if missing or unexpected or wrong_shape:
         raise ValueError(_mismatch_message(name, model.config, missing, unexpected,
                                            wrong_shape, infer_kwargs(sd, layout)))
+    non_finite = [k for k in expected if not np.isfinite(sd[k]).all()]
+    if non_finite:
+        raise ValueError(f"state dict tensor {non_finite[0]} holds NaN or infinity "
+                         f"({len(non_finite)} such tensors): the checkpoint is damaged, or "
+                         f"saved from a run that diverged")
 
     parts: dict[tuple, dict] = {}
     for key, (path, j, part, _, _) in expected.items():
@@ -365,8 +398,10 @@ def from_state_dict(state_dict: Mapping, name: str, *, head: str = "keep", rng=N
 
 def to_state_dict(params, name: str, *, layout: str = "official", **builder_kwargs) -> dict:
     """Our params -> a state dict of numpy arrays in PyTorch's layout and ``layout``'s key
-    names (v1: 'lucid', 'official', 'hf'; v2: 'timm', 'official')."""
+    names (v1: 'lucid', 'official', 'hf'; v2: 'timm', 'official'). ``params`` must be the
+    model's (checked: the error names the first leaf that differs)."""
     model = registry[name](**builder_kwargs)
+    _check_params(params, model, name)
     family = _family(model.config)
     if (layout, family) not in LAYOUTS:
         names = sorted(n for n, f in LAYOUTS if f == family)
@@ -392,7 +427,7 @@ def to_state_dict(params, name: str, *, layout: str = "official", **builder_kwar
 _META_MODEL, _META_KWARGS = "lucid_fn.model", "lucid_fn.builder_kwargs"
 
 
-def _jsonable_kwargs(kwargs: dict) -> str:
+def encode_builder_kwargs(kwargs: dict) -> str:
     def encode(v):
         if isinstance(v, (tuple, list)):
             return [encode(x) for x in v]
@@ -406,7 +441,7 @@ def _jsonable_kwargs(kwargs: dict) -> str:
     return json.dumps({k: encode(v) for k, v in kwargs.items()})
 
 
-def _decode_kwargs(text: str) -> dict:
+def decode_builder_kwargs(text: str) -> dict:
     kw = json.loads(text)
     return {k: jnp.dtype(v["dtype"]) if isinstance(v, dict) else v for k, v in kw.items()}
 
@@ -427,7 +462,7 @@ def _unflatten(flat: Mapping) -> dict:
     return tree
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+def atomic_write(path, write: Callable[[str], None]) -> None:
     """Write through a temporary file in the same folder, then rename over ``path``: a
     reader sees the old file or the new one, never half of one."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -442,9 +477,31 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+        _fsync_folder(folder)  # the rename itself survives a power cut
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _check_params(params, model, name: str) -> None:
+    """``params`` against the parameter shapes of ``model`` (a ValueError or TypeError
+    naming the first leaf that differs)."""
+    from lucid_fn.models.common import check_params
+
+    check_params(params, jax.eval_shape(model.init, jax.random.key(0)), name)
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder; its renames are durable enough
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save(path, params, name: str, **builder_kwargs) -> None:
@@ -453,12 +510,14 @@ def save(path, params, name: str, **builder_kwargs) -> None:
     from safetensors.numpy import save_file
 
     model = registry[name](**builder_kwargs)  # fails early on a bad name or arguments
-    expected = jax.eval_shape(model.init, jax.random.key(0))
-    if jax.tree_util.tree_structure(expected) != jax.tree_util.tree_structure(params):
-        raise ValueError(f"params do not have the structure of {name}({builder_kwargs})")
-    metadata = {_META_MODEL: name, _META_KWARGS: _jsonable_kwargs(builder_kwargs)}
+    _check_params(params, model, name)  # so that load never rejects what save wrote
+    metadata = {_META_MODEL: name, _META_KWARGS: encode_builder_kwargs(builder_kwargs)}
     flat = {k: np.ascontiguousarray(v, np.float32) for k, v in _flatten(params).items()}
-    _atomic_write(os.fspath(path), lambda tmp: save_file(flat, tmp, metadata=metadata))
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not np.isfinite(np.asarray(leaf)).all():  # a file of NaNs loads and runs: refuse
+            raise ValueError(f"params{jax.tree_util.keystr(keypath)} holds NaN or infinity; "
+                             f"not saved to {os.fspath(path)}")
+    atomic_write(os.fspath(path), lambda tmp: save_file(flat, tmp, metadata=metadata))
 
 
 def load(path):
@@ -482,13 +541,23 @@ def load(path):
             raise
         raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be "
                          f"truncated or of another format") from None
-    model = registry[metadata[_META_MODEL]](**_decode_kwargs(metadata[_META_KWARGS]))
+    try:
+        kwargs = decode_builder_kwargs(metadata.get(_META_KWARGS, "{}"))
+        model = registry[metadata[_META_MODEL]](**kwargs)
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        why = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise ValueError(f"{path}: its metadata describes a model this lucid_fn cannot build "
+                         f"({why})") from None
     params = _unflatten(flat)
-    expected = jax.eval_shape(model.init, jax.random.key(0))
-    if jax.tree_util.tree_structure(expected) != jax.tree_util.tree_structure(params) or any(
-            a.shape != b.shape for a, b in zip(jax.tree_util.tree_leaves(expected),
-                                               jax.tree_util.tree_leaves(params))):
-        raise ValueError(f"{path}: tensors do not fit {model.name} as its metadata describes")
+    try:
+        _check_params(params, model, model.name)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: tensors do not fit {model.name} as its metadata "
+                         f"describes: {str(e).split('. Were the params')[0]}") from None
+    for key, value in flat.items():
+        if not np.isfinite(value).all():
+            raise ValueError(f"{path}: tensor {key} holds NaN or infinity; the file is "
+                             f"damaged (lucid_fn.weights.save never writes one)")
     return params, model
 
 
@@ -498,7 +567,14 @@ def read_state_dict(path) -> Mapping:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    if path.endswith(".safetensors"):
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; give a checkpoint file (.safetensors, .pth, "
+                         f".bin)")
+    kind = _sniff(path)
+    if kind is None:
+        raise ValueError(f"{path} is neither a safetensors file nor a PyTorch checkpoint (a "
+                         f"zip archive or a pickle); give a .safetensors, .pth or .bin file")
+    if kind == "safetensors":
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
@@ -515,7 +591,28 @@ def read_state_dict(path) -> Mapping:
             f"reading {os.path.basename(path)} needs PyTorch, which is not installed: "
             f"pip install torch (CPU is enough), or convert the checkpoint to .safetensors"
         ) from None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        # weights_only: torch's restricted unpickler, tensors and containers only.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (torch raises many kinds for a bad file)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ValueError(
+            f"{path} cannot be read as a PyTorch checkpoint of tensors ({first}); it may be "
+            f"truncated, not a checkpoint, or hold Python objects, which are never unpickled "
+            f"here") from None
+
+
+def _sniff(path) -> str | None:
+    """"safetensors", "torch" or None, from the file's first bytes (not its name): a
+    safetensors header is a little-endian length then JSON; torch.save writes a zip
+    archive, or a pickle in its legacy format."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return "torch"
+    return "safetensors" if path.endswith(".safetensors") else None  # its reader says why
 
 
 def _is_own_file(path) -> bool:

@@ -1,16 +1,23 @@
 """Datasets and the grain pipeline: every source, its errors, augmentation, resumable order."""
 
+import pathlib
 import pickle
 
 import numpy as np
 import pytest
 
 from lucid_fn.train import DataError, load_config
+from lucid_fn.train import config as config_lib
 from lucid_fn.train import data
 
 
 def data_cfg(*overrides):
-    return load_config(None, list(overrides)).data
+    """A DataConfig alone (a training config would also check the model against the
+    image size, which these tests vary freely)."""
+    d = config_lib.apply_overrides({"data": {}}, overrides)["data"]
+    cfg = config_lib.from_dict(d, config_lib.DataConfig, "data")
+    config_lib.validate_section(cfg, "data")
+    return cfg
 
 
 def test_digits_are_real_and_split_reproducibly():
@@ -193,3 +200,109 @@ def test_worker_processes_give_the_same_batches_and_resume():
         np.testing.assert_array_equal(next(again)[1], expected[1])
     finally:
         data.close(again)
+
+
+class _CreatesAFile:
+    """A pickle payload: unpickling it calls ``fn(*args)`` (here: creates a file)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize("payload", ["open", "system"])
+def test_cifar_pickles_that_would_run_code_are_refused(tmp_path, payload):
+    import os
+
+    root = write_cifar(tmp_path / "cifar-10-batches-py")
+    marker = tmp_path / "pwned"
+    evil = (_CreatesAFile(open, str(marker), "w") if payload == "open"
+            else _CreatesAFile(os.system, f"touch {marker}"))
+    with open(root / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": evil, b"labels": [0]}, f)
+    with pytest.raises(DataError, match=r"refusing to read .*data_batch_2.*"
+                                        r"(io\.open|posix\.system)"):
+        data.load(data_cfg("data.name=cifar10", f'data.path="{root}"'))
+    assert not marker.exists()
+
+
+def test_cifar_reader_takes_every_pickle_protocol_numpy_writes(tmp_path):
+    """The allow-list admits numpy's array reconstruction at every protocol (2: the
+    original files' and _codecs for bytes; 4: the default; 5: _frombuffer)."""
+    d = {b"data": np.arange(6, dtype=np.uint8).reshape(2, 3), b"labels": [1, np.int64(2)],
+         b"filenames": [b"a.png"], b"batch_label": "training batch 1 of 5"}
+    for protocol in (2, 4, 5):
+        (tmp_path / "b").write_bytes(pickle.dumps(d, protocol=protocol))
+        back = data.read_cifar_batch(tmp_path / "b")
+        np.testing.assert_array_equal(back[b"data"], d[b"data"])
+        assert back[b"labels"] == [1, 2] and back[b"filenames"] == [b"a.png"]
+    (tmp_path / "b").write_bytes(pickle.dumps(d)[:-20])
+    with pytest.raises(DataError, match="cannot read CIFAR file .*'.*b'"):
+        data.read_cifar_batch(tmp_path / "b")
+
+
+def test_npz_float_images_in_0_255_are_not_clipped(tmp_path):
+    """Float pixels in 0..255 used to be multiplied by 255 and clipped (99.6% became 255)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (20, 8, 8)).astype(np.float32)
+    y = np.arange(20) % 2
+    np.savez(tmp_path / "a.npz", x_train=x, y_train=y, x_test=x[:4] / 255 * 0 + 0.5,
+             y_test=y[:4])
+    ds = data.load(data_cfg("data.name=npz", f'data.path="{tmp_path / "a.npz"}"',
+                            "data.img_size=8"))
+    np.testing.assert_array_equal(ds.train.images[..., 0], x.astype(np.uint8))
+    # One scale for both splits: the test split's 0.5 is a dark 0..255 pixel, not grey.
+    assert (ds.test.images == 0).all()
+    np.savez(tmp_path / "b.npz", images=(x - 128) / 64, labels=y)  # normalised already
+    with pytest.raises(DataError, match=r"b\.npz: float images range over \[-2, 1\.98"
+                                        r".*0\.\.1 or 0\.\.255"):
+        data.load(data_cfg("data.name=npz", f'data.path="{tmp_path / "b.npz"}"'))
+
+
+@pytest.mark.parametrize("labels,message", [
+    (np.array(["cat", "dog"] * 5), r"dtype <U3 \(class names\? map them to 0\.\.K-1"),
+    (np.arange(10) % 2 * 1.0, r"dtype float64 \(convert with labels\.astype"),
+    (np.eye(2)[np.arange(10) % 2], r"shape \(10, 2\).*one-hot\? use labels\.argmax\(1\)"),
+])
+def test_npz_labels_that_are_not_class_indices_are_named(tmp_path, labels, message):
+    np.savez(tmp_path / "a.npz", images=np.zeros((10, 8, 8), np.uint8), labels=labels)
+    with pytest.raises(DataError, match=r"a\.npz:labels: labels must be a 1-D integer array.*"
+                                        + message):
+        data.load(data_cfg("data.name=npz", f'data.path="{tmp_path / "a.npz"}"'))
+
+
+def test_one_example_per_class_is_an_error_before_training(tmp_path):
+    np.savez(tmp_path / "a.npz", images=np.zeros((3, 8, 8), np.uint8), labels=[0, 1, 2])
+    with pytest.raises(DataError, match="leaves no test examples: every class has a single"):
+        data.load(data_cfg("data.name=npz", f'data.path="{tmp_path / "a.npz"}"'))
+
+
+def test_split_keeps_a_training_example_of_every_class():
+    labels = np.repeat(np.arange(4), 2)
+    train, test = data.stratified_split(labels, 0.9, 0)
+    assert sorted(labels[train]) == [0, 1, 2, 3] and sorted(labels[test]) == [0, 1, 2, 3]
+
+
+def test_truncated_jpeg_is_found_up_front_and_named(tmp_path):
+    from PIL import Image
+
+    write_folder(tmp_path / "a")
+    rng = np.random.default_rng(0)
+    good = tmp_path / "good.jpg"
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(good)
+    blob = good.read_bytes()
+    (tmp_path / "a" / "dog" / "cut.jpg").write_bytes(blob[:len(blob) // 2])
+    with Image.open(tmp_path / "a" / "dog" / "cut.jpg") as im:
+        im.verify()  # what the check used to be: it passes
+    with pytest.raises(DataError, match=r"unreadable image .*cut\.jpg.*truncated"):
+        data.load(data_cfg("data.name=folder", f'data.path="{tmp_path / "a"}"'))
+
+
+def test_an_image_damaged_after_the_check_is_named_when_read(tmp_path):
+    write_folder(tmp_path / "a")
+    ds = data.load(data_cfg("data.name=folder", f'data.path="{tmp_path / "a"}"'))
+    pathlib.Path(ds.train.files[0]).write_bytes(b"gone")
+    with pytest.raises(DataError, match=f"unreadable image '{ds.train.files[0]}'"):
+        ds.train[0]

@@ -103,6 +103,73 @@ def test_config_file_errors(tmp_path):
         load_config(tmp_path / "bad.toml")
 
 
+BAD_VALUES = [
+    ("optim.lr=-1e-3", r"optim\.lr must be > 0, got -0\.001"),  # gradient ascent, rc 0
+    ("optim.lr=nan", r"optim\.lr must be > 0, got nan"),
+    ("optim.b1=1.0", r"optim\.b1 must be in \[0, 1\)"),
+    ("optim.b2=1.5", r"optim\.b2 must be in \[0, 1\)"),
+    ("optim.weight_decay=-0.1", r"optim\.weight_decay must be >= 0"),
+    ("optim.final_lr_ratio=-1", r"optim\.final_lr_ratio must be in \[0, 1\]"),
+    ("optim.clip_norm=inf", r"optim\.clip_norm must be >= 0, got inf"),
+    ("train.checkpoint_every=0", r"train\.checkpoint_every must be in \[1, "),  # crashed late
+    ("train.steps=3000000000", r"train\.steps must be in \[1, 2147483647\]"),
+    ("train.eval_every=-1", r"train\.eval_every must be in \[0, "),
+    ("train.seed=-1", r"train\.seed must be >= 0"),
+    ("augment.mixup_alpha=-1", r"augment\.mixup_alpha must be >= 0"),
+    ("augment.cutmix_alpha=-0.5", r"augment\.cutmix_alpha must be >= 0"),
+    ("augment.mix_prob=5", r"augment\.mix_prob must be in \[0, 1\], got 5\.0"),
+    ("augment.pad_crop=-2", r"augment\.pad_crop must be >= 0"),
+    ("augment.pad_crop=40", r"augment\.pad_crop=40 is larger than the image"),
+    ('augment.crop_scale=["a", 1]', r"augment\.crop_scale must hold numbers in \(0, 1\]"),
+    ("data.split_seed=-3", r"data\.split_seed must be >= 0"),
+    ("data.workers=-1", r"data\.workers must be >= 0"),
+    ("data.std=[0.0]", r"data\.std must hold numbers > 0, got \[0\.0\]"),
+    ('data.mean=["a"]', r"data\.mean must hold numbers, got \['a'\]"),
+    ("train.workdir=' '", r"train\.workdir is empty"),
+    ('model.kwargs.num_classes="10"', r"model\.kwargs: num_classes must be an integer"),
+    ("model.kwargs.depths=[1, 1]", r"model\.kwargs: depths must have 4 entries"),
+    ("model.kwargs.dtype=bfloat16", r"model\.kwargs\.dtype is set by train\.dtype"),
+    ("model.name=pvt_tni", r"model\.name: unknown model 'pvt_tni'. Did you mean: pvt_tiny"),
+    ("optim.lr.max=1", r"--set optim\.lr\.max=1: optim\.lr is not a table"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_VALUES)
+def test_every_bad_value_is_named_before_anything_runs(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_every_numeric_setting_has_a_valid_range():
+    """A numeric field added without a range would accept any value: this keeps them in
+    step with the dataclasses."""
+    import typing
+
+    for section, cls in config_lib.SECTIONS.items():
+        for name, hint in typing.get_type_hints(cls).items():
+            path = f"{section}.{name}"
+            if hint in (int, float):
+                assert path in config_lib.RANGES or path in config_lib.CHOICES, path
+            if path in config_lib.RANGES:
+                assert hint in (int, float), path
+    for path in config_lib.LIST_RANGES:
+        section, name = path.split(".")
+        assert typing.get_type_hints(config_lib.SECTIONS[section])[name] is list
+
+
+def test_set_changes_one_key_for_the_built_in_config_and_for_a_file():
+    """`--set model.kwargs.drop_path_rate=0.1` adds that keyword; the built-in run used to
+    lose its narrow embed_dims (a full-width pvt_tiny trained) where the file merged."""
+    for path in (None, ROOT / "configs" / "digits.toml"):
+        cfg = load_config(path, ["model.kwargs.drop_path_rate=0.1", "data.img_size=64"])
+        assert cfg.model.kwargs == {"embed_dims": [32, 64, 96, 128],
+                                    "num_heads": [1, 2, 3, 4], "drop_path_rate": 0.1}, path
+        assert cfg.augment.pad_crop == 2 and cfg.data.img_size == 64
+    # A whole table set at once replaces the table, in a file or with --set.
+    cfg = load_config(None, ["model.kwargs={depths=[1, 1, 1, 1]}"])
+    assert cfg.model.kwargs == {"depths": [1, 1, 1, 1]}
+
+
 # ------------------------------------------------------------------------ optimizer
 
 

@@ -258,8 +258,90 @@ def test_load_torch_checkpoint_reads_safetensors_without_torch(tmp_path, lucid_f
     params = weights.load_torch_checkpoint(path, "pvt_tiny", **config)
     np.testing.assert_array_equal(params["stage1"]["pos_embed"], sd["pos_emb1"])
     pth = tmp_path / "model.pth"
-    pth.write_bytes(b"a torch pickle")
+    pth.write_bytes(b"PK\x03\x04 a zip archive, as torch.save writes")
     with pytest.raises(ImportError, match="needs PyTorch.*pip install torch"):
         weights.load_torch_checkpoint(pth, "pvt_tiny", **config)
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         weights.load_torch_checkpoint(tmp_path / "missing.pth", "pvt_tiny", **config)
+
+
+# ------------------------------------------------------------ what is refused, by name
+
+
+def test_a_position_embedding_of_another_rank_is_a_mismatch_not_a_reshape(lucid_fixture):
+    """A (16, 16) pos_emb1 used to be taken as a 4x4 grid of 16 channels and resized
+    into the model's (1, 256, 16)."""
+    config, sd, _, _ = lucid_fixture
+    bad = dict(sd, pos_emb1=np.asarray(sd["pos_emb1"])[0, :16])
+    with pytest.raises(ValueError, match=r"pos_emb1: checkpoint \(16, 16\), model \(1, 256, 16\)"):
+        weights.from_state_dict(bad, "pvt_tiny", **config)
+
+
+@pytest.mark.parametrize("value,message", [
+    (None, r"1 are not: block1\.0\.attn\.q\.weight \(NoneType\)"),
+    ("weights", r"1 are not: block1\.0\.attn\.q\.weight \(str\)"),
+])
+def test_state_dict_values_that_are_not_arrays_are_named(lucid_fixture, value, message):
+    config, sd, _, _ = lucid_fixture
+    with pytest.raises(ValueError, match="state dict values must be numeric arrays; " + message):
+        weights.from_state_dict(dict(sd, **{"block1.0.attn.q.weight": value}), "pvt_tiny",
+                                **config)
+    with pytest.raises(ValueError, match="a state dict is a mapping"):
+        weights.from_state_dict(list(sd.values()), "pvt_tiny", **config)
+
+
+def test_state_dict_with_nan_is_refused(lucid_fixture):
+    config, sd, _, _ = lucid_fixture
+    w = np.array(sd["norm.weight"], np.float32)
+    w[3] = np.nan
+    with pytest.raises(ValueError, match=r"tensor norm\.weight holds NaN or infinity"):
+        weights.from_state_dict(dict(sd, **{"norm.weight": w}), "pvt_tiny", **config)
+
+
+def test_export_and_save_refuse_params_of_another_model(tmp_path, small_model):
+    """save used to write a file that load then rejected; to_state_dict wrote keys that fit
+    no model."""
+    kw, params = small_model
+    wider = dict(kw, embed_dims=[16, 32, 40, 128])
+    with pytest.raises(ValueError, match=r"params\['head'\]\['kernel'\] has shape \(64, 4\), "
+                                         r"expected \(128, 4\)"):
+        weights.save(tmp_path / "m.safetensors", params, "pvt_tiny", **wider)
+    one_block_short = {**params, "stage1": {**params["stage1"], "blocks": {}}}
+    with pytest.raises(ValueError, match=r"params\['stage1'\]\['blocks'\]\['attn'\] is missing"):
+        weights.to_state_dict(one_block_short, "pvt_tiny", **kw)
+    with pytest.raises(ValueError, match=r"params\['stage1'\]\['pos_embed'\] has shape"):
+        weights.to_state_dict(params, "pvt_tiny", **dict(kw, img_size=96))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_params_are_never_written_or_loaded(tmp_path, small_model):
+    from safetensors.numpy import load_file, save_file
+
+    kw, params = small_model
+    path = tmp_path / "m.safetensors"
+    weights.save(path, params, "pvt_tiny", **kw)
+    before = path.read_bytes()
+    bad = jax.tree_util.tree_map(lambda a: a, params)
+    bad["norm"]["scale"] = bad["norm"]["scale"].at[0].set(jnp.inf)
+    with pytest.raises(ValueError, match=r"params\['norm'\]\['scale'\] holds NaN or infinity"):
+        weights.save(path, bad, "pvt_tiny", **kw)
+    assert path.read_bytes() == before
+    # A file damaged afterwards (its metadata intact) is refused on load.
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    tensors["norm.scale"][0] = np.nan
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match=r"m\.safetensors: tensor norm\.scale holds NaN"):
+        weights.load(path)
+
+
+def test_files_that_are_no_checkpoint_are_named_by_what_they_are(tmp_path):
+    """A text file used to be handed to torch ("needs PyTorch"); a folder too."""
+    (tmp_path / "notes.txt").write_text("not weights")
+    with pytest.raises(ValueError, match="neither a safetensors file nor a PyTorch checkpoint"):
+        weights.read_state_dict(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match="is a folder; give a checkpoint file"):
+        weights.read_state_dict(tmp_path)

@@ -8,8 +8,10 @@ is allowed. ``--set section.key=value`` overrides take TOML literals (``3e-4``,
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import math
 import pathlib
 import sys
 import types
@@ -123,8 +125,80 @@ CHOICES = {
     "train.dtype": ("float32", "bfloat16"),
     "train.param_sharding": ("replicated", "fsdp"),
 }
-POSITIVE = ("train.steps", "train.batch_size", "train.log_every", "train.eval_batch_size",
-            "train.keep_checkpoints", "data.img_size", "optim.accum_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric setting: finite, between ``lo`` and ``hi`` (None:
+    unbounded), each end closed unless marked open."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, v) -> bool:
+        if not math.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+    def __str__(self) -> str:
+        lo, hi = _number(self.lo), _number(self.hi)
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {lo}"
+        if self.hi is not None:
+            return f"{'<' if self.hi_open else '<='} {hi}"
+        return "finite"
+
+
+def _number(x) -> str:
+    return str(int(x)) if x is not None and float(x).is_integer() else f"{x}"
+
+
+AT_LEAST_1, AT_LEAST_0 = Range(1), Range(0)
+PROBABILITY, BELOW_1 = Range(0, 1), Range(0, 1, hi_open=True)
+STEP_COUNT = Range(1, 2**31 - 1)  # the step counter is an int32 on the device
+
+# Every numeric setting and its valid values, checked before anything runs (a test checks
+# that no numeric field is missing). Cross-field rules are in ``validate``.
+RANGES = {
+    "data.img_size": Range(1, 16384),  # one 16384^2 RGB image is 800 MB of uint8
+    "data.test_fraction": Range(0, 1, lo_open=True, hi_open=True),
+    "data.split_seed": AT_LEAST_0,  # numpy seeds are non-negative
+    "data.workers": AT_LEAST_0,
+    "augment.pad_crop": AT_LEAST_0,
+    "augment.mixup_alpha": AT_LEAST_0,  # Beta(alpha, alpha); 0: off
+    "augment.cutmix_alpha": AT_LEAST_0,
+    "augment.mix_prob": PROBABILITY,
+    "augment.label_smoothing": BELOW_1,
+    "optim.lr": Range(0, lo_open=True),  # a negative lr would ascend the loss
+    "optim.weight_decay": AT_LEAST_0,
+    "optim.b1": BELOW_1,
+    "optim.b2": BELOW_1,
+    "optim.warmup_steps": Range(0, 2**31 - 1),
+    "optim.final_lr_ratio": PROBABILITY,  # the cosine ends at lr * this
+    "optim.clip_norm": AT_LEAST_0,  # 0: off
+    "optim.ema_decay": BELOW_1,  # 0: off
+    "optim.accum_steps": AT_LEAST_1,
+    "train.steps": STEP_COUNT,
+    "train.batch_size": AT_LEAST_1,
+    "train.seed": AT_LEAST_0,
+    "train.log_every": STEP_COUNT,
+    "train.eval_every": Range(0, 2**31 - 1),  # 0: at the end only
+    "train.eval_batch_size": AT_LEAST_1,
+    "train.checkpoint_every": STEP_COUNT,
+    "train.keep_checkpoints": AT_LEAST_1,
+}
+# List settings whose entries are numbers, with the entries' valid values.
+LIST_RANGES = {
+    "augment.crop_scale": Range(0, 1, lo_open=True),
+    "data.mean": Range(),
+    "data.std": Range(0, lo_open=True),  # divided by
+}
 
 
 # ------------------------------------------------------------------------ building
@@ -178,37 +252,80 @@ def _get(cfg: Config, path: str):
     return getattr(getattr(cfg, section), key)
 
 
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig,
+            "optim": OptimConfig, "train": TrainConfig}
+
+
+def validate_section(obj, section: str) -> None:
+    """The choices and ranges of one section's settings (a ``DataConfig`` alone is
+    checked too: ``lucid-fn eval --data`` builds one)."""
+    for key in (f.name for f in dataclasses.fields(obj)):
+        path, value = f"{section}.{key}", getattr(obj, key)
+        if path in CHOICES and value not in CHOICES[path]:
+            raise ConfigError(f"{path} must be one of {list(CHOICES[path])}, got {value!r}")
+        if path in RANGES and value not in RANGES[path]:
+            raise ConfigError(f"{path} must be {RANGES[path]}, got {value!r}")
+        if path in LIST_RANGES:
+            for v in value:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) \
+                        or v not in LIST_RANGES[path]:
+                    rule = f"numbers {LIST_RANGES[path]}".replace(" finite", "")
+                    raise ConfigError(f"{path} must hold {rule}, got {value!r}")
+    if section == "data" and obj.name in ("cifar10", "cifar100", "folder", "npz") \
+            and not obj.path:
+        raise ConfigError(f"data.name={obj.name!r} needs data.path (the folder or file); "
+                          f"e.g. --data {obj.name}:/path/to/data")
+
+
 def validate(cfg: Config) -> None:
-    for path, allowed in CHOICES.items():
-        if _get(cfg, path) not in allowed:
-            raise ConfigError(f"{path} must be one of {list(allowed)}, got {_get(cfg, path)!r}")
-    for path in POSITIVE:
-        if _get(cfg, path) < 1:
-            raise ConfigError(f"{path} must be at least 1, got {_get(cfg, path)}")
-    if cfg.data.name in ("cifar10", "cifar100", "folder", "npz") and not cfg.data.path:
-        raise ConfigError(f"data.name={cfg.data.name!r} needs data.path (the folder or file); "
-                          f"e.g. --data {cfg.data.name}:/path/to/data")
+    for section in SECTIONS:
+        validate_section(getattr(cfg, section), section)
+    if not cfg.train.workdir.strip():
+        raise ConfigError("train.workdir is empty; name a folder, e.g. --workdir runs/my_run")
     if cfg.train.batch_size % cfg.optim.accum_steps:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by "
                           f"optim.accum_steps={cfg.optim.accum_steps}")
     if cfg.augment.crop_scale and (len(cfg.augment.crop_scale) != 2
-                                   or not 0 < cfg.augment.crop_scale[0]
-                                   <= cfg.augment.crop_scale[1] <= 1):
+                                   or not cfg.augment.crop_scale[0] <= cfg.augment.crop_scale[1]):
         raise ConfigError(f"augment.crop_scale must be [min, max] with 0 < min <= max <= 1, "
                           f"got {cfg.augment.crop_scale}")
-    if not 0 <= cfg.augment.label_smoothing < 1:
-        raise ConfigError(f"augment.label_smoothing must be in [0, 1), got "
-                          f"{cfg.augment.label_smoothing}")
-    if not 0 <= cfg.optim.ema_decay < 1:
-        raise ConfigError(f"optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}")
-    if not 0 < cfg.data.test_fraction < 1:
-        raise ConfigError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
+    if cfg.augment.pad_crop > cfg.data.img_size:
+        raise ConfigError(f"augment.pad_crop={cfg.augment.pad_crop} is larger than the "
+                          f"image (data.img_size={cfg.data.img_size}); pad by a few pixels")
     if cfg.optim.warmup_steps >= cfg.train.steps:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be less than "
                           f"train.steps={cfg.train.steps}")
     if cfg.data.mean and cfg.data.std and len(cfg.data.mean) != len(cfg.data.std):
         raise ConfigError(f"data.mean and data.std must have one value per channel, got "
                           f"{cfg.data.mean} and {cfg.data.std}")
+    check_model(cfg)
+
+
+# Builder keywords the loop sets itself from other settings.
+SET_BY_THE_LOOP = {"dtype": "train.dtype"}
+
+
+def check_model(cfg: Config) -> None:
+    """The model name and builder keywords, by building the model's specs (milliseconds,
+    no arrays): a bad keyword is named before the data is read or anything compiles."""
+    from lucid_fn.registry import registry
+
+    try:
+        builder = registry[cfg.model.name]
+    except KeyError as e:
+        raise ConfigError(f"model.name: {e.args[0]}") from None
+    kw = dict(cfg.model.kwargs)
+    for key, instead in SET_BY_THE_LOOP.items():
+        if key in kw:
+            raise ConfigError(f"model.kwargs.{key} is set by {instead}; remove it from "
+                              f"model.kwargs and set {instead} instead")
+    kw.setdefault("img_size", cfg.data.img_size)
+    if cfg.data.channels:
+        kw.setdefault("in_channels", cfg.data.channels)
+    try:
+        builder(**kw)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model.kwargs: {e}") from None
 
 
 # ------------------------------------------------------------------------ loading
@@ -230,13 +347,16 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(d: dict, overrides) -> dict:
+    """Each ``a.b.c=v`` sets key ``c`` of table ``a.b`` and nothing else (tables on the way
+    are created when missing)."""
     for item in overrides or ():
         parts, value = parse_override(item)
         node = d
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item}: {'.'.join(parts[:-1])} is not a table")
+                raise ConfigError(f"--set {item}: {'.'.join(parts[:i + 1])} is not a table "
+                                  f"(it is {node!r}); set it as a whole")
         node[parts[-1]] = value
     return d
 
@@ -247,19 +367,36 @@ def apply_overrides(d: dict, overrides) -> dict:
 DEFAULT_RUN = {"augment": {"pad_crop": 2}}
 
 
+def overlay(base: dict, tables: dict) -> dict:
+    """``base`` (a complete config as nested dicts) with every ``section.key`` that
+    ``tables`` sets replaced by its value, whole (a table value such as ``model.kwargs``
+    replaces the default table: a file states a key's full value)."""
+    out = copy.deepcopy(base)
+    for section, table in tables.items():
+        if isinstance(table, dict) and isinstance(out.get(section), dict):
+            out[section].update(copy.deepcopy(table))
+        else:
+            out[section] = copy.deepcopy(table)  # from_dict names what is wrong with it
+    return out
+
+
 def load_config(path=None, overrides=()) -> Config:
     """A ``Config`` from a TOML file (or the default run when ``path`` is None) and
-    overrides."""
-    d = {k: dict(v) for k, v in DEFAULT_RUN.items()}
+    overrides. Both start from the complete default config, so ``--set a.b.c=v`` changes
+    that one key whether or not the file mentions ``a.b``."""
+    tables = DEFAULT_RUN
     if path is not None:
         path = pathlib.Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a folder; give a .toml file "
+                              f"(e.g. configs/digits.toml)")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            d = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
+            tables = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
-    return from_dict(apply_overrides(d, overrides))
+    return from_dict(apply_overrides(overlay(Config().to_dict(), tables), overrides))
 
 
 def to_toml(cfg: Config) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import os
 import pathlib
 import pickle
 from typing import Any, Sequence
@@ -115,6 +116,13 @@ class FileSource:
         return len(self.labels)
 
     def __getitem__(self, i):
+        try:
+            return self._read(i)
+        except Exception as e:  # noqa: BLE001 (a file changed since the up-front check)
+            raise DataError(f"unreadable image {self.files[i]!r}: {e}; remove or fix it, then "
+                            f"continue with --resume") from None
+
+    def _read(self, i):
         from PIL import Image
 
         with Image.open(self.files[i]) as im:
@@ -154,7 +162,8 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int):
     train, test = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        k = max(1, int(round(len(idx) * fraction))) if len(idx) > 1 else 0
+        # At least one test example, and at least one left to train on (one alone: train).
+        k = min(max(1, int(round(len(idx) * fraction))), len(idx) - 1)
         test.append(idx[:k])
         train.append(idx[k:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
@@ -168,11 +177,24 @@ def load_digits_arrays():
     return images.astype(np.uint8), table[:, 64].astype(np.int32)
 
 
-def _check_labels(labels, num_classes, where):
+def _check_label_values(labels, where):
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        hint = ""
+        if labels.ndim == 2:
+            hint = " (one-hot? use labels.argmax(1))"
+        elif labels.dtype.kind in "USO":
+            hint = (" (class names? map them to 0..K-1, e.g. "
+                    "np.unique(names, return_inverse=True)[1])")
+        elif labels.dtype.kind == "f":
+            hint = " (convert with labels.astype(np.int64))"
         raise DataError(f"{where}: labels must be a 1-D integer array, got shape "
-                        f"{labels.shape} dtype {labels.dtype}")
+                        f"{labels.shape} dtype {labels.dtype}{hint}")
+    return labels
+
+
+def _check_labels(labels, num_classes, where):
+    labels = _check_label_values(labels, where)
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
         raise DataError(f"{where}: label {labels[bad[0]]} at index {bad[0]} is out of range "
@@ -186,16 +208,93 @@ def _check_images(images, where):
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        hint = ""
+        if images.ndim == 4 and images.shape[1] in (1, 3):
+            hint = "; this looks like NCHW (channels first): store x.transpose(0, 2, 3, 1)"
         raise DataError(f"{where}: images must be (N, H, W), (N, H, W, 1) or (N, H, W, 3) "
-                        f"NHWC, got shape {images.shape}")
-    if images.dtype != np.uint8:
-        if not np.issubdtype(images.dtype, np.floating):
-            raise DataError(f"{where}: images must be uint8 0..255 or float 0..1, got "
-                            f"{images.dtype}")
-        if not np.isfinite(images).all():
-            raise DataError(f"{where}: images contain NaN or infinity")
-        images = np.clip(np.rint(images * 255), 0, 255).astype(np.uint8)
+                        f"NHWC, got shape {images.shape}{hint}")
+    if np.issubdtype(images.dtype, np.integer) and images.dtype != np.uint8:
+        if images.size and (images.min() < 0 or images.max() > 255):
+            raise DataError(f"{where}: integer images range over [{images.min()}, "
+                            f"{images.max()}]; pixels must be in 0..255")
+        images = images.astype(np.uint8)  # exact: every value fits
+    if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
+        raise DataError(f"{where}: images must be integers 0..255 or floats (0..1 or 0..255), "
+                        f"got {images.dtype}")
+    if images.dtype != np.uint8 and not np.isfinite(images).all():
+        raise DataError(f"{where}: images contain NaN or infinity")
     return images
+
+
+def float_pixel_scale(arrays, where) -> float:
+    """What float images are multiplied by to give 0..255 pixels: 255 when every value of
+    every split is in 0..1, 1 when they are in 0..255 and some exceed 1 (one rule for all
+    splits, so a dark test split is not read on another scale). Values outside 0..255 are
+    not pixels (normalised images?): an error, not a clip."""
+    floats = [a for a in arrays if a.dtype != np.uint8 and a.size]
+    if not floats:
+        return 1.0
+    lo, hi = min(float(a.min()) for a in floats), max(float(a.max()) for a in floats)
+    if lo < 0 or hi > 255:
+        raise DataError(f"{where}: float images range over [{lo:g}, {hi:g}]; pixels must be in "
+                        f"0..1 or 0..255 (normalisation is data.mean / data.std). Store the "
+                        f"raw pixels")
+    return 255.0 if hi <= 1 else 1.0
+
+
+def to_uint8(images, scale: float):
+    if images.dtype == np.uint8:
+        return images
+    return np.clip(np.rint(images * scale), 0, 255).astype(np.uint8)
+
+
+# What a CIFAR batch (a pickled dict of bytes keys, a uint8 array, lists of ints and bytes)
+# may name when unpickled: numpy's array and scalar reconstruction (numpy 1 and 2 module
+# names; protocol 5 pickles use _frombuffer), the bytes encoding of protocol-2 pickles, and
+# builtin containers. Anything else (os.system, subprocess, eval...) is refused: a plain
+# pickle.load of a crafted "data_batch_1" would run code.
+_CIFAR_GLOBALS = frozenset(
+    [(f"numpy.{core}.multiarray", name) for core in ("core", "_core")
+     for name in ("_reconstruct", "scalar")]
+    + [(f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")]
+    + [("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")]
+    + [(builtins, name) for builtins in ("builtins", "__builtin__")
+       for name in ("bytearray", "bytes", "dict", "list", "tuple", "set", "frozenset", "int",
+                    "float", "str")])
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what a CIFAR batch holds."""
+
+    def find_class(self, module, name):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name}")
+        if module.startswith("numpy.core."):  # numpy 1's name; numpy 2 warns on it
+            try:
+                return super().find_class("numpy._core." + module[len("numpy.core."):], name)
+            except (ImportError, AttributeError):
+                pass
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path) -> Any:
+    """One file of the python version of CIFAR, unpickled without running code: only
+    numpy arrays and builtin values are built; anything else is a DataError naming it."""
+    try:
+        with open(path, "rb") as fh:
+            return _CifarUnpickler(fh, encoding="bytes").load()
+    except _RefusedGlobal as e:
+        raise DataError(
+            f"refusing to read {str(path)!r}: it is a pickle that asks to build {e}, which "
+            f"a CIFAR batch never holds (unpickling it could run code). Use the files of "
+            f"the python version of CIFAR from https://www.cs.toronto.edu/~kriz/cifar.html"
+        ) from None
+    except Exception as e:  # noqa: BLE001 (a truncated or foreign file: any pickle error)
+        raise DataError(f"cannot read CIFAR file {str(path)!r}: {e}") from None
 
 
 def load_cifar(path: str, classes: int):
@@ -214,12 +313,11 @@ def load_cifar(path: str, classes: int):
             if not f.is_file():
                 raise DataError(f"CIFAR-{classes} file {str(f)!r} is missing; data.path must "
                                 f"be the folder '{sub}' from the python version of CIFAR-{classes}")
+            d = read_cifar_batch(f)
             try:
-                with open(f, "rb") as fh:
-                    d = pickle.load(fh, encoding="bytes")
                 x = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
                 y = np.asarray(d[key])
-            except Exception as e:  # noqa: BLE001 (any unreadable pickle)
+            except Exception as e:  # noqa: BLE001 (any pickle that is not a CIFAR batch)
                 raise DataError(f"cannot read CIFAR-{classes} file {str(f)!r}: {e}") from None
             xs.append(x)
             ys.append(_check_labels(y, classes, str(f)))
@@ -243,19 +341,41 @@ def load_npz(path: str, num_classes: int | None):
         raise DataError(f"npz file {str(f)!r} has arrays {sorted(z)}; it needs x_train/y_train "
                         f"(optionally x_test/y_test) or images/labels (optionally "
                         f"test_images/test_labels)")
-    ys = [z[tr[1]]] + ([z[te[1]]] if te[1] in z else [])
-    k = num_classes or int(max(np.max(y) for y in ys if len(y))) + 1
+    keys = [(xk, yk) for xk, yk in (tr, te) if xk in z or yk in z]
+    for xk, yk in keys:
+        if xk not in z or yk not in z:
+            raise DataError(f"{f}: has {xk if xk in z else yk} but not "
+                            f"{yk if xk in z else xk}; give both or neither")
+        _check_label_values(z[yk], f"{f}:{yk}")
+        if not len(z[yk]):
+            raise DataError(f"{f}: {yk} is empty")
+    k = num_classes or int(max(np.max(z[yk]) for _, yk in keys)) + 1
+    xs = [_check_images(z[xk], f"{f}:{xk}") for xk, _ in keys]
+    scale = float_pixel_scale(xs, str(f))
     out = []
-    for xk, yk in (tr, te):
-        if xk not in z:
-            continue
-        x, y = _check_images(z[xk], f"{f}:{xk}"), _check_labels(z[yk], k, f"{f}:{yk}")
+    for x, (xk, yk) in zip(xs, keys):
+        y = _check_labels(z[yk], k, f"{f}:{yk}")
         if len(x) != len(y):
             raise DataError(f"{f}: {xk} has {len(x)} images but {yk} has {len(y)} labels")
-        if not len(x):
-            raise DataError(f"{f}: {xk} is empty")
-        out.append((x, y))
+        out.append((to_uint8(x, scale), y))
     return out, k
+
+
+def check_image_file(path) -> None:
+    """Decode the whole file once, so that a damaged image is named here and not deep in
+    the input pipeline mid-training. ``verify`` alone checks the structure (and PNG's
+    CRCs) but not JPEG data: a truncated JPEG passes it. JPEGs decode at 1/8 scale
+    (``draft``), which still reads every byte, at a fraction of the cost."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            im.draft(im.mode, (1, 1))
+            im.load()
+    except Exception as e:  # noqa: BLE001 (Pillow raises many kinds)
+        raise DataError(f"unreadable image {str(path)!r}: {e}; remove or fix it") from None
 
 
 def scan_folder(path: str):
@@ -264,7 +384,9 @@ def scan_folder(path: str):
 
     root = pathlib.Path(path)
     if not root.is_dir():
-        raise DataError(f"image folder {str(root)!r} does not exist")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataError(f"image folder {str(root)!r} {what}; --data takes a folder with one "
+                        f"subfolder of images per class")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError(f"image folder {str(root)!r} has no class subfolders; expected "
@@ -275,20 +397,35 @@ def scan_folder(path: str):
         if not found:
             raise DataError(f"class folder {str(root / c)!r} has no images "
                             f"({', '.join(IMAGE_SUFFIXES)})")
-        for p in found:
-            try:
-                with Image.open(p) as im:
-                    im.verify()
-            except Exception as e:  # noqa: BLE001 (Pillow raises many kinds)
-                raise DataError(f"unreadable image {str(p)!r}: {e}; remove or fix it") from None
-            files.append(str(p))
-            labels.append(label)
+        files += [str(p) for p in found]
+        labels += [label] * len(found)
+    # Decoding releases the GIL: threads check images on every core (about 2 ms each on one).
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        for _ in pool.map(check_image_file, files):  # the first damaged file, in order
+            pass
     return files, np.asarray(labels, np.int32), classes
 
 
 def load(cfg, num_classes: int | None = None) -> Dataset:
     """The dataset a ``DataConfig`` names, both splits, checked; ``num_classes`` (the
     model's, when the config sets it) bounds the labels."""
+    dataset = _load(cfg, num_classes)
+    if not len(dataset.test):
+        raise DataError(
+            f"the {cfg.name} data{f' at {cfg.path!r}' if cfg.path else ''} leaves no test "
+            f"examples: every class has a single example, and one is kept for training. "
+            f"Give each class at least 2 examples, or a test split of its own (npz: "
+            f"x_test/y_test)")
+    if num_classes is not None and dataset.num_classes > num_classes:
+        raise DataError(f"the {cfg.name} data has {dataset.num_classes} classes but "
+                        f"num_classes is {num_classes}; set model.kwargs.num_classes to at "
+                        f"least {dataset.num_classes}")
+    return dataset
+
+
+def _load(cfg, num_classes: int | None) -> Dataset:
     size, ch = cfg.img_size, cfg.channels
     if cfg.name == "digits":
         images, labels = load_digits_arrays()

@@ -6,7 +6,8 @@
 Outputs in ``train.workdir``: ``config.toml`` (the resolved config), ``metrics.jsonl``
 (one JSON object per log step and per evaluation), ``checkpoints/<step>/`` (orbax),
 ``model.safetensors`` (final params, EMA when on, loadable with ``lucid_fn.weights.load``)
-and ``curves.png``.
+and ``curves.png``; ``.lock`` is held while a run is in it. A run only writes into a folder
+that is new, empty or its own (``lucid_fn.train.workdir``; docs/reliability.md).
 
 The host never waits for the device inside the loop except every ``log_every`` steps,
 when the pending metrics are fetched in one transfer, and before each checkpoint, whose
@@ -15,6 +16,7 @@ steps must all have had a finite loss before it is written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,7 +33,8 @@ from lucid_fn import registry, weights
 from lucid_fn.train import config as config_lib
 from lucid_fn.train import data as data_lib
 from lucid_fn.train import step as step_lib
-from lucid_fn.train.checkpoint import Checkpointer
+from lucid_fn.train import workdir as workdir_lib
+from lucid_fn.train.checkpoint import Checkpointer, NonFiniteStateError
 
 # Config keys that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = {"train.log_every", "train.eval_every", "train.eval_batch_size",
@@ -64,6 +67,10 @@ def model_kwargs(cfg, dataset) -> dict:
     """Builder keywords: the config's, with num_classes / in_channels / img_size taken from
     the data unless given, and checked against it when given."""
     kw = dict(cfg.model.kwargs)
+    for key in ("num_classes", "in_channels", "img_size"):  # compared with the data's below
+        if key in kw and (isinstance(kw[key], bool) or not isinstance(kw[key], int)):
+            raise config_lib.ConfigError(f"model.kwargs.{key} must be an integer, got "
+                                         f"{type(kw[key]).__name__} {kw[key]!r}")
     for key, value in (("num_classes", dataset.num_classes), ("in_channels", dataset.channels),
                        ("img_size", dataset.img_size)):
         if kw.setdefault(key, value) != value and key != "num_classes":
@@ -77,10 +84,40 @@ def model_kwargs(cfg, dataset) -> dict:
     return kw
 
 
+def compute_dtype(cfg) -> dict:
+    return dict(dtype=jnp.bfloat16) if cfg.train.dtype == "bfloat16" else {}
+
+
 def build_model(cfg, dataset):
     kw = model_kwargs(cfg, dataset)
-    compute = dict(dtype=jnp.bfloat16) if cfg.train.dtype == "bfloat16" else {}
-    return registry[cfg.model.name](**kw, **compute), kw
+    return registry[cfg.model.name](**kw, **compute_dtype(cfg)), kw
+
+
+def check_classes(model, dataset, what) -> None:
+    """A model evaluated on data must have a class score for every label."""
+    c = model.config
+    if not c.num_classes:
+        raise config_lib.ConfigError(
+            f"{what} is a headless {model.name} (num_classes=0): it outputs features, not "
+            f"class scores, so it has no accuracy. Evaluate a model with a head (fine-tune "
+            f"one with model.init_from and model.head='reset')")
+    if dataset.num_classes > c.num_classes:
+        raise data_lib.DataError(
+            f"{what} has {c.num_classes} classes but the data ({dataset.name}) has "
+            f"{dataset.num_classes}: labels {c.num_classes}..{dataset.num_classes - 1} could "
+            f"never be predicted. Evaluate it on data of its own classes")
+
+
+def check_trainable(dataset, batch_size: int) -> None:
+    """What the data must hold before anything compiles: two classes (one class is
+    always right) and a batch of training examples."""
+    if dataset.num_classes < 2:
+        raise data_lib.DataError(f"the {dataset.name} data has {dataset.num_classes} class; a "
+                                 f"classifier needs at least 2 (one class is always right)")
+    if len(dataset.train) < batch_size:
+        raise data_lib.DataError(
+            f"the training split has {len(dataset.train)} examples, fewer than one batch of "
+            f"{batch_size}; lower train.batch_size")
 
 
 def step_spec(cfg, model, kw, dataset) -> step_lib.StepSpec:
@@ -93,42 +130,40 @@ def step_spec(cfg, model, kw, dataset) -> step_lib.StepSpec:
                              cfg.optim.ema_decay)
 
 
+def check_init_from(cfg) -> None:
+    path = cfg.model.init_from
+    if path and not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"model.init_from: {path!r} does not exist (or is not a file); "
+                                f"give the path of a .safetensors or .pth checkpoint, or \"\" "
+                                f"for a random init")
+
+
 def initial_params(cfg, model, kw, key):
     """Random init, or a checkpoint (fine-tuning) with its head kept or reset."""
     if not cfg.model.init_from:
         return jax.jit(model.init)(key)
     path = cfg.model.init_from
-    if not pathlib.Path(path).is_file():
-        raise FileNotFoundError(f"model.init_from: {path!r} does not exist")
+    check_init_from(cfg)
     params = weights.load_torch_checkpoint(path, cfg.model.name, head=cfg.model.head,
                                            rng=key, **kw)
     return jax.tree_util.tree_map(jnp.asarray, params)
 
 
-def check_resume(workdir: pathlib.Path, cfg, resume, ckpt: Checkpointer) -> bool:
+def check_resume(resume, ckpt: Checkpointer) -> bool:
     """Whether to resume. ``resume``: True (there must be a checkpoint), False (there must
-    be none: a new run never overwrites an old one) or "auto" (resume if there is one)."""
-    saved = workdir / "config.toml"
+    be none: a new run never overwrites an old one) or "auto" (resume if there is one).
+    That the checkpoints belong to this config was checked by ``workdir.check_owned``."""
+    latest = ckpt.latest_step()
     if resume == "auto":
-        resume = ckpt.latest_step() is not None
+        resume = latest is not None
     if not resume:
-        if ckpt.latest_step() is not None:
+        if latest is not None:
             raise config_lib.ConfigError(
-                f"{workdir} already holds checkpoints (step {ckpt.latest_step()}); pass "
+                f"{ckpt.directory.parent} already holds checkpoints (step {latest}); pass "
                 f"--resume to continue that run, or choose another train.workdir")
         return False
-    if ckpt.latest_step() is None:
+    if latest is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.directory}")
-    if saved.is_file():
-        old = config_lib.load_config(saved).to_dict()
-        new = cfg.to_dict()
-        changed = sorted(f"{s}.{k}" for s in new for k in new[s]
-                         if old[s][k] != new[s][k] and f"{s}.{k}" not in RESUMABLE_CHANGES)
-        if changed:
-            raise config_lib.ConfigError(
-                f"--resume: the config differs from the run in {workdir} in "
-                f"{', '.join(changed)}; resuming would not continue that run. Use its "
-                f"config ({saved}) or start a new workdir")
     return True
 
 
@@ -143,9 +178,8 @@ class MetricsLog:
         self.path = path
         rows = read_metrics(path) if path.is_file() else []
         kept = [r for r in rows if r["step"] <= from_step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        weights.atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
         self.rows = kept
 
     def write(self, row: dict) -> None:
@@ -155,7 +189,27 @@ class MetricsLog:
 
 
 def read_metrics(path) -> list[dict]:
-    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
+    """The rows of a metrics.jsonl. A last line cut short (the run was killed while
+    appending it) is dropped; any other line that is not a JSON object is an error."""
+    text = pathlib.Path(path).read_text(errors="replace")
+    lines = text.split("\n")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        elif i == len(lines):  # no newline after it: a write that never finished
+            break
+        else:
+            raise ValueError(f"{path}, line {i}, is not a metrics row ({line[:80]!r}); the "
+                             f"file was edited or damaged. Delete that line (or the file: "
+                             f"a resumed run rewrites it from the checkpoint's step)")
+    return rows
 
 
 def plot_curves(rows: list[dict], path) -> None:
@@ -179,10 +233,8 @@ def plot_curves(rows: list[dict], path) -> None:
                  label="test")
     ax2.set_xlabel("step"), ax2.set_ylabel("accuracy"), ax2.legend()
     fig.tight_layout()
-    tmp = pathlib.Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    weights.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _progress(total, initial, enabled):
@@ -218,23 +270,45 @@ def fit(cfg, *, resume=False, progress: bool = True, callbacks=(), mesh=None) ->
     """Train as ``cfg`` says. ``resume``: False (new run; the workdir must hold no
     checkpoints), True (continue from the latest checkpoint) or "auto" (either).
     ``callbacks`` are called as ``fn(step, row)`` after each log row. Returns a summary:
-    final test accuracy, steps, seconds, workdir."""
+    final test accuracy, steps, seconds, workdir.
+
+    The workdir is locked for the run (a second run on it is refused) and must be new,
+    empty, or this config's run (``lucid_fn.train.workdir``)."""
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"resume must be True, False or 'auto'; got {resume!r}")
+    # A Config built or changed in Python skipped load_config's checks: check it whole.
+    cfg = config_lib.from_dict(cfg.to_dict())
     maybe_initialize_distributed()
     t_start = time.perf_counter()
     mesh = mesh or step_lib.make_mesh()
-    n_dev, tc = mesh.devices.size, cfg.train
-    if tc.batch_size % (n_dev * cfg.optim.accum_steps):
+    n_dev = mesh.devices.size
+    if cfg.train.batch_size % (n_dev * cfg.optim.accum_steps):
         raise config_lib.ConfigError(
-            f"train.batch_size={tc.batch_size} must be divisible by the {n_dev} devices times "
-            f"optim.accum_steps={cfg.optim.accum_steps}")
-    workdir = pathlib.Path(tc.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+            f"train.batch_size={cfg.train.batch_size} must be divisible by the {n_dev} "
+            f"devices times optim.accum_steps={cfg.optim.accum_steps}")
+    workdir = workdir_lib.prepare(cfg.train.workdir)
+    # Released in reverse order whatever happens: the checkpointer, then the lock.
+    with contextlib.ExitStack() as cleanup:
+        if jax.process_index() == 0:  # one lock per run, however many hosts it spans
+            cleanup.enter_context(workdir_lib.WorkdirLock(workdir))
+        return _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup)
+
+
+def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup) -> dict:
+    n_dev, tc = mesh.devices.size, cfg.train
+    workdir_lib.check_owned(workdir, cfg)  # before anything in it is written
+    if not workdir_lib.has_checkpoints(workdir):
+        check_init_from(cfg)  # before the data is read and the steps compile
 
     dataset = data_lib.load(cfg.data, cfg.model.kwargs.get("num_classes"))
+    check_trainable(dataset, tc.batch_size // jax.process_count())
     model, kw = build_model(cfg, dataset)
     spec = step_spec(cfg, model, kw, dataset)
     ckpt = Checkpointer(workdir / "checkpoints", tc.keep_checkpoints)
-    resume = check_resume(workdir, cfg, resume, ckpt)
+    cleanup.callback(ckpt.close)
+    resume = check_resume(resume, ckpt)
+    # Written first: a folder holding checkpoints always holds their config.
+    workdir_lib.write_config(workdir, config_lib.to_toml(cfg))
 
     key = jax.random.key(tc.seed)
     abstract = jax.eval_shape(lambda k: step_lib.init_state(spec, model.init(k), tc.seed), key)
@@ -259,7 +333,6 @@ def fit(cfg, *, resume=False, progress: bool = True, callbacks=(), mesh=None) ->
         state = jax.jit(lambda p: step_lib.init_state(spec, p, tc.seed),
                         out_shardings=shardings)(params)
     start = int(jax.device_get(state["step"]))
-    (workdir / "config.toml").write_text(config_lib.to_toml(cfg))
     log = MetricsLog(workdir / "metrics.jsonl", start)
     bar = _progress(tc.steps, start, progress and pi == 0)
 
@@ -275,6 +348,8 @@ def fit(cfg, *, resume=False, progress: bool = True, callbacks=(), mesh=None) ->
 
     pending, window_start, window_steps = [], time.perf_counter(), 0
     last_good = ckpt.latest_step()
+    # The model a checkpoint is for, so that `lucid-fn eval` rebuilds it whatever --data.
+    meta = {"model": cfg.model.name, "builder_kwargs": weights.encode_builder_kwargs(kw)}
     eval_params = (lambda s: s["ema"]) if cfg.optim.ema_decay else (lambda s: s["params"])
 
     def check_finite(step: int) -> list:
@@ -339,20 +414,24 @@ def fit(cfg, *, resume=False, progress: bool = True, callbacks=(), mesh=None) ->
                     fn(step, row)
             if step % tc.checkpoint_every == 0 or last or stop["signal"]:
                 check_finite(step)  # only states reached through finite losses are saved
-                ckpt.save(step, state, train_it.get_state())
+                try:
+                    ckpt.save(step, state, train_it.get_state(), meta)  # refuses non-finite
+                except NonFiniteStateError as e:
+                    raise NonFiniteLossError(str(e)) from None
                 last_good = step
             if stop["signal"]:
                 ckpt.wait()
                 raise Interrupted(f"interrupted at step {step}; checkpoint saved in "
                                   f"{ckpt.directory}; continue with --resume")
         ckpt.wait()
-        final = log.rows[-1]
+        final = log.rows[-1] if log.rows else {}  # none: metrics.jsonl was deleted
         result = {"test_accuracy": final.get("test_accuracy"), "steps": tc.steps,
                   "start_step": start,
                   "seconds": time.perf_counter() - t_start, "compile_seconds": compile_s,
                   "workdir": str(workdir)}
-        if pi == 0:
-            export = jax.device_get(eval_params(state))
+        # A finished run run again keeps its files (the state was only restored).
+        if pi == 0 and (start < tc.steps or not (workdir / "model.safetensors").exists()):
+            export = jax.device_get(eval_params(state))  # finite: checked when saved
             weights.save(workdir / "model.safetensors", export, cfg.model.name, **kw)
             plot_curves(log.rows, workdir / "curves.png")
     finally:
@@ -361,7 +440,6 @@ def fit(cfg, *, resume=False, progress: bool = True, callbacks=(), mesh=None) ->
             bar.close()
         for sig, h in handlers.items():
             signal.signal(sig, h)
-        ckpt.close()
     return result
 
 
@@ -371,26 +449,46 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _data_config(base, fields: dict, **model_fields):
+    """``base`` with ``fields`` (``--data``) and the model's image size and channels,
+    every key and value checked."""
+    data_cfg = config_lib.from_dict({**dataclasses.asdict(base), **fields, **model_fields},
+                                    config_lib.DataConfig, "data")
+    config_lib.validate_section(data_cfg, "data")
+    return data_cfg
+
+
 def evaluate_file(path, data=None, *, batch_size: int = 256, use_ema: bool = True) -> dict:
     """Accuracy of a checkpoint on a dataset's test split. ``path``: a ``.safetensors``
     written by ``lucid_fn.weights.save`` (e.g. a run's model.safetensors), or a run's
     workdir (its latest orbax checkpoint, EMA params when the run kept them). ``data``:
     data config fields (at least ``name``, e.g. ``{"name": "npz", "path": ...}``); a
     workdir defaults to its own data. Images are read at the model's size and channels."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
     path = pathlib.Path(path)
     data = dict(data or {})
     if path.is_dir():
         if not (path / "config.toml").is_file():
             raise FileNotFoundError(f"{path} is not a training workdir (no config.toml)")
         cfg = config_lib.load_config(path / "config.toml")
-        data_cfg = dataclasses.replace(cfg.data, **data)
-        dataset = data_lib.load(data_cfg, cfg.model.kwargs.get("num_classes"))
-        model, kw = build_model(cfg, dataset)
-        spec = step_spec(cfg, model, kw, dataset)
-        abstract = jax.eval_shape(lambda k: step_lib.init_state(spec, model.init(k), 0),
-                                  jax.random.key(0))
-        ckpt = Checkpointer(path / "checkpoints", cfg.train.keep_checkpoints)
+        ckpt = Checkpointer(path / "checkpoints", cfg.train.keep_checkpoints, create=False)
         try:
+            meta = ckpt.meta()
+            if meta is None:  # a checkpoint of an older version: the model from the data
+                data_cfg = _data_config(cfg.data, data)
+                dataset = data_lib.load(data_cfg, cfg.model.kwargs.get("num_classes"))
+                model, kw = build_model(cfg, dataset)
+            else:
+                kw = weights.decode_builder_kwargs(meta["builder_kwargs"])
+                model = registry[meta["model"]](**kw, **compute_dtype(cfg))
+                data_cfg = _data_config(cfg.data, data, img_size=model.config.img_size,
+                                        channels=model.config.in_channels)
+                dataset = data_lib.load(data_cfg)  # check_classes bounds the labels
+            check_classes(model, dataset, f"the run in {path}")
+            spec = step_spec(cfg, model, kw, dataset)
+            abstract = jax.eval_shape(lambda k: step_lib.init_state(spec, model.init(k), 0),
+                                      jax.random.key(0))
             state, _ = ckpt.restore(abstract)
         finally:
             ckpt.close()
@@ -404,10 +502,10 @@ def evaluate_file(path, data=None, *, batch_size: int = 256, use_ema: bool = Tru
             raise config_lib.ConfigError("evaluating a .safetensors file needs a dataset "
                                          "(--data digits, --data /path/to/folder, ...)")
         c = model.config
-        data_cfg = config_lib.from_dict(
-            {**data, "img_size": c.img_size, "channels": c.in_channels},
-            config_lib.DataConfig, "data")
-        dataset = data_lib.load(data_cfg, c.num_classes)
+        data_cfg = _data_config(config_lib.DataConfig(), data, img_size=c.img_size,
+                                channels=c.in_channels)
+        dataset = data_lib.load(data_cfg)  # check_classes bounds the labels
+        check_classes(model, dataset, str(path))
         mean, std = data_lib.mean_std(data_cfg, dataset.channels)
         spec = step_lib.StepSpec(model.apply, None, None, 0, tuple(mean), tuple(std), None)
         step = None
