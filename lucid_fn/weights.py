@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lucid_fn import nn
+from lucid_fn.kernels.settings import KernelSettings
 from lucid_fn.registry import registry
 
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
@@ -433,6 +434,8 @@ def encode_builder_kwargs(kwargs: dict) -> str:
             return [encode(x) for x in v]
         if isinstance(v, (str, int, float, bool)) or v is None:
             return v
+        if isinstance(v, KernelSettings):  # as the spec string builders read back
+            return str(v)
         try:
             return {"dtype": jnp.dtype(v).name}
         except TypeError:

@@ -29,9 +29,17 @@ def key():
 
 
 def pytest_configure(config):
-    """One persistent XLA compilation cache for the session (subprocesses included): the
-    training tests compile the same small train step many times over."""
-    cache = tempfile.mkdtemp(prefix="lucid_fn_xla_cache_")
+    """One persistent XLA compilation cache for the session, its workers (pytest-xdist
+    starts them with this process's environment) and their subprocesses: the training
+    tests compile the same small train step many times over."""
+    cache = os.environ.get("LUCID_FN_TEST_XLA_CACHE") or tempfile.mkdtemp(
+        prefix="lucid_fn_xla_cache_")
+    os.environ["LUCID_FN_TEST_XLA_CACHE"] = cache
     os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    # The tests' shapes are tiny: compiling, not running, is their cost, and LLVM's
+    # optimisations roughly double it on the CPU. Semantics do not change (no fast-math).
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -19,6 +19,7 @@ BAD_BUILDS = [
     (dict(embed_dims=[64, 128, 320, 500]), r"embed_dims\[3\]=500 is not divisible by "
                                            r"num_heads\[3\]=8.*heads that divide 500"),
     (dict(img_size=100), r"img_size=100 is not divisible by the total stride 32.*96"),
+    (dict(img_size=40_000_000_001), r"img_size=40000000001 .* e.g. 39999999968, 40000000000"),
     (dict(img_size=224, patch_size=8), r"total stride 64"),
     (dict(sr_ratios=[8, 4, 2, 2]), r"sr_ratios\[3\] must be 1"),
     (dict(flavor="official"), r"flavor must be one of 'lucid', 'paper'; got 'official'"),
@@ -64,3 +65,32 @@ def test_apply_rejects_bad_images_with_the_fix(model, x, message, jit):
     fn = jax.jit(apply) if jit else apply
     with pytest.raises(ValueError, match=message):
         fn(params, x)
+
+
+def _params_of(**changes):
+    return jax.eval_shape(registry["pvt_tiny"](**{**TINY, **changes}).init, jax.random.key(0))
+
+
+MISFIT_PARAMS = [
+    # built for another configuration: the first leaf that differs is named
+    (lambda: _params_of(embed_dims=[32, 32, 40, 64]),
+     r"params\['stage1'\]\['blocks'\]\['attn'\]\['kv'\]\['bias'\] has shape \(1, 64\), "
+     r"expected \(1, 32\)"),
+    (lambda: _params_of(flavor="paper"), r"unexpected params\['stage1'\]\['blocks'\]\['attn'\]"
+                                         r"\['proj'\]\['bias'\] and 7 more"),
+    (lambda: _params_of(img_size=128), r"params\['stage1'\]\['pos_embed'\] has shape "
+                                       r"\(1, 1024, 16\), expected \(1, 256, 16\)"),
+    (lambda: _params_of(depths=[1, 1, 1, 1]), r"params\['stage2'\]\['blocks'\]\['attn'\]"
+                                              r"\['kv'\]\['bias'\] has shape \(1, 64\), "
+                                              r"expected \(2, 64\)"),
+    (lambda: {k: v for k, v in _params_of().items() if k != "norm"},
+     r"params\['norm'\] is missing"),
+]
+
+
+@pytest.mark.parametrize("make,message", MISFIT_PARAMS)
+def test_apply_names_params_that_do_not_fit_the_model(model, make, message):
+    (_, apply), _ = model
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(apply, make(), x)

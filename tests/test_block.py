@@ -73,14 +73,14 @@ def test_a_block_on_the_stream_is_the_block_on_arrays(name):
 
 
 @pytest.mark.parametrize("name,kw", [("pvt_tiny", dict(flavor="paper")),
-                                     ("pvt_tiny", dict(depths=(1, 1, 1, 1))),
-                                     ("pvt_v2_b0", {}), ("pvt_v2_b2_li", dict(depths=(1, 1, 1, 1)))])
+                                     ("pvt_v2_b0", {}), ("pvt_v2_b2_li", {})])
 def test_the_model_through_the_kernels_is_the_model_through_xla(name, kw):
     """Every kernel run (in interpret mode, on the CPU) where it would run on a GPU, in
     bf16: logits as XLA's path gives them, up to bf16 rounding; and the kernels' schedule
-    with XLA's ops in their place (off GPU) is the kernels-off model bit for bit."""
-    arch = {**ARCH, **kw, "dtype": jnp.bfloat16}
-    x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+    with XLA's ops in their place (off GPU) is the kernels-off model bit for bit. 32x32
+    images: stage 2's two blocks hand a branch from block to block."""
+    arch = dict(img_size=32, num_classes=10, depths=(1, 2, 1, 1), dtype=jnp.bfloat16, **kw)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     off = registry[name](kernels="off", **arch)
     params = off.init(jax.random.key(0))
     want = off.apply(params, x)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lucid_fn import registry, weights
+from lucid_fn.kernels import KernelSettings
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +204,14 @@ def test_save_and_load_rebuild_params_and_model(tmp_path, small_model):
     for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(params)):
         np.testing.assert_array_equal(a, b)
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp files
+
+
+def test_kernel_settings_travel_with_a_saved_model(tmp_path, small_model):
+    kw, params = small_model
+    settings = KernelSettings().replace(**{"attention.block_q": 64, "norm.enabled": False})
+    weights.save(tmp_path / "m.safetensors", params, "pvt_tiny", kernels=settings, **kw)
+    _, model = weights.load(tmp_path / "m.safetensors")
+    assert model.config.kernels == settings
 
 
 def test_a_failed_save_leaves_the_previous_file_intact(tmp_path, small_model, monkeypatch):

@@ -208,11 +208,13 @@ def attention_blocks(blocks, depths, model: str) -> tuple:
 
 def check_img_size(img_size: int, stride: int, how: str) -> None:
     if img_size % stride:
-        near = sorted(range(stride, 4 * img_size + stride, stride),
-                      key=lambda s: abs(s - img_size))[:3]
+        below = img_size // stride * stride
+        candidates = [below - stride, below, below + stride, below + 2 * stride]
+        near = sorted(sorted((c for c in candidates if c > 0),
+                             key=lambda c: abs(c - img_size))[:3])
         raise ValueError(
             f"img_size={img_size} is not divisible by the total stride {stride} ({how}); "
-            f"use a multiple of {stride}, e.g. {', '.join(map(str, sorted(near)))}"
+            f"use a multiple of {stride}, e.g. {', '.join(map(str, near))}"
         )
 
 

@@ -13,15 +13,11 @@ import dataclasses
 import difflib
 import math
 import pathlib
-import sys
 import types
 import typing
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+import tomllib
 
 
 class ConfigError(ValueError):
