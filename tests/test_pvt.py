@@ -98,12 +98,16 @@ def test_scan_unrolled_and_remat_compute_the_same_function():
     init, ref_apply = tiny(scan_blocks=False)
     params = init(jax.random.key(0))
     x = images()
-    ref = ref_apply(params, x)
-    g_ref = jax.jit(jax.grad(lambda p: ref_apply(p, x).sum()))(params)
+
+    def value_and_grad(apply):  # the logits and their sum's gradient, one program
+        return jax.jit(lambda p: (apply(p, x), jax.grad(lambda q: apply(q, x).sum())(p)))(
+            params)
+
+    ref, g_ref = value_and_grad(ref_apply)
     for scan, remat in [(True, False), (True, True), (False, True)]:
         _, apply = tiny(scan_blocks=scan, remat=remat)
-        np.testing.assert_allclose(apply(params, x), ref, rtol=1e-5, atol=1e-6)
-        g = jax.jit(jax.grad(lambda p: apply(p, x).sum()))(params)
+        out, g = value_and_grad(apply)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
         for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 

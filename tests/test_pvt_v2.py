@@ -34,6 +34,11 @@ def images(h, w, n=2, seed=1):
     return jax.random.normal(jax.random.key(seed), (n, h, w, 3))
 
 
+def value_and_grad(apply, params, x):
+    """The logits and the gradient of their sum, from one compiled program."""
+    return jax.jit(lambda p: (apply(p, x), jax.grad(lambda q: apply(q, x).sum())(p)))(params)
+
+
 @pytest.mark.parametrize("linear", [False, True])
 def test_any_size_the_strides_divide_runs_with_the_same_params(linear):
     init, apply = small(linear)
@@ -41,7 +46,8 @@ def test_any_size_the_strides_divide_runs_with_the_same_params(linear):
     for h, w in [(64, 64), (96, 64), (32, 128)]:
         logits = apply(params, images(h, w))
         assert logits.shape == (2, 10) and bool(jnp.isfinite(logits).all())
-        feats = apply(params, images(h, w), features=True)
+        # the maps' shapes: traced, not compiled (the logits above ran the same stages)
+        feats = jax.eval_shape(lambda p, x: apply(p, x, features=True), params, images(h, w))
         assert [f.shape[1:3] for f in feats] == [(h // s, w // s) for s in (4, 8, 16, 32)]
         assert [f.shape[-1] for f in feats] == [16, 32, 40, 64]
 
@@ -74,9 +80,9 @@ def test_scan_remat_and_unrolled_agree_with_gradients():
     params = init(jax.random.key(0))
     x = images(64, 64)
     _, apply = small(scan_blocks=True, remat=True)
-    np.testing.assert_allclose(apply(params, x), ref_apply(params, x), rtol=1e-5, atol=1e-6)
-    g_ref = jax.jit(jax.grad(lambda p: ref_apply(p, x).sum()))(params)
-    g = jax.jit(jax.grad(lambda p: apply(p, x).sum()))(params)
+    out_ref, g_ref = value_and_grad(ref_apply, params, x)
+    out, g = value_and_grad(apply, params, x)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6)
     for path, a in jax.tree_util.tree_flatten_with_path(g)[0]:
         assert float(jnp.abs(a).max()) > 0, jax.tree_util.keystr(path)
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):

@@ -154,7 +154,7 @@ def test_a_kernel_without_a_backward_kernel_has_the_xla_gradient():
 
     argnums = (0, 1, 2)
     fused = lambda *b: dispatch.on_cuda(kernel, ref, *b, interpret=True)  # noqa: E731
-    assert not np.array_equal(fused(p, x, y)[1], ref(p, x, y)[1])  # the kernel did run
+    assert "pallas_call" in str(jax.make_jaxpr(fused)(p, x, y))  # the kernel does run
     g = jax.jit(jax.grad(lambda *a: loss(fused, *a), argnums))(p, x, y)
     g_ref = jax.jit(jax.grad(lambda *a: loss(ref, *a), argnums))(p, x, y)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
