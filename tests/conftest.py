@@ -28,6 +28,14 @@ def key():
     return jax.random.key(0)
 
 
+MAX_WORKERS = 4  # each worker compiles its own programs and holds them: a few GiB apiece
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject.toml): a worker per core, at most MAX_WORKERS."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+
+
 def pytest_configure(config):
     """One persistent XLA compilation cache for the session, its workers (pytest-xdist
     starts them with this process's environment) and their subprocesses: the training

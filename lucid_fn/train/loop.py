@@ -213,15 +213,14 @@ def read_metrics(path) -> list[dict]:
 
 
 def plot_curves(rows: list[dict], path) -> None:
-    """Loss and accuracy against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    """Loss and accuracy against step, as a PNG. A bare ``Figure`` (no pyplot): nothing
+    global is touched, so a run inside a notebook or a thread leaves its figures alone."""
+    from matplotlib.figure import Figure
 
     train = [r for r in rows if "loss" in r]
     test = [r for r in rows if "test_accuracy" in r]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if test:
         ax1.plot([r["step"] for r in test], [r["test_loss"] for r in test], "o-",
@@ -234,7 +233,6 @@ def plot_curves(rows: list[dict], path) -> None:
     ax2.set_xlabel("step"), ax2.set_ylabel("accuracy"), ax2.legend()
     fig.tight_layout()
     weights.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
 
 
 def _progress(total, initial, enabled):
