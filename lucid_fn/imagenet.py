@@ -121,11 +121,15 @@ def preprocess_one(image, cfg: InputConfig = InputConfig()) -> np.ndarray:
     return (crop - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
 
 
-def preprocess(images, cfg: InputConfig = InputConfig()) -> np.ndarray:
+def preprocess(images, cfg: InputConfig | str = InputConfig()) -> np.ndarray:
     """A PIL image, a uint8 array (H, W[, C]) or (N, H, W, C), or a list of either -> the
     (N, img_size, img_size, 3) float32 NHWC batch ``apply`` takes: timm's evaluation
-    transform for ``cfg`` (an ``InputConfig``; ``lucid_fn.pretrained.input_config(name)``
-    gives a checkpoint's)."""
+    transform for ``cfg``, an ``InputConfig`` or the name of published weights
+    (``"pvt_v2_b2"``: their input config)."""
+    if isinstance(cfg, str):
+        from lucid_fn.pretrained import input_config  # the table imports this module
+
+        cfg = input_config(cfg)
     if isinstance(images, np.ndarray) and images.ndim == 4:
         images = list(images)
     elif not isinstance(images, (list, tuple)):

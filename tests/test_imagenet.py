@@ -52,6 +52,7 @@ def test_preprocess_takes_pil_images_arrays_and_batches(reference):
     image = reference["image_1"]
     cfg = PRETRAINED["pvt_v2_b0.in1k"].input
     one = imagenet.preprocess(image, cfg)
+    np.testing.assert_array_equal(imagenet.preprocess(image, "pvt_v2_b0"), one)
     np.testing.assert_array_equal(imagenet.preprocess(Image.fromarray(image), cfg), one)
     batch = imagenet.preprocess(np.stack([image, image[::-1]]), cfg)
     assert batch.shape == (2, 224, 224, 3)
