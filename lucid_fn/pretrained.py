@@ -3,6 +3,7 @@
     model, params = lucid_fn.pretrained("pvt_v2_b2")            # timm/pvt_v2_b2.in1k
     model, params = lucid_fn.pretrained("pvt_small", num_classes=10)   # new head, rest loaded
     model, params = lucid_fn.pretrained("pvt_small", weights="pvt-small-224/")  # no network
+    init, apply = registry["pvt_v2_b2"](pretrained=True)       # init(key) gives the weights
 
 ``PRETRAINED`` is the table: for each model and tag, where the file lives on the Hugging Face
 hub, its layout, the builder arguments it fits, its license, label set and input config, and
@@ -20,9 +21,11 @@ import difflib
 import hashlib
 import os
 
+import jax
+
 from lucid_fn import weights as weights_lib
 from lucid_fn.imagenet import InputConfig
-from lucid_fn.registry import registry
+from lucid_fn.registry import Model, registry
 
 # timm's pvt_v2 default_cfgs (crop_pct 0.9, bicubic, ImageNet mean and std).
 TIMM_V2_INPUT = InputConfig(img_size=224, crop_fraction=0.9, interpolation="bicubic")
@@ -260,3 +263,26 @@ def pretrained(name: str, *, weights=None, cache_dir=None, rng=None, **builder_k
     params = weights_lib.load_torch_checkpoint(converted(entry, source), entry.model,
                                                head=head, rng=rng, **kwargs)
     return model, params
+
+
+def pretrained_model(name: str, source, **builder_kwargs) -> Model:
+    """What ``registry[name](pretrained=source, ...)`` returns: the model of ``name``'s
+    published weights (``source``: True for the hub, or a weights file or folder), whose
+    ``init(key)`` returns those weights; the key draws only a new head, when
+    ``num_classes`` is not the checkpoint's."""
+    if source is True:
+        source = None
+    elif not isinstance(source, (str, os.PathLike)) or not os.path.exists(source):
+        raise ValueError(f"pretrained= takes True (the published weights of {name}) or the "
+                         f"path of a weights file or folder; got {source!r}"
+                         + (" (no such file or folder)" if isinstance(source, str) else ""))
+    model, params = pretrained(name, weights=source, **builder_kwargs)
+    new_head = model.config.num_classes not in (0, find(name).num_classes)
+
+    def init(key) -> dict:
+        out = jax.tree_util.tree_map(lambda a: a, params)  # the caller's dicts, not ours
+        if new_head:
+            out["head"] = model.init(key)["head"]
+        return out
+
+    return Model(init, model.apply, name=model.name, config=model.config)

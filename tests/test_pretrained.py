@@ -7,6 +7,7 @@ shrunk); full-size builds are checked by shapes only (jax.eval_shape). Opt-in te
 ``network`` download the real weights (README, "Tests")."""
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -205,11 +206,30 @@ def test_new_head_other_size_dtype_and_features_on_loaded_weights(hub, monkeypat
         want = nn.resize_pos_embed(placed[stage]["pos_embed"], grid, has_cls=stage == "stage4")
         np.testing.assert_array_equal(params[stage]["pos_embed"], want)
     assert_same_tree(params["stage2"]["blocks"], placed["stage2"]["blocks"])
-    maps = jax.jit(model.apply, static_argnames="features")(
-        params, jnp.zeros((1, 96, 96, 3)), features=True)
+    # Shapes and dtypes only: the tests above and below run loaded weights for real.
+    maps = jax.eval_shape(functools.partial(model.apply, features=True), params,
+                          jax.ShapeDtypeStruct((1, 96, 96, 3), jnp.float32))
     assert [m.shape[1] for m in maps] == [24, 12, 6, 3] and maps[0].dtype == jnp.bfloat16
-    _, headless = lucid_fn.pretrained("pvt_tiny", num_classes=0)
-    assert "head" not in headless
+
+
+def test_builder_keyword_gives_a_model_whose_init_returns_the_weights(hub, monkeypatch,
+                                                                     tmp_path):
+    entry = use(monkeypatch, tiny(PRETRAINED["pvt_v2_b2_li.in1k"]))
+    placed = publish(hub, entry)
+    init, apply = registry["pvt_v2_b2_li"](pretrained=True)
+    assert_same_tree(init(jax.random.key(5)), placed)
+    assert jax.eval_shape(init, jax.random.key(0))["head"]["kernel"].shape == (64, 1000)
+    init10, _ = registry["pvt_v2_b2_li"](pretrained=True, num_classes=10)
+    a, b = init10(jax.random.key(1)), init10(jax.random.key(2))
+    assert_same_tree(a["stage3"], placed["stage3"])
+    assert a["head"]["kernel"].shape == (64, 10)
+    assert not np.array_equal(a["head"]["kernel"], b["head"]["kernel"])  # the key draws it
+    a["stage1"] = None  # the caller's dict, not the model's: the next init is whole
+    assert_same_tree(init10(jax.random.key(1))["stage1"], placed["stage1"])
+    with pytest.raises(ValueError, match="pretrained= takes True .* got 'nowhere' .no such"):
+        registry["pvt_v2_b2_li"](pretrained="nowhere")
+    with pytest.raises(ValueError, match="pvt_huge has no published weights"):
+        registry["pvt_huge"](pretrained=True)
 
 
 def test_lucid_flavor_has_no_published_weights():
@@ -273,10 +293,12 @@ def test_predict_prints_five_imagenet_names_per_image(hub, monkeypatch, tmp_path
     for row in lines[1:6] + lines[7:12]:
         share, name = row.split(None, 1)
         assert share.endswith("%") and name in names
-    assert cli.main(["predict", "pvt_v2_b0", paths[0], "--json"]) == 0
+    assert cli.main(["predict", "pvt_v2_b0", *paths, "--json", "--top", "3",
+                     "--weights", hub_file(entry)]) == 0
     out = json.loads(capsys.readouterr().out)
-    probs = [t["probability"] for t in out[0]["top"]]
-    assert len(probs) == 5 and probs == sorted(probs, reverse=True) and sum(probs) <= 1
+    probs = [t["probability"] for t in out[1]["top"]]
+    assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1
+    assert out[1]["image"] == paths[1] and out[1]["top"][0]["name"] in names
 
 
 def test_predict_failures_are_one_line(hub, tmp_path, capsys):
