@@ -72,39 +72,46 @@ class Pretrained:
 
 
 _PVT_REPO = "https://github.com/whai362/PVT classification/README.md (Acc@1)"
-_TIMM_VERIFIED = ("hub id from timm's pvt_v2.py default_cfgs (hf_hub_id='timm/', crop_pct 0.9, "
-                  "bicubic, ImageNet mean/std); files and apache-2.0 from the hub's file list; "
-                  "top-1 and params from the PVT repo's model zoo and the model card")
-_HF_VERIFIED = ("repo id from transformers' convert_pvt_to_pytorch.py; files "
-                "(model.safetensors, pytorch_model.bin) and apache-2.0 from the hub's file "
-                "list; top-1 and params from the PVT repo's model zoo; input config from the "
-                "official (DeiT) evaluation transform")
+# How each fact was checked (docs/pretrained.md): what all entries of a source share, then
+# what was seen of each repository on the hub.
+_TIMM_VERIFIED = ("hub id and input config from timm's pvt_v2.py default_cfgs (hf_hub_id='timm/',"
+                  " crop_pct 0.9, bicubic, ImageNet mean/std); top-1 from the PVT model zoo; "
+                  "params and apache-2.0 from the model cards; ")
+_HF_VERIFIED = ("repo id from transformers' convert_pvt_to_pytorch.py and the Zetatech org page; "
+                "top-1 and params from the PVT model zoo; input config from the official code's "
+                "DeiT evaluation transform; apache-2.0 on the repo page; ")
 
 
-def _timm(model: str, top1: float, params_m: float, **builder) -> Pretrained:
+def _timm(model: str, top1: float, params_m: float, seen: str, **builder) -> Pretrained:
     return Pretrained(model, "in1k", f"timm/{model}.in1k", "timm", top1, _PVT_REPO,
-                      params_m, _TIMM_VERIFIED, builder=builder)
+                      params_m, _TIMM_VERIFIED + seen, builder=builder)
 
 
-def _hf(model: str, size: str, top1: float, params_m: float, **builder) -> Pretrained:
+def _hf(model: str, size: str, top1: float, params_m: float, seen: str,
+        **builder) -> Pretrained:
     return Pretrained(model, "in1k", f"Zetatech/pvt-{size}-224", "hf", top1, _PVT_REPO,
-                      params_m, _HF_VERIFIED, builder=dict(flavor="paper", **builder),
+                      params_m, _HF_VERIFIED + seen, builder=dict(flavor="paper", **builder),
                       input=OFFICIAL_V1_INPUT)
 
 
+_SAME_FILES = "files: not listed, taken to be those of the source's other copies"
 PRETRAINED: dict[str, Pretrained] = {e.name: e for e in [
-    _timm("pvt_v2_b0", 70.5, 3.7),
-    _timm("pvt_v2_b1", 78.7, 14.0),
-    _timm("pvt_v2_b2", 82.0, 25.4),
-    _timm("pvt_v2_b2_li", 82.1, 22.6),
-    _timm("pvt_v2_b3", 83.1, 45.2),
-    _timm("pvt_v2_b4", 83.6, 62.6),
-    _timm("pvt_v2_b5", 83.8, 82.0),
-    _hf("pvt_tiny", "tiny", 75.1, 13.2),
-    _hf("pvt_small", "small", 79.8, 24.5),
-    _hf("pvt_medium", "medium", 81.2, 44.2),
+    _timm("pvt_v2_b0", 70.5, 3.7, "files: list at 49dc831 (model.safetensors, pytorch_model.bin)"),
+    _timm("pvt_v2_b1", 78.7, 14.0, _SAME_FILES),
+    _timm("pvt_v2_b2", 82.0, 25.4, "files: pytorch_model.bin history (250d713); safetensors "
+                                   "taken as for b0"),
+    _timm("pvt_v2_b2_li", 82.1, 22.6, "files: list at c7eccd6 (model.safetensors, "
+                                      "pytorch_model.bin)", linear=True),
+    _timm("pvt_v2_b3", 83.1, 45.2, _SAME_FILES),
+    _timm("pvt_v2_b4", 83.6, 62.6, _SAME_FILES),
+    _timm("pvt_v2_b5", 83.8, 82.0, "files: commit b18cbdb adds model.safetensors and "
+                                   "pytorch_model.bin"),
+    _hf("pvt_tiny", "tiny", 75.1, 13.2, "files: list at main 6a44ba9 (model.safetensors, "
+                                        "pytorch_model.bin)"),
+    _hf("pvt_small", "small", 79.8, 24.5, _SAME_FILES),
+    _hf("pvt_medium", "medium", 81.2, 44.2, _SAME_FILES),
     # The official PVT-Large has 8 blocks in stage 2 (classification/pvt.py), Lucid's 4.
-    _hf("pvt_large", "large", 81.7, 61.4, depths=(3, 8, 27, 3)),
+    _hf("pvt_large", "large", 81.7, 61.4, _SAME_FILES, depths=(3, 8, 27, 3)),
 ]}
 
 
@@ -175,19 +182,26 @@ def hub_file(entry: Pretrained, cache_dir=None) -> str:
         ) from None
     cache_dir = cache_dir or os.environ.get("HF_HUB_CACHE") or None
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    missing = []
+    unreachable = False
     for filename in entry.files:
         try:
-            return huggingface_hub.hf_hub_download(entry.repo, filename, revision=entry.revision,
-                                                   cache_dir=cache_dir, local_files_only=offline)
-        except errors.EntryNotFoundError:  # also LocalEntryNotFoundError: not cached
-            missing.append(filename)
+            return huggingface_hub.hf_hub_download(
+                entry.repo, filename, revision=entry.revision, cache_dir=cache_dir,
+                local_files_only=offline or unreachable)
+        except errors.LocalEntryNotFoundError:  # not cached, and the hub not reached
+            # The next file is looked for in the cache only: huggingface_hub retries a
+            # connection for tens of seconds.
+            unreachable = True
+        except errors.EntryNotFoundError:  # the hub answered: no such file
+            continue
         except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError) as e:
             raise _hub_error(entry, f"the hub has no such repository or revision "
                                     f"({type(e).__name__})") from None
     where = huggingface_hub.constants.HF_HUB_CACHE if cache_dir is None else cache_dir
-    why = ("offline (HF_HUB_OFFLINE=1) and " if offline else "no network or no such file, and ")
-    raise _hub_error(entry, f"{why}not in the hub cache {where}")
+    why = ("offline (HF_HUB_OFFLINE=1)" if offline else
+           "the hub was not reached (HF_HUB_OFFLINE=1 skips trying)" if unreachable else
+           "the hub has none of these files")
+    raise _hub_error(entry, f"{why}, and not in the hub cache {where}")
 
 
 def local_file(entry: Pretrained, path) -> str:

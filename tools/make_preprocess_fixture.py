@@ -7,7 +7,9 @@ Regenerate (CPU only, a few seconds), from the repository root:
     /tmp/venv-ref/bin/python tools/make_preprocess_fixture.py --out tests/fixtures
 
 Made with torch 2.14.1, torchvision 0.29.1, timm 1.0.31, pillow 13.0.0, scikit-image
-0.26.0, numpy 2.4.6 (Python 3.11); the file's ``meta`` records them.
+0.26.0, numpy 2.4.6 (Python 3.11); the file's ``meta`` records them. torch and torchvision
+must be a matching pair from the same index: PyPI's torchvision with a CPU-only torch wheel
+fails at import ("operator torchvision::nms does not exist").
 
 Inputs are crops of three of scikit-image's sample photographs (astronaut, chelsea, coffee:
 public domain or CC0, see skimage.data), small enough to keep the file small, of sides that
