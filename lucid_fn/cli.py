@@ -248,7 +248,7 @@ def cmd_predict(args) -> int:
     if entry.labels != "imagenet-1k":
         raise ValueError(f"{entry.name} predicts {entry.labels} classes; predict names "
                          f"ImageNet-1k classes only")
-    images = [_read_image(path) for path in args.images]  # unreadable images fail first
+    images = [_read_image(path) for path in args.images]  # before any download: fail fast
     model, params = pretrained(args.model, weights=args.weights)
     x = imagenet.preprocess(images, entry.input)
     probs = np.asarray(jax.nn.softmax(jax.jit(model.apply)(params, x), axis=-1))
