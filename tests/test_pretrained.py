@@ -9,6 +9,7 @@ shrunk); full-size builds are checked by shapes only (jax.eval_shape). Opt-in te
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -43,11 +44,16 @@ def hub(tmp_path, monkeypatch):
 
 
 def place(cache, repo: str, filename: str, state_dict: dict) -> str:
-    """Put ``state_dict`` in the hub cache as huggingface_hub stores a download: the bytes
-    in blobs/<sha256>, a relative link in snapshots/<revision>/, refs/main naming it."""
+    """Put ``state_dict`` in the hub cache as a safetensors file (see ``place_bytes``)."""
     from safetensors.numpy import save
 
-    data = save({k: np.ascontiguousarray(v) for k, v in state_dict.items()})
+    return place_bytes(cache, repo, filename,
+                       save({k: np.ascontiguousarray(v) for k, v in state_dict.items()}))
+
+
+def place_bytes(cache, repo: str, filename: str, data: bytes) -> str:
+    """Put a file in the hub cache as huggingface_hub stores a download: the bytes in
+    blobs/<sha256>, a relative link in snapshots/<revision>/, refs/main naming it."""
     folder = cache / f"models--{repo.replace('/', '--')}"
     blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
     blob.parent.mkdir(parents=True, exist_ok=True)
@@ -157,6 +163,21 @@ def test_hub_files_in_order_of_preference(hub):
     assert hub_file(entry).endswith(f"{REVISION}/pytorch_model.bin")  # the only one cached
     place(hub, entry.repo, "model.safetensors", {"x": np.zeros(1, np.float32)})
     assert hub_file(entry).endswith(f"{REVISION}/model.safetensors")
+
+
+def test_a_torch_pickle_is_the_fallback_read_with_weights_only(hub, monkeypatch):
+    torch = pytest.importorskip("torch")  # not a dependency: runs where torch is installed
+    entry = use(monkeypatch, tiny(PRETRAINED["pvt_medium.in1k"]))
+    params = random_params(entry, seed=3)
+    sd = weights.to_state_dict(params, entry.model, layout="hf", **entry.native_kwargs())
+    buffer = io.BytesIO()
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, buffer)
+    place_bytes(hub, entry.repo, "pytorch_model.bin", buffer.getvalue())  # no safetensors
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(kw) or real_load(*a, **kw))
+    assert_same_tree(lucid_fn.pretrained("pvt_medium")[1], params)
+    assert loads and all(kw.get("weights_only") is True for kw in loads)
 
 
 def test_no_network_and_no_cached_file_says_what_to_do(hub):
