@@ -5,6 +5,7 @@
     lucid-fn convert IN OUT --model NAME    a checkpoint of any known layout -> safetensors
     lucid-fn train [CONFIG] [--set k=v]     train (default: the embedded digits, ~2 min on CPU)
     lucid-fn eval CHECKPOINT [--data ...]   test accuracy of a run or a .safetensors file
+    lucid-fn predict MODEL IMAGE ...        top-5 ImageNet classes with published weights
 """
 
 from __future__ import annotations
@@ -212,6 +213,57 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _read_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except UnidentifiedImageError:
+        raise ValueError(f"{path} is not an image PIL can read (JPEG, PNG, ...)") from None
+
+
+def top_classes(probs, k: int) -> list[list[dict]]:
+    """Per row of ``probs``, the ``k`` most likely ImageNet-1k classes, most likely first."""
+    import numpy as np
+
+    from lucid_fn import imagenet
+
+    names = imagenet.class_names()
+    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    return [[{"index": int(i), "name": names[i], "probability": float(row[i])} for i in idx]
+            for row, idx in zip(probs, order)]
+
+
+def cmd_predict(args) -> int:
+    import json
+
+    import jax
+    import numpy as np
+
+    from lucid_fn import imagenet
+    from lucid_fn.pretrained import find, pretrained
+
+    entry = find(args.model)
+    if entry.labels != "imagenet-1k":
+        raise ValueError(f"{entry.name} predicts {entry.labels} classes; predict names "
+                         f"ImageNet-1k classes only")
+    images = [_read_image(path) for path in args.images]  # before any download: fail fast
+    model, params = pretrained(args.model, weights=args.weights)
+    x = imagenet.preprocess(images, entry.input)
+    probs = np.asarray(jax.nn.softmax(jax.jit(model.apply)(params, x), axis=-1))
+    rows = top_classes(probs, args.top)
+    if args.json:
+        print(json.dumps([{"image": path, "model": entry.name, "top": top}
+                          for path, top in zip(args.images, rows)], indent=1))
+        return 0
+    for path, top in zip(args.images, rows):
+        print(f"{path} ({entry.name}):")
+        for t in top:
+            print(f"  {t['probability']:7.2%}  {t['name']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lucid-fn", description="Pyramid Vision Transformers in JAX")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -269,6 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="as for train; default: the run's data")
     p.add_argument("--batch-size", type=_at_least(1), default=256)
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-5 ImageNet-1k classes of images, with published "
+                       "weights (lucid-fn predict pvt_v2_b0 cat.jpg)")
+    p.add_argument("model", help="a model with published weights, e.g. pvt_v2_b0 or "
+                   "pvt_small (README, 'Pretrained weights')")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    p.add_argument("--weights", default=None, help="a local weights file or folder instead "
+                   "of the Hugging Face hub")
+    p.add_argument("--top", type=_at_least(1), default=5, help="classes per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(fn=cmd_predict)
     return ap
 
 

@@ -582,7 +582,7 @@ def read_state_dict(path) -> Mapping:
         from safetensors.numpy import load_file
 
         try:
-            if not _is_own_file(path):  # read the header first: each file is read once
+            if not is_own_file(path):  # read the header first: each file is read once
                 return load_file(path)
         except SafetensorError as e:
             raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
@@ -618,11 +618,17 @@ def _sniff(path) -> str | None:
     return "safetensors" if path.endswith(".safetensors") else None  # its reader says why
 
 
-def _is_own_file(path) -> bool:
-    from safetensors import safe_open
+def is_own_file(path) -> bool:
+    """Whether ``path`` is a safetensors file that ``save`` wrote (read from its header)."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(path, framework="numpy") as f:
-        return _META_MODEL in (f.metadata() or {})
+    if _sniff(path) != "safetensors":
+        return False
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return _META_MODEL in (f.metadata() or {})
+    except SafetensorError:  # not readable: the reader that loads it says why
+        return False
 
 
 def _own_file_as_state_dict(path) -> dict:

@@ -428,7 +428,9 @@ def register_builders(table: dict, *, make_config, param_specs, make_apply,
                       in_channels: bool = False) -> None:
     """Register a builder for each ``name: (defaults, doc)`` of ``table``, with the seed's
     signature ``name(img_size=224, num_classes=1000, **kwargs)`` (``in_channels=3`` third
-    with ``in_channels``, as the seed's PVT v2): config, parameter specs, ``(init, apply)``."""
+    with ``in_channels``, as the seed's PVT v2): config, parameter specs, ``(init, apply)``.
+    ``pretrained=True`` (or a weights file or folder) builds the published weights' model,
+    whose ``init`` returns them (lucid_fn.pretrained)."""
     for name, (defaults, doc) in table.items():
         register_model(_builder(name, defaults, doc, in_channels,
                                 (make_config, param_specs, make_apply)))
@@ -437,7 +439,11 @@ def register_builders(table: dict, *, make_config, param_specs, make_apply,
 def _builder(name: str, defaults: dict, doc: str, in_channels: bool, family: tuple):
     make_config, param_specs, make_apply = family
 
-    def build(**kwargs) -> Model:
+    def build(pretrained=None, **kwargs) -> Model:
+        if pretrained is not None and pretrained is not False:
+            from lucid_fn.pretrained import pretrained_model  # the table imports the registry
+
+            return pretrained_model(name, pretrained, **kwargs)
         cfg = make_config(name, **{**defaults, **kwargs})
         specs = param_specs(cfg)
         return Model(make_init(specs), make_apply(cfg, name, specs), name=name, config=cfg)
