@@ -119,6 +119,8 @@ def cmd_convert(args) -> int:
 
 def _check_convert_paths(source: str, target: str) -> None:
     """The output is a new .safetensors file in a folder we can write, never the input."""
+    from lucid_fn import weights
+
     if not target.endswith(".safetensors"):
         raise ValueError(f"the output {target!r} must end in .safetensors (that is the format "
                          f"written); e.g. {os.path.splitext(target)[0]}.safetensors")
@@ -128,13 +130,7 @@ def _check_convert_paths(source: str, target: str) -> None:
     if os.path.isdir(target):
         raise ValueError(f"the output {target!r} is a folder; give a file name, e.g. "
                          f"{os.path.join(target, 'model.safetensors')}")
-    folder = os.path.dirname(os.path.abspath(target))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"the output's folder {folder!r} does not exist; create it "
-                                f"first")
-    if not os.access(folder, os.W_OK):
-        raise PermissionError(f"cannot write in {folder!r} (the output's folder); choose a "
-                              f"folder you can write to")
+    weights.check_writable(target)
 
 
 def _train_config(args):
