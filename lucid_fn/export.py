@@ -78,9 +78,10 @@ def _looks_like_path(text: str) -> bool:
 
 
 def resolve_source(model, params=None, *, img_size=None,
-                   **builder_kwargs) -> tuple[Model, dict, str]:
+                   **builder_kwargs) -> tuple[Model, dict | None, str]:
     """``(model, params, description)`` from any ``model`` this module takes (see the
-    module's docstring). A registered name is built at ``img_size`` (an int) if given."""
+    module's docstring). A registered name is built at ``img_size`` (an int) if given.
+    ``params`` stays None for random weights, drawn once the export's arguments pass."""
     if isinstance(model, (str, os.PathLike)) and (os.path.exists(model) or (
             _looks_like_path(os.fspath(model)) and os.fspath(model) not in registry)):
         path = os.fspath(model)
@@ -97,7 +98,7 @@ def resolve_source(model, params=None, *, img_size=None,
         builder_kwargs = {**builder_kwargs, "img_size": img_size}
     built = resolve(model, builder_kwargs)
     if params is None:
-        return built, built.init(jax.random.key(0)), f"{built.name} with random weights (key 0)"
+        return built, None, f"{built.name} with random weights (key 0)"
     return built, params, f"{built.name} with the params given"
 
 
@@ -128,6 +129,8 @@ def prepare(model, params=None, *, img_size=None, **builder_kwargs) -> Source:
         raise ValueError(f"{reference.name} is PVT v1, whose position embeddings are learned "
                          f"for one grid: export it at a fixed image size (img_size=N resizes "
                          f"them); only PVT v2 takes img_size='dynamic'")
+    if reference_params is None:
+        reference_params = reference.init(jax.random.key(0))
     portable = registry[reference.name](**{**reference.kwargs, "img_size": size,
                                            "kernels": PORTABLE})
     fitted = reference_params
