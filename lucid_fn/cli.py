@@ -6,6 +6,7 @@
     lucid-fn train [CONFIG] [--set k=v]     train (default: the embedded digits, ~2 min on CPU)
     lucid-fn eval CHECKPOINT [--data ...]   test accuracy of a run or a .safetensors file
     lucid-fn predict MODEL IMAGE ...        top-5 ImageNet classes with published weights
+    lucid-fn export MODEL_OR_FILE OUT --format stablehlo|onnx   a model out of Python
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ def cmd_convert(args) -> int:
 
 def _check_convert_paths(source: str, target: str) -> None:
     """The output is a new .safetensors file in a folder we can write, never the input."""
+    from lucid_fn import weights
+
     if not target.endswith(".safetensors"):
         raise ValueError(f"the output {target!r} must end in .safetensors (that is the format "
                          f"written); e.g. {os.path.splitext(target)[0]}.safetensors")
@@ -129,13 +132,41 @@ def _check_convert_paths(source: str, target: str) -> None:
     if os.path.isdir(target):
         raise ValueError(f"the output {target!r} is a folder; give a file name, e.g. "
                          f"{os.path.join(target, 'model.safetensors')}")
-    folder = os.path.dirname(os.path.abspath(target))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"the output's folder {folder!r} does not exist; create it "
-                                f"first")
-    if not os.access(folder, os.W_OK):
-        raise PermissionError(f"cannot write in {folder!r} (the output's folder); choose a "
-                              f"folder you can write to")
+    weights.check_writable(target)
+
+
+def _batch_or_dynamic(text: str):
+    """An argparse type: ``dynamic`` or an integer >= 1."""
+    return text if text == "dynamic" else _at_least(1)(text)
+
+
+_batch_or_dynamic.__name__ = "'dynamic' or an integer >= 1"
+
+
+def cmd_export(args) -> int:
+    from lucid_fn import export
+
+    kw = {k: v for k, v in _builder_kwargs(args).items() if k != "img_size"}
+    src, artifact = export.export_source(
+        args.source, format=args.format, path=args.output, batch=args.batch,
+        img_size=args.img_size, features=args.features, bake_params=not args.params_input,
+        opset=args.opset, **kw)
+    export.write(artifact, args.output)
+    cfg = src.model.config
+    side = "symbolic sides" if args.img_size == "dynamic" else f"{cfg.img_size}x{cfg.img_size}"
+    what = (f"ONNX opset {args.opset}, params as initialisers" if args.format == "onnx" else
+            f"jax.export for {', '.join(artifact.platforms)}, params "
+            f"{'an input' if args.params_input else 'baked in'}")
+    print(f"read {src.described}")
+    print(f"wrote {args.output}: {src.model.name}, {what}, batch {args.batch}, {side}, "
+          f"{os.path.getsize(args.output) / 1e6:.1f} MB")
+    batch = 2 if args.batch == "dynamic" else args.batch
+    diff, scale = export.largest_difference(src, artifact, batch_size=batch,
+                                            features=args.features,
+                                            bake_params=not args.params_input)
+    print(f"self-check on {batch} random images at {cfg.img_size}x{cfg.img_size}: largest "
+          f"|exported - apply| = {diff:.3g} (largest |apply| {scale:.3g})")
+    return 0 if diff <= 1e-3 * max(scale, 1.0) else 1
 
 
 def _train_config(args):
@@ -332,6 +363,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=_at_least(1), default=5, help="classes per image (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(fn=cmd_predict)
+
+    from lucid_fn.export import FORMATS, OPSET
+
+    p = sub.add_parser("export", help="a model out of Python: StableHLO (jax.export) or ONNX, "
+                       "checked against apply")
+    p.add_argument("source", metavar="MODEL_OR_FILE",
+                   help="a registered name (random weights), a .safetensors that convert or "
+                        "train wrote, or a training run's workdir")
+    p.add_argument("output", help="the file to write (atomically)")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--batch", type=_batch_or_dynamic, default="dynamic",
+                   help="N, or 'dynamic' (default): a symbolic batch size")
+    p.add_argument("--img-size", type=_batch_or_dynamic, default=None,
+                   help="N (PVT v1: position embeddings resized), or 'dynamic': symbolic sides "
+                        "(PVT v2, stablehlo); default the model's")
+    p.add_argument("--features", action="store_true", help="the 4 pyramid maps, not logits")
+    p.add_argument("--params-input", action="store_true",
+                   help="stablehlo: params as the first input instead of baked in")
+    p.add_argument("--opset", type=_at_least(1), default=OPSET, help="onnx: the opset")
+    p.add_argument("--num-classes", type=_at_least(0), default=None,
+                   help="with a model name only")
+    p.add_argument("--flavor", default=None, choices=["lucid", "paper"],
+                   help="with a PVT v1 name only: 'lucid' (default) or 'paper'")
+    p.set_defaults(fn=cmd_export)
     return ap
 
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 from collections.abc import Callable, Iterator, Mapping
@@ -32,6 +33,12 @@ class Model(tuple):
     @property
     def apply(self):
         return self[1]
+
+    @property
+    def kwargs(self) -> dict:
+        """Builder arguments that build this model again (its config's fields):
+        ``registry[m.name](**{**m.kwargs, "img_size": 96})`` is the same model at 96."""
+        return {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)}
 
     def __repr__(self):
         return f"Model(name={self.name!r}, config={self.config!r})"
@@ -90,6 +97,16 @@ class Registry(Mapping):
 
     def __repr__(self):
         return f"Registry({list(self)})"
+
+
+def resolve(model, builder_kwargs: dict) -> Model:
+    """``model`` as a Model: a registered name built with ``builder_kwargs``, or a Model
+    (then no builder keywords)."""
+    if isinstance(model, Model):
+        if builder_kwargs:
+            raise ValueError("pass builder keywords only with a model name, not a built Model")
+        return model
+    return registry[model](**builder_kwargs)
 
 
 def _unknown_name_message(name, known: list[str]) -> str:

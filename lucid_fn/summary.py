@@ -7,20 +7,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lucid_fn.registry import Model, registry
+from lucid_fn.registry import resolve
 
 
 def count_params(params) -> int:
     """Number of scalars in a parameter pytree (arrays or ``jax.ShapeDtypeStruct``)."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
-
-
-def _resolve(model, builder_kwargs) -> Model:
-    if isinstance(model, Model):
-        if builder_kwargs:
-            raise ValueError("pass builder keywords only with a model name, not a built Model")
-        return model
-    return registry[model](**builder_kwargs)
 
 
 def _path(keypath) -> str:
@@ -33,7 +25,7 @@ def summary(model, *, batch_size: int = 1, **builder_kwargs) -> str:
 
     ``model`` is a registered name (builder keywords go in ``builder_kwargs``) or a Model.
     """
-    m = _resolve(model, builder_kwargs)
+    m = resolve(model, builder_kwargs)
     cfg = m.config
     shapes = jax.eval_shape(m.init, jax.random.key(0))
     x = jax.ShapeDtypeStruct((batch_size, cfg.img_size, cfg.img_size, cfg.in_channels),

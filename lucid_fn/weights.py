@@ -486,6 +486,21 @@ def atomic_write(path, write: Callable[[str], None]) -> None:
             os.remove(tmp)
 
 
+def check_writable(path) -> None:
+    """``path`` can take a new file: not a folder, in a folder that exists and we may
+    write (checked before any work, so that a long job does not fail at its last step)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"the output {path!r} is a folder; give a file name in it")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"the output's folder {folder!r} does not exist; create it "
+                                f"first")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"cannot write in {folder!r} (the output's folder); choose a "
+                              f"folder you can write to")
+
+
 def _check_params(params, model, name: str) -> None:
     """``params`` against the parameter shapes of ``model`` (a ValueError or TypeError
     naming the first leaf that differs)."""
@@ -636,10 +651,8 @@ def _own_file_as_state_dict(path) -> dict:
     keys; otherwise the official ones), so that it goes through ``from_state_dict`` like
     any checkpoint: checked, head kept or reset, v1 position embeddings resized."""
     params, model = load(path)
-    cfg = model.config
-    kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    layout = "lucid" if getattr(cfg, "flavor", None) == "lucid" else "official"
-    return to_state_dict(params, model.name, layout=layout, **kwargs)
+    layout = "lucid" if getattr(model.config, "flavor", None) == "lucid" else "official"
+    return to_state_dict(params, model.name, layout=layout, **model.kwargs)
 
 
 def load_torch_checkpoint(path, name: str, **kwargs) -> dict:

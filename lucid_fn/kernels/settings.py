@@ -104,25 +104,38 @@ _FAMILIES = {"mlp": MlpSettings, "conv_mlp": ConvMlpSettings, "attention": Atten
              "norm": NormSettings}
 
 
+_FLAGS = ("interpret", "portable")  # KernelSettings' own switches, beside the families
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelSettings:
     """All kernel families' settings. ``interpret``: run the Pallas kernels in interpret
     mode on any backend instead of their XLA forms off CUDA (slow; for tests that check a
-    whole model through the kernels on a CPU)."""
+    whole model through the kernels on a CPU). ``portable``: one program for every
+    platform, every family off and no XLA formulation chosen by platform either (the
+    spatial reduction as the CPU computes it): what ``lucid_fn.export`` traces, because
+    an ONNX graph cannot switch on the platform it runs on (spec ``"portable"``)."""
     mlp: MlpSettings = MlpSettings()
     conv_mlp: ConvMlpSettings = ConvMlpSettings()
     attention: AttentionSettings = AttentionSettings()
     norm: NormSettings = NormSettings()
     interpret: bool = False
+    portable: bool = False
 
     def __post_init__(self):
         for name, kind in _FAMILIES.items():
             if not isinstance(getattr(self, name), kind):
                 raise TypeError(f"KernelSettings.{name} must be a {kind.__name__}; "
                                 f"got {getattr(self, name)!r}")
-        if not isinstance(self.interpret, bool):
-            raise TypeError(f"KernelSettings.interpret must be True or False; "
-                            f"got {self.interpret!r}")
+        for flag in ("interpret", "portable"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"KernelSettings.{flag} must be True or False; "
+                                f"got {getattr(self, flag)!r}")
+        on = [name for name in _FAMILIES if getattr(self, name).enabled]
+        if self.portable and on:
+            raise ValueError(f"KernelSettings(portable=True) runs no kernel, but {', '.join(on)} "
+                             f"{'is' if len(on) == 1 else 'are'} enabled; use the spec "
+                             f"'portable' (every family off)")
 
     @classmethod
     def off(cls) -> "KernelSettings":
@@ -136,9 +149,9 @@ class KernelSettings:
         top = {}
         for key, value in changes.items():
             family, _, field = key.partition(".")
-            if family not in _FAMILIES and key != "interpret":
+            if family not in _FAMILIES and key not in _FLAGS:
                 raise ValueError(f"unknown kernel family {family!r} in {key!r}; families: "
-                                 f"{', '.join(_FAMILIES)} (and 'interpret')")
+                                 f"{', '.join(_FAMILIES)} (and 'interpret', 'portable')")
             if not field:
                 top[key] = value
                 continue
@@ -147,16 +160,16 @@ class KernelSettings:
                 raise ValueError(f"{_FAMILIES[family].__name__} has no setting {field!r}; "
                                  f"its settings: {', '.join(names)}")
             families[family][field] = value
-        new = dataclasses.replace(self, **top)
-        return dataclasses.replace(new, **{
-            name: dataclasses.replace(getattr(new, name), **fields)
-            for name, fields in families.items() if fields})
+        # one replace, so that the checks see the flags and the families together
+        return dataclasses.replace(self, **{
+            name: dataclasses.replace(top.pop(name, getattr(self, name)), **fields)
+            for name, fields in families.items()}, **top)
 
     def __str__(self) -> str:
         """The changes from the defaults as ``family.field=value`` items, which
         :func:`resolve` reads back ("default" if none)."""
         default = KernelSettings()
-        items = [f"interpret={int(self.interpret)}"] if self.interpret else []
+        items = [f"{flag}=1" for flag in _FLAGS if getattr(self, flag)]
         for name in _FAMILIES:
             mine, base = getattr(self, name), getattr(default, name)
             for f in dataclasses.fields(mine):
@@ -168,12 +181,14 @@ class KernelSettings:
 
 def parse(spec: str) -> KernelSettings:
     """``"attention.block_q=64,mlp.enabled=0"`` (``family=off`` for ``family.enabled=0``),
-    ``"default"``/``"on"``, or ``"off"``."""
+    ``"default"``/``"on"``, ``"off"``, or ``"portable"`` (off, and no per-platform choice)."""
     spec = spec.strip()
     if spec in ("", "default", "on"):
         return KernelSettings()
     if spec == "off":
         return KernelSettings.off()
+    if spec == "portable":
+        return dataclasses.replace(KernelSettings.off(), portable=True)
     changes = {}
     for item in spec.split(","):
         key, sep, value = (s.strip() for s in item.partition("="))
@@ -182,7 +197,7 @@ def parse(spec: str) -> KernelSettings:
                              f"'attention.block_q=64' or 'mlp=off'")
         if key in _FAMILIES and value in ("off", "on"):
             key, value = f"{key}.enabled", value == "on"
-        elif key.endswith(".enabled") or key == "interpret":
+        elif key.endswith(".enabled") or key in _FLAGS:
             if value not in ("0", "1", "true", "false"):
                 raise ValueError(f"{key} must be 0 or 1; got {value!r}")
             value = value in ("1", "true")

@@ -232,7 +232,9 @@ def check_sr_ratios(sr_ratios, h: int, w: int, first_stride: int) -> None:
     """Each stage's token map must hold at least one spatial-reduction window."""
     for i, r in enumerate(sr_ratios):
         gh, gw = h // (first_stride * 2**i), w // (first_stride * 2**i)
-        if r > min(gh, gw):
+        # Two comparisons, not min(gh, gw): exported with symbolic sides, gh < gw is
+        # undecided while r > gh is not.
+        if r > gh or r > gw:
             raise ValueError(
                 f"sr_ratios[{i}]={r} is larger than stage {i + 1}'s {gh}x{gw} token map for "
                 f"{h}x{w} images; use larger images or sr_ratios[{i}] <= {min(gh, gw)}"

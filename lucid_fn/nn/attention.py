@@ -121,8 +121,11 @@ def sra(p, x, rngs, *, hw, heads: int, scale: float | None, dtype, attn_drop: fl
     residual add + LayerNorm kernel to add (nn/block.py)."""
     b, n, c = x.shape
     inference = rngs[0] is None
+    # The reduction's cuDNN form at inference is a choice by platform, which a portable
+    # program does not make: it reduces as the CPU does (and as training does).
     q, k, v = queries_keys_values(p, x, hw, heads=heads, dtype=dtype, linear=linear,
-                                  defer_q_bias=inference, inference=inference)
+                                  defer_q_bias=inference,
+                                  inference=inference and not kernels.portable)
     out = attend(q, k, v, scale=scale, dtype=dtype, attn_drop=attn_drop, rng=rngs[0],
                  kernels=kernels).reshape(b, n, c)
     if "proj" in p:

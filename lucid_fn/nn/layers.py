@@ -225,19 +225,24 @@ def depthwise_conv3x3(p: Params, x, hw, dtype=None):
                 dtype=dtype).reshape(b, n, c)
 
 
-def _pool_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """Rows average the bins of PyTorch's adaptive pooling: [floor(i n/o), ceil((i+1) n/o))."""
-    m = np.zeros((n_out, n_in), np.float32)
-    for i in range(n_out):
-        start, end = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
-        m[i, start:end] = 1.0 / (end - start)
-    return m
+def _pool_matrix(n_in, n_out: int, dtype):
+    """Rows average the bins of PyTorch's adaptive pooling: [floor(i n/o), ceil((i+1) n/o)).
+    Built from iotas rather than in NumPy so that ``n_in`` may be a symbolic size (an
+    exported model's height or width); at a static size XLA folds it to a constant. The
+    sizes are positive, so lax.div (which truncates) floors, and unlike jnp's floor
+    division it adds no nested jit, which jax2onnx cannot convert on every JAX."""
+    i = jax.lax.iota(jnp.int32, n_out)[:, None]
+    j = jnp.arange(n_in, dtype=jnp.int32)[None, :]
+    start = jax.lax.div(i * n_in, n_out)
+    end = jax.lax.div((i + 1) * n_in + (n_out - 1), n_out)
+    inside = (j >= start) & (j < end)
+    return inside.astype(dtype) / (end - start).astype(dtype)
 
 
 def adaptive_avg_pool(x, out_hw):
-    """``nn.AdaptiveAvgPool2d(out_hw)`` on an NHWC map, as two small matmuls (static bins)."""
-    ph = jnp.asarray(_pool_matrix(x.shape[1], out_hw[0]), x.dtype)
-    pw = jnp.asarray(_pool_matrix(x.shape[2], out_hw[1]), x.dtype)
+    """``nn.AdaptiveAvgPool2d(out_hw)`` on an NHWC map, as two small matmuls."""
+    ph = _pool_matrix(x.shape[1], out_hw[0], x.dtype)
+    pw = _pool_matrix(x.shape[2], out_hw[1], x.dtype)
     return jnp.einsum("ih,jw,bhwc->bijc", ph, pw, x)
 
 
