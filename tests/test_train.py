@@ -234,9 +234,11 @@ def test_gradient_accumulation_matches_one_big_batch():
         outs.append((new["opt_state"], float(m["loss"]), float(m["grad_norm"])))
     assert outs[0][1] == pytest.approx(outs[1][1], rel=1e-6)
     assert outs[0][2] == pytest.approx(outs[1][2], rel=1e-5)
-    # Adam's first moment after one step is (1 - b1) * gradient: the gradients agree.
+    # Adam's first moment after one step is (1 - b1) * gradient: the gradients agree, up to
+    # float32 rounding of sums taken in another order (relative to each leaf's scale: an
+    # entry near zero is a difference of large terms).
     for a, b in zip(jax.tree_util.tree_leaves(outs[0][0]), jax.tree_util.tree_leaves(outs[1][0])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
 
 
 def test_ema_follows_the_params():
@@ -435,31 +437,29 @@ from lucid_fn.train import fit, load_config, read_metrics
 from lucid_fn.train.step import make_mesh
 assert jax.device_count() == 8, jax.devices()
 out = {}
-for name, devices, mode in (("one", jax.devices()[:1], "replicated"),
-                            ("dp8", jax.devices(), "replicated"),
-                            ("fsdp8", jax.devices(), "fsdp")):
+for mode in ("replicated", "fsdp"):
     cfg = load_config(None, json.loads(sys.argv[1]) + [
-        f'train.workdir="{sys.argv[2]}/{name}"', f'train.param_sharding="{mode}"'])
-    fit(cfg, progress=False, mesh=make_mesh(devices))
-    out[name] = [r["loss"] for r in read_metrics(f"{sys.argv[2]}/{name}/metrics.jsonl")
+        f'train.workdir="{sys.argv[2]}/{mode}"', f'train.param_sharding="{mode}"'])
+    fit(cfg, progress=False, mesh=make_mesh(jax.devices()))
+    out[mode] = [r["loss"] for r in read_metrics(f"{sys.argv[2]}/{mode}/metrics.jsonl")
                  if "loss" in r]
 print(json.dumps(out))
 """
 
 
-def test_sharded_over_8_devices_matches_one_device(tmp_path):
+def test_sharded_over_8_devices_matches_one_device(run_a, tmp_path):
     """Data parallel over 8 (CPU) devices, params replicated or FSDP-sharded, gives the
-    loss trajectory of one device."""
-    overrides = SMALL + ["train.log_every=1", "train.steps=4", "train.checkpoint_every=4"]
+    loss trajectory of one device: run_a's, the same config on this process's one device."""
     env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
                + " --xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, json.dumps(overrides),
+    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, json.dumps(SMALL),
                            str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(losses["one"]) == 4
+    one = [r["loss"] for r in read_metrics(run_a[0] / "metrics.jsonl") if "loss" in r]
+    assert len(one) == 3
     # FSDP really splits this model: its larger kernels are sharded 8 ways.
     shapes = jax.eval_shape(registry["pvt_tiny"](
         img_size=32, num_classes=10, in_channels=1, **small_config(tmp_path).model.kwargs).init,
@@ -467,8 +467,8 @@ def test_sharded_over_8_devices_matches_one_device(tmp_path):
     sharded = [a.shape for a in jax.tree_util.tree_leaves(shapes)
                if step_lib.fsdp_spec(a.shape, 8) != jax.sharding.PartitionSpec()]
     assert len(sharded) >= 3, sharded
-    np.testing.assert_allclose(losses["dp8"], losses["one"], rtol=2e-5)
-    np.testing.assert_allclose(losses["fsdp8"], losses["one"], rtol=2e-5)
+    np.testing.assert_allclose(losses["replicated"], one, rtol=2e-5)
+    np.testing.assert_allclose(losses["fsdp"], one, rtol=2e-5)
 
 
 def test_batch_not_divisible_by_micro_batches_is_an_error(tmp_path):
