@@ -64,7 +64,7 @@ def test_off_gpu_it_is_the_xla_path_with_its_gradient():
 def test_pvt_v1_uses_the_kernel_on_cuda_in_bf16_only():
     """At inference and in training at a dropout rate of 0 (the builders' default);
     a dropout between its ops, float32, or the kernels off keep XLA."""
-    arch = dict(img_size=64, num_classes=10, flavor="paper")
+    arch = dict(img_size=64, num_classes=10, flavor="paper", depths=(1, 1, 1, 1))
     hlo = model_cuda_hlo(registry["pvt_small"](dtype=jnp.bfloat16, **arch))
     # stages 1 and 2 (64 and 128 wide); 320 and 512 stay with XLA
     assert hlo.count("lucid_fn_fused_mlp") >= 2 and "xla.gpu.triton" in hlo
