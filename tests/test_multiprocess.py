@@ -239,3 +239,36 @@ def test_cli_reports_a_partial_environment(tmp_path):
     assert proc.stderr.startswith("lucid-fn train: JAX_COORDINATOR_ADDRESS and "
                                   "JAX_NUM_PROCESSES are set but JAX_PROCESS_ID is not")
     assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ each host's share
+
+
+def test_processes_read_slices_of_one_process_batches():
+    """Of P processes each reads its slice of every batch, augmented as one process
+    augments it: together they read exactly one process's batches, train and eval."""
+    from lucid_fn.train import data
+
+    cfg = load_config(None, ["augment.pad_crop=2", "augment.hflip=true",
+                             "augment.crop_scale=[0.5, 1.0]"])
+    ds = data.load(cfg.data)
+    aug = data.augment_fn(cfg.augment, 32)
+    one = data.train_iterator(ds.train, batch_size=16, seed=3, augment=aug)
+    parts = [data.train_iterator(ds.train, batch_size=16, seed=3, augment=aug,
+                                 process_index=i, process_count=4) for i in range(4)]
+    for _ in range(6):
+        images, labels = next(one)
+        got = [next(p) for p in parts]
+        assert all(len(g[1]) == 4 for g in got)
+        np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), images)
+        np.testing.assert_array_equal(np.concatenate([g[1] for g in got]), labels)
+    whole = list(data.eval_batches(ds.test, 128))
+    halves = [list(data.eval_batches(ds.test, 128, process_index=i, process_count=2))
+              for i in range(2)]
+    for w, a, b in zip(whole, *halves):
+        for x, y, z in zip(w, a, b):
+            np.testing.assert_array_equal(np.concatenate([y, z]), x)
+    assert sum(int(b[2].sum()) for h in halves for b in h) == len(ds.test)
+    with pytest.raises(data.DataError, match="multiple of the number of processes"):
+        data.train_iterator(ds.train, batch_size=15, seed=0, process_index=0,
+                            process_count=2)

@@ -597,7 +597,8 @@ def check_part(batch_size: int, process_index: int, process_count: int) -> None:
 def train_iterator(source, *, batch_size: int, seed: int, augment=None, workers: int = 0,
                    process_index: int = 0, process_count: int = 1):
     """An endless iterator of ``(images uint8 (B, H, W, C), labels int32 (B,))`` batches,
-    reshuffled every epoch, augmented by ``augment(batch, rng)``; ``.get_state()`` /
+    reshuffled every epoch, augmented by ``augment(batch, rng)`` (``augment(batch, rng,
+    first_row=...)`` on processes after the first: see ``augment_fn``); ``.get_state()`` /
     ``.set_state()`` checkpoint it. ``batch_size`` is the global batch: each of
     ``process_count`` processes gets its ``process_index``-th slice of every batch
     (``batch_size / process_count`` rows), drawn and augmented as one process would."""
@@ -610,9 +611,11 @@ def train_iterator(source, *, batch_size: int, seed: int, augment=None, workers:
     batches = EpochBatches(source, batch_size, seed, (process_index, process_count))
     ds = grain.MapDataset.source(batches)
     if augment is not None:
-        # Seeded per batch index: a resumed iterator redraws the same augmentation.
+        # Seeded per batch index: a resumed iterator redraws the same augmentation. A
+        # process's rows are told where they sit in the batch (augment_fn's first_row).
         first = batches.first_row
-        ds = ds.seed(seed).random_map(lambda ex, rng: augment(ex, rng, first_row=first))
+        fn = augment if not first else lambda ex, rng: augment(ex, rng, first_row=first)
+        ds = ds.seed(seed).random_map(fn)
     return iter(_prefetch(ds.to_iter_dataset(), workers))
 
 
