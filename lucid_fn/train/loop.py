@@ -487,8 +487,8 @@ def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup) -> d
         # A finished run run again keeps its files (the state was only restored).
         if start < tc.steps or not (workdir / "model.safetensors").exists():
             # Gathered by every process (FSDP leaves are split over hosts), written by one.
-            whole = jax.jit(lambda p: p, out_shardings=step_lib.replicated(mesh))(
-                eval_params(state))
+            whole = eval_params(state) if pc == 1 else jax.jit(
+                lambda p: p, out_shardings=step_lib.replicated(mesh))(eval_params(state))
 
             def export():
                 params = jax.device_get(whole)  # finite: checked when saved
