@@ -202,14 +202,16 @@ def _enable_compile_cache() -> None:
 
 def cmd_train(args) -> int:
     from lucid_fn.train import Interrupted, NonFiniteLossError, fit
+    from lucid_fn.train.distributed import Cluster
 
     cfg = _train_config(args)
+    cluster = Cluster.from_environ()  # a partial JAX_* set fails here, before JAX starts
     _enable_compile_cache()
     try:
         # Without --resume, a workdir holding this run's checkpoints is continued (a
         # finished run is just reported again); --new refuses to.
         resume = True if args.resume else (False if args.new else "auto")
-        result = fit(cfg, resume=resume, progress=not args.no_progress)
+        result = fit(cfg, resume=resume, progress=not args.no_progress, cluster=cluster)
     except Interrupted as e:
         print(f"lucid-fn train: {e}", file=sys.stderr)
         return 130
@@ -224,10 +226,15 @@ def cmd_train(args) -> int:
               f"Use another --workdir (or --new) for a new run.")
         return 0
     resumed = f", continued from step {start}" if start else ""
-    print(f"{cfg.model.name} on {cfg.data.name}: test accuracy {acc:.4f} after "
-          f"{result['steps']} steps in {result['seconds']:.1f} s "
-          f"(compile {result['compile_seconds']:.1f} s{resumed}); outputs in "
-          f"{result['workdir']}")
+    import jax
+
+    if jax.process_index() == 0:  # one report per run, however many processes
+        n, pc = result["devices"], result["processes"]
+        where = f" on {n} device{'s' * (n > 1)}" + (f" ({pc} processes)" if pc > 1 else "")
+        print(f"{cfg.model.name} on {cfg.data.name}: test accuracy {acc:.4f} after "
+              f"{result['steps']} steps{where} in {result['seconds']:.1f} s "
+              f"(compile {result['compile_seconds']:.1f} s{resumed}); outputs in "
+              f"{result['workdir']}")
     return 0
 
 

@@ -41,7 +41,7 @@ def _host_leaves(state) -> list[tuple[str, np.ndarray | None]]:
     only part of (a multi-host sharded array), which is not checked."""
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        full = getattr(leaf, "is_fully_addressable", True)
+        full = getattr(leaf, "is_fully_addressable", True) or leaf.is_fully_replicated
         out.append((_leaf_name(path), np.asarray(jax.device_get(leaf)) if full else None))
     return out
 

@@ -507,10 +507,17 @@ def augment_fn(cfg, img_size: int):
             img = img[:, ::-1]
         return np.ascontiguousarray(img)
 
-    def fn(example, rng):
+    def fn(example, rng, first_row: int = 0):
+        """``first_row``: the row of the global batch that ``example``'s first image is."""
         img, label = example
-        if img.ndim == 4:  # a batch: one generator for all of it (grain seeds it per batch)
-            return np.stack([one(x, rng) for x in img]), label
+        if img.ndim == 4:
+            # Row k of the global batch draws from its own stream, keyed by one number of
+            # the batch's generator (grain seeds it per batch index, the same on every
+            # host): a host augmenting its rows gets what one process augmenting the whole
+            # batch would. Philox takes a key in a fraction of default_rng's set-up time.
+            base = int(rng.integers(2**63))
+            return np.stack([one(x, np.random.Generator(np.random.Philox(
+                key=[base, first_row + k]))) for k, x in enumerate(img)]), label
         return one(img, rng), label
 
     return fn
@@ -544,14 +551,22 @@ class EpochBatches:
     slice of epoch ``i // per_epoch``'s permutation (each epoch drawn from ``(seed,
     epoch)``, the last partial batch dropped). grain shuffles example by example, which
     measured slower than the train step it feeds (README, Training); whole batches keep
-    grain's checkpointable iterator and worker processes at a fraction of the cost."""
+    grain's checkpointable iterator and worker processes at a fraction of the cost.
+
+    ``batch_size`` is the global batch; with ``part=(index, count)`` a batch is the
+    ``index``-th of its ``count`` equal slices of rows, which is what one of ``count``
+    processes reads: together they read exactly the batches one process would."""
 
     source: Any
     batch_size: int
     seed: int
+    part: tuple = (0, 1)
 
     def __post_init__(self):
         self.per_epoch = len(self.source) // self.batch_size
+        index, count = self.part
+        self.rows = self.batch_size // count
+        self.first_row = index * self.rows
         self._cached = (None, None)
 
     def __len__(self) -> int:
@@ -565,41 +580,85 @@ class EpochBatches:
 
     def __getitem__(self, i):
         epoch, j = divmod(int(i), self.per_epoch)
-        idx = self.permutation(epoch)[j * self.batch_size:(j + 1) * self.batch_size]
+        start = j * self.batch_size + self.first_row
+        idx = self.permutation(epoch)[start:start + self.rows]
         if hasattr(self.source, "take"):
             return self.source.take(idx)
         return stack_items(self.source[k] for k in idx)
 
 
+def check_part(batch_size: int, process_index: int, process_count: int) -> None:
+    if not 0 <= process_index < process_count or batch_size % process_count:
+        raise DataError(f"a batch of {batch_size} cannot be split into {process_count} equal "
+                        f"parts for process {process_index}; make train.batch_size a "
+                        f"multiple of the number of processes")
+
+
 def train_iterator(source, *, batch_size: int, seed: int, augment=None, workers: int = 0,
                    process_index: int = 0, process_count: int = 1):
     """An endless iterator of ``(images uint8 (B, H, W, C), labels int32 (B,))`` batches,
-    reshuffled every epoch, augmented by ``augment(batch, rng)``; ``.get_state()`` /
-    ``.set_state()`` checkpoint it."""
+    reshuffled every epoch, augmented by ``augment(batch, rng)`` (``augment(batch, rng,
+    first_row=...)`` on processes after the first: see ``augment_fn``); ``.get_state()`` /
+    ``.set_state()`` checkpoint it. ``batch_size`` is the global batch: each of
+    ``process_count`` processes gets its ``process_index``-th slice of every batch
+    (``batch_size / process_count`` rows), drawn and augmented as one process would."""
     import grain
 
-    if process_count > 1:  # each host reads its own shard of the examples
-        source = source.subset(np.arange(process_index, len(source), process_count))
+    check_part(batch_size, process_index, process_count)
     if len(source) < batch_size:
         raise DataError(f"the training split has {len(source)} examples, fewer than one batch "
                         f"of {batch_size}; lower train.batch_size")
-    ds = grain.MapDataset.source(EpochBatches(source, batch_size, seed))
+    batches = EpochBatches(source, batch_size, seed, (process_index, process_count))
+    ds = grain.MapDataset.source(batches)
     if augment is not None:
-        # Seeded per batch index: a resumed iterator redraws the same augmentation.
-        ds = ds.seed(seed).random_map(augment)
+        # Seeded per batch index: a resumed iterator redraws the same augmentation. A
+        # process's rows are told where they sit in the batch (augment_fn's first_row).
+        first = batches.first_row
+        fn = augment if not first else lambda ex, rng: augment(ex, rng, first_row=first)
+        ds = ds.seed(seed).random_map(fn)
     return iter(_prefetch(ds.to_iter_dataset(), workers))
 
 
-def eval_batches(source, batch_size: int, workers: int = 0):
+@dataclasses.dataclass
+class EvalBatches:
+    """The batches of a split in order, each ``batch_size`` rows (the last padded), of
+    which one process reads its ``part=(index, count)`` slice as ``(images, labels,
+    valid)``; ``valid`` marks real examples."""
+
+    source: Any
+    batch_size: int
+    part: tuple = (0, 1)
+
+    def __len__(self) -> int:
+        return -(-len(self.source) // self.batch_size)
+
+    def __getitem__(self, b):
+        index, count = self.part
+        rows = self.batch_size // count
+        start = int(b) * self.batch_size + index * rows
+        idx = np.arange(start, min(start + rows, len(self.source)))
+        if len(idx):
+            take = getattr(self.source, "take", None)
+            images, labels = take(idx) if take else stack_items(self.source[i] for i in idx)
+        else:  # a slice past the end: all padding, shaped as the split's images
+            image = np.asarray(self.source[0][0])
+            images, labels = np.zeros((0,) + image.shape, image.dtype), np.zeros(0, np.int32)
+        return _pad(images, labels, rows)
+
+
+def eval_batches(source, batch_size: int, workers: int = 0, process_index: int = 0,
+                 process_count: int = 1):
     """The whole split in order, as ``(images, labels, valid)`` batches of exactly
     ``batch_size`` (the last one padded, ``valid`` marks real examples), so evaluation
-    compiles once."""
+    compiles once; each of ``process_count`` processes gets its slice of every batch."""
     import grain
 
-    ds = grain.MapDataset.source(source).batch(batch_size, drop_remainder=False)
+    check_part(batch_size, process_index, process_count)
+    ds = grain.MapDataset.source(EvalBatches(source, batch_size,
+                                             (process_index, process_count)))
     it = iter(_prefetch(ds.to_iter_dataset(), workers))
     try:
-        yield from _padded(it, batch_size)
+        yield from it
     finally:
         close(it)
 
@@ -610,16 +669,14 @@ def close(iterator) -> None:
         iterator.close()
 
 
-def _padded(it, batch_size):
-    for images, labels in it:
-        n = len(labels)
-        valid = np.zeros(batch_size, bool)
-        valid[:n] = True
-        if n < batch_size:
-            images = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:],
-                                                      images.dtype)])
-            labels = np.concatenate([labels, np.zeros(batch_size - n, labels.dtype)])
-        yield images, labels, valid
+def _pad(images, labels, rows: int):
+    n = len(labels)
+    valid = np.zeros(rows, bool)
+    valid[:n] = True
+    if n < rows:
+        images = np.concatenate([images, np.zeros((rows - n,) + images.shape[1:], images.dtype)])
+        labels = np.concatenate([labels, np.zeros(rows - n, np.int32)])
+    return images, labels.astype(np.int32), valid
 
 
 def normalize(images, mean, std):

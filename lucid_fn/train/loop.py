@@ -20,9 +20,9 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import signal
+import sys
 import time
 
 import jax
@@ -32,6 +32,7 @@ import numpy as np
 from lucid_fn import registry, weights
 from lucid_fn.train import config as config_lib
 from lucid_fn.train import data as data_lib
+from lucid_fn.train import distributed
 from lucid_fn.train import step as step_lib
 from lucid_fn.train import workdir as workdir_lib
 from lucid_fn.train.checkpoint import Checkpointer, NonFiniteStateError
@@ -51,16 +52,6 @@ class Interrupted(KeyboardInterrupt):
 
 
 # ------------------------------------------------------------------------ set-up
-
-
-def maybe_initialize_distributed() -> None:
-    """Multi-host runs: join the cluster when the environment describes one (an explicit
-    coordinator address, or a SLURM / Open MPI job of more than one task)."""
-    wants = (os.environ.get("JAX_COORDINATOR_ADDRESS")
-             or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-             or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
-    if wants and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
 
 
 def model_kwargs(cfg, dataset) -> dict:
@@ -172,20 +163,23 @@ def check_resume(resume, ckpt: Checkpointer) -> bool:
 
 class MetricsLog:
     """Appends JSON lines to workdir/metrics.jsonl (truncated to ``from_step`` on resume,
-    so the file always describes one run)."""
+    so the file always describes one run). Of several processes only the ``writer``
+    touches the file; the others keep the same rows in memory."""
 
-    def __init__(self, path: pathlib.Path, from_step: int):
-        self.path = path
+    def __init__(self, path: pathlib.Path, from_step: int, writer: bool = True):
+        self.path, self.writer = path, writer
         rows = read_metrics(path) if path.is_file() else []
         kept = [r for r in rows if r["step"] <= from_step]
         text = "".join(json.dumps(r) + "\n" for r in kept)
-        weights.atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
+        if writer:
+            weights.atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
         self.rows = kept
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.writer:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
 
 def read_metrics(path) -> list[dict]:
@@ -248,7 +242,8 @@ def _progress(total, initial, enabled):
 
 def run_eval(evaluate, params, source, batch: int, sharding, workers: int = 0) -> dict:
     sums = None
-    for images, labels, valid in data_lib.eval_batches(source, batch, workers):
+    part = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    for images, labels, valid in data_lib.eval_batches(source, batch, workers, **part):
         out = evaluate(params, *step_lib.put_batch((images, labels, valid), sharding))
         sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
     sums = jax.device_get(sums)
@@ -264,11 +259,65 @@ def _eval_batch(batch: int, n_devices: int) -> int:
     return -(-batch // n_devices) * n_devices
 
 
-def fit(cfg, *, resume=False, progress: bool = True, callbacks=(), mesh=None) -> dict:
+def on_process_0(fn) -> None:
+    """Run ``fn`` on process 0 only, and let every process fail if it failed: a process
+    that went on alone would wait forever in the first collective. One process: ``fn()``."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    message = np.zeros(1024, np.uint8)
+    error = None
+    if jax.process_index() == 0:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 (re-raised below, after the others are told)
+            error = e
+            text = (f"{type(e).__name__}: {error_line(e)}" or "failed").encode()[:1024]
+            message[:len(text)] = np.frombuffer(text, np.uint8)
+    message = np.asarray(multihost_utils.broadcast_one_to_all(message))
+    if error is not None:
+        raise error
+    if message.any():
+        raise config_lib.ConfigError("process 0 stopped the run: " + bytes(
+            message[message != 0]).decode(errors="replace"))
+
+
+def error_line(e: BaseException) -> str:
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` holds on any process (a collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
+
+
+def describe(mesh, tc) -> str:
+    """Where a run computes: the line to check that every device is used."""
+    devices = mesh.devices.ravel()
+    pc, n = jax.process_count(), devices.size
+    kinds = sorted({d.device_kind for d in devices})
+    return (f"training on {n} device{'s' * (n > 1)} ({', '.join(kinds)}) in {pc} "
+            f"process{'es' * (pc > 1)}: global batch {tc.batch_size}, "
+            f"{tc.batch_size // pc} per process, {tc.batch_size // n} per device; params "
+            f"{tc.param_sharding}")
+
+
+def fit(cfg, *, resume=False, progress: bool = True, callbacks=(), mesh=None,
+        cluster: distributed.Cluster | None = None) -> dict:
     """Train as ``cfg`` says. ``resume``: False (new run; the workdir must hold no
     checkpoints), True (continue from the latest checkpoint) or "auto" (either).
     ``callbacks`` are called as ``fn(step, row)`` after each log row. Returns a summary:
-    final test accuracy, steps, seconds, workdir.
+    final test accuracy, steps, seconds, workdir, devices.
+
+    ``cluster``: the multi-process job to join (``lucid_fn.train.distributed``); None
+    reads it from the environment (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+    ``JAX_PROCESS_ID``, or SLURM / Open MPI). ``cfg.train.batch_size`` is the global batch,
+    split evenly over the processes, each reading its own part of every batch.
 
     The workdir is locked for the run (a second run on it is refused) and must be new,
     empty, or this config's run (``lucid_fn.train.workdir``)."""
@@ -276,7 +325,7 @@ def fit(cfg, *, resume=False, progress: bool = True, callbacks=(), mesh=None) ->
         raise ValueError(f"resume must be True, False or 'auto'; got {resume!r}")
     # A Config built or changed in Python skipped load_config's checks: check it whole.
     cfg = config_lib.from_dict(cfg.to_dict())
-    maybe_initialize_distributed()
+    distributed.initialize(cluster or distributed.Cluster.from_environ())
     t_start = time.perf_counter()
     mesh = mesh or step_lib.make_mesh()
     n_dev = mesh.devices.size
@@ -287,26 +336,29 @@ def fit(cfg, *, resume=False, progress: bool = True, callbacks=(), mesh=None) ->
     workdir = workdir_lib.prepare(cfg.train.workdir)
     # Released in reverse order whatever happens: the checkpointer, then the lock.
     with contextlib.ExitStack() as cleanup:
-        if jax.process_index() == 0:  # one lock per run, however many hosts it spans
+        def lock_and_check():  # one lock per run, however many hosts it spans
             cleanup.enter_context(workdir_lib.WorkdirLock(workdir))
+            workdir_lib.check_owned(workdir, cfg)  # before anything in it is written
+
+        on_process_0(lock_and_check)
         return _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup)
 
 
 def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup) -> dict:
     n_dev, tc = mesh.devices.size, cfg.train
-    workdir_lib.check_owned(workdir, cfg)  # before anything in it is written
+    pc, pi = jax.process_count(), jax.process_index()
     if not workdir_lib.has_checkpoints(workdir):
         check_init_from(cfg)  # before the data is read and the steps compile
 
     dataset = data_lib.load(cfg.data, cfg.model.kwargs.get("num_classes"))
-    check_trainable(dataset, tc.batch_size // jax.process_count())
+    check_trainable(dataset, tc.batch_size)
     model, kw = build_model(cfg, dataset)
     spec = step_spec(cfg, model, kw, dataset)
     ckpt = Checkpointer(workdir / "checkpoints", tc.keep_checkpoints)
     cleanup.callback(ckpt.close)
     resume = check_resume(resume, ckpt)
     # Written first: a folder holding checkpoints always holds their config.
-    workdir_lib.write_config(workdir, config_lib.to_toml(cfg))
+    on_process_0(lambda: workdir_lib.write_config(workdir, config_lib.to_toml(cfg)))
 
     key = jax.random.key(tc.seed)
     abstract = jax.eval_shape(lambda k: step_lib.init_state(spec, model.init(k), tc.seed), key)
@@ -318,20 +370,22 @@ def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup) -> d
     abstract = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
-    pc, pi = jax.process_count(), jax.process_index()
     train_it = data_lib.train_iterator(
-        dataset.train, batch_size=tc.batch_size // pc, seed=tc.seed,
+        dataset.train, batch_size=tc.batch_size, seed=tc.seed,
         augment=data_lib.augment_fn(cfg.augment, dataset.img_size), workers=cfg.data.workers,
         process_index=pi, process_count=pc)
     if resume:
         state, data_state = ckpt.restore(abstract)
         train_it.set_state(data_state)
     else:
-        params = initial_params(cfg, model, kw, jax.random.fold_in(key, 1))
+        # From host values: every process holds the same ones, and each places its part.
+        params = jax.device_get(initial_params(cfg, model, kw, jax.random.fold_in(key, 1)))
         state = jax.jit(lambda p: step_lib.init_state(spec, p, tc.seed),
                         out_shardings=shardings)(params)
     start = int(jax.device_get(state["step"]))
-    log = MetricsLog(workdir / "metrics.jsonl", start)
+    log = MetricsLog(workdir / "metrics.jsonl", start, writer=pi == 0)
+    if progress and pi == 0:
+        print(describe(mesh, tc), file=sys.stderr, flush=True)
     bar = _progress(tc.steps, start, progress and pi == 0)
 
     stop = {"signal": None}
@@ -410,14 +464,17 @@ def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup) -> d
                 log.write(row)
                 for fn in callbacks:
                     fn(step, row)
-            if step % tc.checkpoint_every == 0 or last or stop["signal"]:
+            # Several processes stop together, at a log step: a checkpoint is a collective.
+            stopping = (any_process(stop["signal"] is not None)
+                        if pc == 1 or step % tc.log_every == 0 or last else False)
+            if step % tc.checkpoint_every == 0 or last or stopping:
                 check_finite(step)  # only states reached through finite losses are saved
                 try:
                     ckpt.save(step, state, train_it.get_state(), meta)  # refuses non-finite
                 except NonFiniteStateError as e:
                     raise NonFiniteLossError(str(e)) from None
                 last_good = step
-            if stop["signal"]:
+            if stopping:
                 ckpt.wait()
                 raise Interrupted(f"interrupted at step {step}; checkpoint saved in "
                                   f"{ckpt.directory}; continue with --resume")
@@ -426,12 +483,19 @@ def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup) -> d
         result = {"test_accuracy": final.get("test_accuracy"), "steps": tc.steps,
                   "start_step": start,
                   "seconds": time.perf_counter() - t_start, "compile_seconds": compile_s,
-                  "workdir": str(workdir)}
+                  "workdir": str(workdir), "devices": n_dev, "processes": pc}
         # A finished run run again keeps its files (the state was only restored).
-        if pi == 0 and (start < tc.steps or not (workdir / "model.safetensors").exists()):
-            export = jax.device_get(eval_params(state))  # finite: checked when saved
-            weights.save(workdir / "model.safetensors", export, cfg.model.name, **kw)
-            plot_curves(log.rows, workdir / "curves.png")
+        if start < tc.steps or not (workdir / "model.safetensors").exists():
+            # Gathered by every process (FSDP leaves are split over hosts), written by one.
+            whole = eval_params(state) if pc == 1 else jax.jit(
+                lambda p: p, out_shardings=step_lib.replicated(mesh))(eval_params(state))
+
+            def export():
+                params = jax.device_get(whole)  # finite: checked when saved
+                weights.save(workdir / "model.safetensors", params, cfg.model.name, **kw)
+                plot_curves(log.rows, workdir / "curves.png")
+
+            on_process_0(export)
     finally:
         data_lib.close(train_it)
         if bar is not None:

@@ -53,8 +53,12 @@ def make_optimizer(ocfg, steps: int):
 
 
 def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh over every device (all hosts), axis ``"data"``."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+    """A 1-D mesh over every device (all hosts), axis ``"data"``, ordered by process: each
+    process's devices hold consecutive rows of a batch, the rows it reads
+    (``put_batch``)."""
+    devices = sorted(devices if devices is not None else jax.devices(),
+                     key=lambda d: d.process_index)  # stable: each process's order kept
+    return Mesh(np.asarray(devices), ("data",))
 
 
 def fsdp_spec(shape, n: int, min_size: int = 2**14) -> P:
@@ -80,6 +84,11 @@ def state_shardings(abstract_state, mesh: Mesh, mode: str):
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Whole on every device: what each process can read without a collective."""
+    return NamedSharding(mesh, P())
 
 
 def put_batch(arrays, sharding: NamedSharding):
@@ -225,14 +234,16 @@ def compile_steps(spec: StepSpec, abstract_state, mesh: Mesh, mode: str, batch: 
     data = batch_sharding(mesh)
     t0 = time.perf_counter()
     train = jax.jit(lambda s, x, y: train_step(spec, s, x, y),
-                    in_shardings=(shardings, data, data), out_shardings=(shardings, None),
+                    in_shardings=(shardings, data, data),
+                    out_shardings=(shardings, replicated(mesh)),
                     donate_argnums=0)
     img = jax.ShapeDtypeStruct((batch,) + img_shape, jnp.uint8, sharding=data)
     lab = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data)
     train = train.lower(abstract_state, img, lab).compile()
     params_sh = shardings["params"]
     evaluate = jax.jit(lambda p, x, y, v: eval_step(spec, p, x, y, v),
-                       in_shardings=(params_sh, data, data, data))
+                       in_shardings=(params_sh, data, data, data),
+                       out_shardings=replicated(mesh))
     e_img = jax.ShapeDtypeStruct((eval_batch,) + img_shape, jnp.uint8, sharding=data)
     e_lab = jax.ShapeDtypeStruct((eval_batch,), jnp.int32, sharding=data)
     e_val = jax.ShapeDtypeStruct((eval_batch,), jnp.bool_, sharding=data)
