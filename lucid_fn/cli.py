@@ -218,12 +218,22 @@ def cmd_train(args) -> int:
         return 1
     acc, start = result["test_accuracy"], result["start_step"]
     if start == result["steps"]:
+        metric = "test mIoU" if "test_miou" in result else "test accuracy"
+        acc = result.get("test_miou", acc)
         acc = "unknown (no metrics.jsonl)" if acc is None else f"{acc:.4f}"
         print(f"{cfg.model.name} on {cfg.data.name}: this run had already finished "
-              f"({start} steps, checkpoint in {result['workdir']}): test accuracy {acc}. "
+              f"({start} steps, checkpoint in {result['workdir']}): {metric} {acc}. "
               f"Use another --workdir (or --new) for a new run.")
         return 0
     resumed = f", continued from step {start}" if start else ""
+    if result.get("test_miou") is not None:
+        acc = result["test_miou"]
+        print(f"{cfg.model.name} on {cfg.data.name}: test mIoU {acc:.4f}, pixel accuracy "
+              f"{result['test_pixel_accuracy']:.4f} after "
+              f"{result['steps']} steps in {result['seconds']:.1f} s "
+              f"(compile {result['compile_seconds']:.1f} s{resumed}); outputs in "
+              f"{result['workdir']}")
+        return 0
     print(f"{cfg.model.name} on {cfg.data.name}: test accuracy {acc:.4f} after "
           f"{result['steps']} steps in {result['seconds']:.1f} s "
           f"(compile {result['compile_seconds']:.1f} s{resumed}); outputs in "
@@ -239,6 +249,11 @@ def cmd_eval(args) -> int:
     data = data_lib.parse_data_arg(args.data) if args.data else None
     out = evaluate_file(args.checkpoint, data, batch_size=args.batch_size)
     step = "" if out["step"] is None else f" (step {out['step']})"
+    if "test_miou" in out:
+        print(f"{out['model']}{step}: test mIoU {out['test_miou']:.4f}, pixel accuracy "
+              f"{out['test_pixel_accuracy']:.4f} on {out['test_examples']} images, loss "
+              f"{out['test_loss']:.4f}")
+        return 0
     print(f"{out['model']}{step}: test accuracy {out['test_accuracy']:.4f} on "
           f"{out['test_examples']} examples, loss {out['test_loss']:.4f}")
     return 0
