@@ -160,8 +160,8 @@ def reduce_zero(mask):
 # ------------------------------------------------------------- digit scenes
 
 SCENE_CLASSES = ["background"] + [f"digit {d}" for d in range(10)]
-SCENE_DIGITS = (1, 4)  # digits per scene, inclusive
-SCENE_DIGIT_SIDE = (0.25, 0.5)  # a digit's side, as a fraction of the canvas side
+SCENE_DIGITS = (1, 3)  # digits per scene, inclusive
+SCENE_DIGIT_SIDE = (0.375, 0.625)  # a digit's side, as a fraction of the canvas side
 STROKE_THRESHOLD = 128  # a pixel of an upscaled scan at least this bright is stroke
 TRAIN_SCENES, TEST_SCENES = 100_000, 1_000
 TEST_SEED_OFFSET = 10**6  # test scenes are drawn from other seeds than any training scene
