@@ -250,3 +250,12 @@ def test_interrupted_run_resumes_exactly(seg_run, tmp_path):
     a, _ = weights.load(workdir_a / "model.safetensors")
     b, _ = weights.load(tmp_path / "model.safetensors")
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.mark.slow
+def test_digit_scenes_config_reaches_miou_075(tmp_path):
+    """configs/digit_scenes_seg.toml as shipped: mIoU >= 0.75 over the 11 classes on the
+    held-out scenes (a few minutes on 2 cores; docs/segmentation.md)."""
+    cfg = load_config(ROOT / "configs" / "digit_scenes_seg.toml", [f'train.workdir="{tmp_path}"'])
+    result = fit(cfg, progress=False)
+    assert result["test_miou"] >= 0.75

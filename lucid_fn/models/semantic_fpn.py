@@ -166,18 +166,37 @@ def channel_dropout(x, rate: float, rng):
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
-def upsample_nearest(x, shape):
-    """Nearest-neighbour upsampling to ``shape`` (h, w), a repeat when the factor is whole
-    (the FPN's case: PyTorch's nearest picks floor(i / f), as a repeat does)."""
-    h, w = shape
-    if h % x.shape[1] == 0 and w % x.shape[2] == 0:
-        return jnp.repeat(jnp.repeat(x, h // x.shape[1], axis=1), w // x.shape[2], axis=2)
-    return jax.image.resize(x, (x.shape[0], h, w, x.shape[3]), "nearest")
+def upsample_nearest(x, factor: int):
+    """Nearest-neighbour upsampling by a whole factor, a repeat (PyTorch's nearest picks
+    row floor(i / f), as a repeat does)."""
+    return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
 
 
-def upsample_bilinear(x, shape):
-    """Bilinear upsampling with half-pixel centres (PyTorch's ``align_corners=False``)."""
-    return jax.image.resize(x, (x.shape[0], *shape, x.shape[3]), "linear", antialias=False)
+def _upsample_axis(x, factor: int, axis: int):
+    """Bilinear upsampling by a whole ``factor`` along ``axis`` with half-pixel centres
+    (PyTorch's ``align_corners=False``, edges clamped). Output row f k + r reads rows k
+    and k - 1 or k + 1 with fixed weights, so it is slices, multiply-adds and a reshape:
+    no gather whose gradient would be a scatter, and no size-dependent constant, so
+    symbolic sizes export."""
+    n = x.shape[axis]
+    take = lambda a, b: jax.lax.slice_in_dim(x, a, b, axis=axis)  # noqa: E731
+    prev = jnp.concatenate([take(0, 1), take(0, n - 1)], axis=axis)  # row k - 1, clamped
+    nxt = jnp.concatenate([take(1, n), take(n - 1, n)], axis=axis)  # row k + 1, clamped
+    phases = []
+    for r in range(factor):
+        d = (r + 0.5) / factor - 0.5  # where output row f k + r falls, from row k
+        other = prev if d < 0 else nxt
+        phases.append(x * (1 - abs(d)) + other * abs(d))
+    y = jnp.stack(phases, axis=axis + 1)
+    shape = list(x.shape)
+    shape[axis] = n * factor
+    return y.reshape(shape).astype(x.dtype)
+
+
+def upsample_bilinear(x, factor: int):
+    """An NHWC map upsampled ``factor`` times in each side, bilinear, half-pixel centres
+    (PyTorch's ``interpolate(mode="bilinear", align_corners=False)``)."""
+    return _upsample_axis(_upsample_axis(x, factor, 1), factor, 2)
 
 
 # ---------------------------------------------------------------------- neck and head
@@ -199,8 +218,7 @@ def fpn(p, maps, *, dtype):
     laterals = [nn.conv(p[f"lateral{i + 1}"], m, stride=1, padding=0, dtype=dtype)
                 for i, m in enumerate(maps)]
     for i in range(LEVELS - 1, 0, -1):
-        laterals[i - 1] = laterals[i - 1] + upsample_nearest(laterals[i],
-                                                             laterals[i - 1].shape[1:3])
+        laterals[i - 1] = laterals[i - 1] + upsample_nearest(laterals[i], 2)
     return [nn.conv(p[f"fpn{i + 1}"], lat, stride=1, padding=1, dtype=dtype)
             for i, lat in enumerate(laterals)]
 
@@ -237,7 +255,7 @@ def semantic_head(p, feats, rng, *, cfg: SemanticFPNConfig):
             x = nn.conv(q[f"conv{j}"], x, stride=1, padding=1, dtype=dtype)
             x = jax.nn.relu(group_norm(q[f"norm{j}"], x, cfg.norm_groups))
             if i:
-                x = upsample_bilinear(x, (x.shape[1] * 2, x.shape[2] * 2))
+                x = upsample_bilinear(x, 2)
         out = x if out is None else out + x
     out = channel_dropout(out, cfg.head_dropout, rng)
     return nn.conv(p["cls"], out, stride=1, padding=0, dtype=dtype)
@@ -268,7 +286,9 @@ def make_apply(cfg: SemanticFPNConfig, name: str, specs: dict):
         if features:
             return tuple(feats)
         logits = semantic_head(params["head"], feats, k_head, cfg=cfg)
-        return upsample_bilinear(logits.astype(jnp.float32), x.shape[1:3])
+        # From stride 4 to the input's size: the strides divide the sides, so a factor.
+        stride = cfg.backbone_config.first_stride
+        return upsample_bilinear(logits.astype(jnp.float32), stride)
 
     return apply
 
@@ -320,6 +340,8 @@ def load_backbone(source, cfg: SemanticFPNConfig) -> dict:
 
 def _build(img_size: int, num_classes: int, backbone: str, pretrained=None,
            **kwargs) -> Model:
+    if pretrained is True and backbone in pvt.BUILDERS:
+        kwargs.setdefault("flavor", "paper")  # the published v1 weights are the paper's
     cfg = make_config(backbone, img_size, num_classes, **kwargs)
     specs = param_specs(cfg)
     init = common.make_init(specs)

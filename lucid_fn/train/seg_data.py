@@ -330,7 +330,10 @@ def load_seg_folder(cfg, num_classes: int | None):
         if top >= k:
             check_mask_values(np.array([top]), k, where)
     ch = cfg.channels or 3
-    make = lambda pairs: SegFileSource(*pairs, cfg.img_size, ch, cfg.reduce_zero_label)  # noqa: E731
+
+    def make(pairs):
+        return SegFileSource(*pairs, cfg.img_size, ch, cfg.reduce_zero_label)
+
     if splits[1] is not None:
         train, test = make(splits[0]), make(splits[1])
     else:
