@@ -316,7 +316,7 @@ def load_backbone(source, cfg: SemanticFPNConfig) -> dict:
     """The backbone subtree from ``source``: True (the backbone's published weights,
     lucid_fn.pretrained) or a checkpoint file of the backbone classifier in any layout
     lucid_fn.weights reads (a training run's model.safetensors, .pth, .bin), or a
-    pretrained weights folder."""
+    pretrained weights folder; a segmentation run's model.safetensors gives its backbone."""
     import os
 
     from lucid_fn import weights
@@ -326,6 +326,9 @@ def load_backbone(source, cfg: SemanticFPNConfig) -> dict:
     kw["img_size"] = kw.pop("backbone_img_size", BACKBONE_IMG_SIZE)
     if source is True or os.path.isdir(source):
         _, params = pretrained(cfg.backbone, weights=None if source is True else source, **kw)
+    elif os.path.isfile(source) and weights.is_own_file(source) and \
+            weights.load(source)[1].name == "semantic_fpn":
+        return weights.load(source)[0]["backbone"]  # a segmentation run's: its backbone
     elif os.path.isfile(source):
         params = weights.load_torch_checkpoint(source, cfg.backbone, head="reset", **kw)
     else:
