@@ -60,6 +60,21 @@ def test_pixel_loss_skips_ignored_pixels():
     assert float(all_ignored[0]) == 0.0
 
 
+def test_poly_schedule():
+    """lr * (1 - t / T) ** power after the warmup, to lr * final_lr_ratio at the end."""
+    from lucid_fn.train import step as step_lib
+
+    ocfg = config_lib.OptimConfig(lr=1e-3, schedule="poly", poly_power=0.9)
+    f = step_lib.make_schedule(ocfg, 100)
+    for t in (0, 50, 99, 100):
+        want = 1e-3 * (1 - t / 100) ** 0.9
+        assert math.isclose(float(f(t)), want, rel_tol=1e-5, abs_tol=1e-12)
+    warm = step_lib.make_schedule(config_lib.OptimConfig(lr=1e-3, schedule="poly",
+                                                         warmup_steps=10), 110)
+    assert math.isclose(float(warm(5)), 5e-4, rel_tol=1e-5)
+    assert math.isclose(float(warm(60)), 1e-3 * 0.5 ** 0.9, rel_tol=1e-5)
+
+
 # ------------------------------------------------------------------ mask pipeline
 
 

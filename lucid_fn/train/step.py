@@ -191,7 +191,7 @@ def train_step(spec: StepSpec, state: dict, images, labels):
     k_mix, k_model = jax.random.split(key)
     x = normalize(images, spec.mean, spec.std)
     if spec.task == "segment":
-        targets = labels  # masks: no smoothing or mixing (config.check_task refuses them)
+        targets = labels  # masks: no smoothing or mixing (loop.check_task refuses them)
     else:
         targets = soft_targets(labels, spec.num_classes, spec.augment.label_smoothing)
         x, targets = mix(k_mix, x, targets, spec.augment)
