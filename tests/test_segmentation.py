@@ -107,6 +107,8 @@ def test_digit_scenes_are_fixed_and_test_scenes_use_held_out_scans():
     assert a.num_classes == 11 and a.task == "segment"
     np.testing.assert_array_equal(a.test.masks, b.test.masks)
     np.testing.assert_array_equal(a.train.raw(5)[1], b.train.raw(5)[1])
+    shard = a.train.subset(np.arange(1, 100, 2))  # a host's shard: the same scenes
+    np.testing.assert_array_equal(shard.raw(2)[1], a.train.raw(5)[1])
     scans, labels = data_lib.load_digits_arrays()
     tr, te = data_lib.stratified_split(labels, cfg.test_fraction, cfg.split_seed)
     assert len(a.test.masks) == seg_data.TEST_SCENES

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+from typing import Any
 import numpy as np
 
 from lucid_fn.train import data as data_lib
@@ -198,19 +199,22 @@ def make_scene(scans: np.ndarray, labels: np.ndarray, size: int, seed: int):
 
 @dataclasses.dataclass
 class DigitScenes:
-    """Scenes drawn on demand from ``scans``; scene ``i`` comes from seed (seed, i)."""
+    """Scenes drawn on demand from ``scans``: scene ``i`` from the seed ``seed * 10**7 +
+    ids[i]`` (``ids``: 0 .. n - 1 unless a subset's)."""
 
     scans: np.ndarray
     labels: np.ndarray
     size: int
     n: int
     seed: int
+    ids: Any = None
 
     def __len__(self) -> int:
-        return self.n
+        return self.n if self.ids is None else len(self.ids)
 
     def raw(self, i):
-        return make_scene(self.scans, self.labels, self.size, self.seed * 10**7 + int(i))
+        scene = int(i) if self.ids is None else int(self.ids[i])
+        return make_scene(self.scans, self.labels, self.size, self.seed * 10**7 + scene)
 
     def __getitem__(self, i):
         return self.raw(i)
@@ -219,7 +223,12 @@ class DigitScenes:
         return [self.raw(i) for i in idx]
 
     def subset(self, idx):
-        return SegArraySource(*map(np.stack, zip(*self.take(idx))), self.size)
+        """The same scenes, still drawn on demand (a host's shard of the training split)."""
+        ids = np.arange(self.n) if self.ids is None else np.asarray(self.ids)
+        return dataclasses.replace(self, ids=ids[np.asarray(idx)])
+
+    def materialize(self) -> SegArraySource:
+        return SegArraySource(*map(np.stack, zip(*self.take(range(len(self))))), self.size)
 
 
 def digit_scenes(cfg):
@@ -228,7 +237,7 @@ def digit_scenes(cfg):
     train = DigitScenes(scans[tr], labels[tr], cfg.img_size, TRAIN_SCENES, cfg.split_seed)
     # Made once (the test split is read every evaluation), from held-out scans only.
     test = DigitScenes(scans[te], labels[te], cfg.img_size, TEST_SCENES,
-                       cfg.split_seed + TEST_SEED_OFFSET).subset(np.arange(TEST_SCENES))
+                       cfg.split_seed + TEST_SEED_OFFSET).materialize()
     return data_lib.Dataset("digit_scenes", train, test, len(SCENE_CLASSES), 1, cfg.img_size,
                             SCENE_CLASSES, task="segment")
 
