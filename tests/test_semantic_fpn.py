@@ -32,7 +32,7 @@ def expected_neck_and_head(embed_dims, num_classes, c=256, h=128) -> int:
 
 
 @pytest.mark.parametrize("backbone", [*pvt.BUILDERS, *pvt_v2.BUILDERS])
-def test_parameter_counts_for_every_backbone(backbone):
+def test_parameter_counts_and_shapes_for_every_backbone(backbone):
     kw = {"flavor": "paper"} if backbone in pvt.BUILDERS else {}
     model = registry["semantic_fpn"](backbone=backbone, num_classes=150, **kw)
     got = n_params(jax.eval_shape(model.init, jax.random.key(0)))
@@ -43,6 +43,10 @@ def test_parameter_counts_for_every_backbone(backbone):
         backbone_n -= n_params(shapes["norm"]) + n_params(shapes["stage4"]["cls_token"])
     dims = classifier.config.embed_dims
     assert got == backbone_n + expected_neck_and_head(dims, 150)
+    # Its output at a size other than 512, traced (nothing allocated or compiled).
+    out = jax.eval_shape(model.apply, jax.eval_shape(model.init, jax.random.key(0)),
+                         jax.ShapeDtypeStruct((1, 64, 96, 3), jnp.float32))
+    assert out.shape == (1, 64, 96, 150) and out.dtype == jnp.float32
 
 
 def test_the_papers_counts():
