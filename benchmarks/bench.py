@@ -21,7 +21,9 @@ What is measured, for each model (registry name) and each ``--variants`` entry:
   params and optimizer state donated. Compile seconds are ``lower().compile()``.
 - The references build the same network from our config: PVT v1 as HF transformers'
   ``PvtForImageClassification`` (the paper's network; ours runs ``flavor="paper"``), v2 as
-  timm's ``pvt_v2_*`` (``pretrained=False``); eager and ``torch.compile`` (default mode);
+  timm's ``pvt_v2_*`` (``pretrained=False``), ``semantic_fpn_<v2 backbone>`` as timm's
+  backbone under a plain torch FPN and head (``torch_semantic_fpn``; rows carry both
+  parameter counts, which agree); eager and ``torch.compile`` (default mode);
   torch's "compile seconds" are the first call's wall time. Fused AdamW on CUDA. On GPU
   each reference runs in a process of its own.
 - Time per step is the median over ``--repeats`` of ``--iters`` back-to-back steps,
@@ -69,6 +71,14 @@ from lucid_fn import registry  # noqa: E402
 
 GIB = 2**30
 DEFAULT_MODELS = ("pvt_small", "pvt_v2_b2", "pvt_v2_b0")
+# A model entry ``semantic_fpn_<backbone>``: registry["semantic_fpn"] on that backbone at
+# ADE20K's 150 classes (the paper's setting: 512x512, batch 16, with --img-size 512
+# --infer-batch 16 --train-batch 16); its reference is timm's backbone (features_only)
+# under a plain torch FPN and FPN head of the same shapes (TorchSemanticFPN).
+SEG_PREFIX = "semantic_fpn_"
+SEG_CLASSES = 150
+# --small: a narrow neck and head too.
+SMALL_SEG = dict(fpn_channels=32, head_channels=16, norm_groups=8)
 # --small: every structural feature (4 stages, spatial reduction, several heads), tiny.
 SMALL_ARCH = dict(img_size=64, embed_dims=(16, 32, 40, 64), num_heads=(1, 2, 5, 8),
                   depths=(1, 1, 1, 1))
@@ -206,22 +216,39 @@ def device_name() -> str:
 # ------------------------------------------------------------------------------- ours
 
 
+def is_seg(name: str) -> bool:
+    return name.startswith(SEG_PREFIX)
+
+
 def build_ours(name: str, arch: dict, variant_kw: dict, dtype):
     kw = dict(arch, **variant_kw, dtype=dtype)
-    if name.startswith("pvt_") and not name.startswith("pvt_v2"):
+    backbone = name[len(SEG_PREFIX):] if is_seg(name) else name
+    if backbone.startswith("pvt_") and not backbone.startswith("pvt_v2"):
         kw["flavor"] = "paper"
+    if is_seg(name):
+        kw.update(backbone=backbone, num_classes=SEG_CLASSES)
+        if kw.get("img_size", 0) < 224:  # --small
+            kw.update(SMALL_SEG, num_classes=10)
+        return registry["semantic_fpn"](**kw)
     return registry[name](**kw)
+
+
+def backbone_config(cfg):
+    """The PVT config of a classifier, or of a dense model's backbone."""
+    return getattr(cfg, "backbone_config", cfg)
 
 
 def bench_ours(name, arch, spec, mode, batch, args, dtype) -> dict:
     model = build_ours(name, arch, parse_variant(spec), dtype)
     cfg = model.config
     size = cfg.img_size
+    bcfg = backbone_config(cfg)
     row = {"model": name, "impl": "lucid_fn", "variant": spec, "mode": mode, "batch": batch,
-           "dtype": jnp.dtype(dtype).name, "scan_blocks": cfg.scan_blocks, "remat": cfg.remat}
+           "dtype": jnp.dtype(dtype).name, "scan_blocks": bcfg.scan_blocks, "remat": bcfg.remat}
     kx, ky, kp = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (batch, size, size, 3), jnp.float32)
     params = jax.jit(model.init)(kp)
+    row["params"] = lucid_fn.count_params(params)
     if mode == "infer":
         fn = jax.jit(model.apply)
         t0 = time.perf_counter()
@@ -231,7 +258,8 @@ def bench_ours(name, arch, spec, mode, batch, args, dtype) -> dict:
         def step():
             return compiled(params, x)
     else:
-        y = jax.random.randint(ky, (batch,), 0, max(cfg.num_classes, 1))
+        labels = (batch, size, size) if is_seg(name) else (batch,)  # per pixel: masks
+        y = jax.random.randint(ky, labels, 0, max(cfg.num_classes, 1))
         opt = optax.adamw(1e-3, weight_decay=0.05)
         state = {"params": params, "opt": jax.jit(opt.init)(params),
                  "rng": jax.random.key(1)}
@@ -357,8 +385,62 @@ def profile_ops(step, args, tag: str, compiled) -> dict:
 # ------------------------------------------------------------------------- references
 
 
+def torch_semantic_fpn(cfg):
+    """Semantic FPN in plain torch (mmsegmentation's FPN + FPNHead, GroupNorm for SyncBN)
+    on timm's PVT v2 as a features_only backbone: the network registry["semantic_fpn"]
+    builds, for timing."""
+    import timm
+    import torch
+    from torch import nn as tnn
+    from torch.nn import functional as F
+
+    b = cfg.backbone_config
+    if not cfg.backbone.startswith("pvt_v2"):
+        raise ValueError("the torch reference of semantic_fpn takes a PVT v2 backbone (timm)")
+
+    class TorchSemanticFPN(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = timm.create_model(
+                cfg.backbone, pretrained=False, features_only=True, depths=b.depths,
+                embed_dims=b.embed_dims, num_heads=b.num_heads, mlp_ratios=b.mlp_ratios,
+                sr_ratios=b.sr_ratios)
+            c, h = cfg.fpn_channels, cfg.head_channels
+            self.lateral = tnn.ModuleList(tnn.Conv2d(d, c, 1) for d in b.embed_dims)
+            self.fpn = tnn.ModuleList(tnn.Conv2d(c, c, 3, padding=1) for _ in b.embed_dims)
+            heads = []
+            for i in range(4):
+                layers = []
+                for j in range(max(1, i)):
+                    layers += [tnn.Conv2d(c if j == 0 else h, h, 3, padding=1, bias=False),
+                               tnn.GroupNorm(cfg.norm_groups, h), tnn.ReLU(inplace=True)]
+                    if i:
+                        layers.append(tnn.Upsample(scale_factor=2, mode="bilinear",
+                                                   align_corners=False))
+                heads.append(tnn.Sequential(*layers))
+            self.heads = tnn.ModuleList(heads)
+            self.dropout = tnn.Dropout2d(cfg.head_dropout)
+            self.cls = tnn.Conv2d(h, cfg.num_classes, 1)
+
+        def forward(self, x):
+            lat = [conv(f) for conv, f in zip(self.lateral, self.backbone(x))]
+            for i in range(3, 0, -1):
+                lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[2:],
+                                                        mode="nearest")
+            outs = [conv(m) for conv, m in zip(self.fpn, lat)]
+            y = sum(head(m) for head, m in zip(self.heads, outs))
+            y = self.cls(self.dropout(y))
+            return F.interpolate(y, size=x.shape[2:], mode="bilinear", align_corners=False)
+
+    torch.manual_seed(0)
+    return TorchSemanticFPN()
+
+
 def torch_reference(name: str, cfg):
-    """The same network in PyTorch: HF transformers' PVT v1 (paper) or timm's PVT v2."""
+    """The same network in PyTorch: HF transformers' PVT v1 (paper) or timm's PVT v2;
+    Semantic FPN on timm's PVT v2 (torch_semantic_fpn)."""
+    if is_seg(name):
+        return torch_semantic_fpn(cfg)
     if name.startswith("pvt_v2"):
         import timm
 
@@ -390,8 +472,10 @@ def bench_torch(name, arch, mode, batch, compiled: bool, args) -> dict:
     model = torch_reference(name, cfg).to(dev)
     row["reference"] = type(model).__name__
     model.train(mode == "train")
+    row["params"] = sum(p.numel() for p in model.parameters())
     x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=dev)
-    y = torch.randint(0, max(cfg.num_classes, 1), (batch,), device=dev)
+    labels = (batch, cfg.img_size, cfg.img_size) if is_seg(name) else (batch,)
+    y = torch.randint(0, max(cfg.num_classes, 1), labels, device=dev)
     fwd = torch.compile(model) if compiled else model
 
     def logits_of(out):

@@ -220,21 +220,31 @@ def cmd_train(args) -> int:
         return 1
     acc, start = result["test_accuracy"], result["start_step"]
     if start == result["steps"]:
+        metric = "test mIoU" if "test_miou" in result else "test accuracy"
+        acc = result.get("test_miou", acc)
         acc = "unknown (no metrics.jsonl)" if acc is None else f"{acc:.4f}"
         print(f"{cfg.model.name} on {cfg.data.name}: this run had already finished "
-              f"({start} steps, checkpoint in {result['workdir']}): test accuracy {acc}. "
+              f"({start} steps, checkpoint in {result['workdir']}): {metric} {acc}. "
               f"Use another --workdir (or --new) for a new run.")
         return 0
     resumed = f", continued from step {start}" if start else ""
     import jax
 
-    if jax.process_index() == 0:  # one report per run, however many processes
-        n, pc = result["devices"], result["processes"]
-        where = f" on {n} device{'s' * (n > 1)}" + (f" ({pc} processes)" if pc > 1 else "")
-        print(f"{cfg.model.name} on {cfg.data.name}: test accuracy {acc:.4f} after "
+    if jax.process_index() != 0:  # one report per run, however many processes
+        return 0
+    n, pc = result["devices"], result["processes"]
+    where = f" on {n} device{'s' * (n > 1)}" + (f" ({pc} processes)" if pc > 1 else "")
+    if result.get("test_miou") is not None:
+        print(f"{cfg.model.name} on {cfg.data.name}: test mIoU {result['test_miou']:.4f}, "
+              f"pixel accuracy {result['test_pixel_accuracy']:.4f} after "
               f"{result['steps']} steps{where} in {result['seconds']:.1f} s "
               f"(compile {result['compile_seconds']:.1f} s{resumed}); outputs in "
               f"{result['workdir']}")
+        return 0
+    print(f"{cfg.model.name} on {cfg.data.name}: test accuracy {acc:.4f} after "
+          f"{result['steps']} steps{where} in {result['seconds']:.1f} s "
+          f"(compile {result['compile_seconds']:.1f} s{resumed}); outputs in "
+          f"{result['workdir']}")
     return 0
 
 
@@ -246,6 +256,11 @@ def cmd_eval(args) -> int:
     data = data_lib.parse_data_arg(args.data) if args.data else None
     out = evaluate_file(args.checkpoint, data, batch_size=args.batch_size)
     step = "" if out["step"] is None else f" (step {out['step']})"
+    if "test_miou" in out:
+        print(f"{out['model']}{step}: test mIoU {out['test_miou']:.4f}, pixel accuracy "
+              f"{out['test_pixel_accuracy']:.4f} on {out['test_examples']} images, loss "
+              f"{out['test_loss']:.4f}")
+        return 0
     print(f"{out['model']}{step}: test accuracy {out['test_accuracy']:.4f} on "
           f"{out['test_examples']} examples, loss {out['test_loss']:.4f}")
     return 0

@@ -106,6 +106,12 @@ def _is_v1(cfg) -> bool:
     return hasattr(cfg, "flavor")
 
 
+def _has_v1_backbone(cfg) -> bool:
+    """A PVT v1, or a dense model on one (semantic_fpn), whose apply resizes learned
+    position embeddings: fixed image sides only."""
+    return _is_v1(getattr(cfg, "backbone_config", cfg))
+
+
 def _resized_params(params, cfg) -> dict:
     """v1 params with each stage's position embedding resized to ``cfg``'s grid (as
     ``apply`` resizes them for images of another size, class-token row kept)."""
@@ -125,7 +131,7 @@ def prepare(model, params=None, *, img_size=None, **builder_kwargs) -> Source:
                                                             **builder_kwargs)
     cfg = reference.config
     size = cfg.img_size if img_size in (None, "dynamic") else img_size
-    if img_size == "dynamic" and _is_v1(cfg):
+    if img_size == "dynamic" and _has_v1_backbone(cfg):
         raise ValueError(f"{reference.name} is PVT v1, whose position embeddings are learned "
                          f"for one grid: export it at a fixed image size (img_size=N resizes "
                          f"them); only PVT v2 takes img_size='dynamic'")
@@ -217,7 +223,8 @@ def _require_onnx():
 
 def _output_names(cfg, features: bool) -> list[str]:
     if features:
-        return [f"stage{i + 1}" for i in range(4)]
+        levels = "fpn" if hasattr(cfg, "backbone_config") else "stage"
+        return [f"{levels}{i + 1}" for i in range(4)]
     return ["logits" if cfg.num_classes else "pooled"]
 
 

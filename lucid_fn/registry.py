@@ -37,7 +37,11 @@ class Model(tuple):
     @property
     def kwargs(self) -> dict:
         """Builder arguments that build this model again (its config's fields):
-        ``registry[m.name](**{**m.kwargs, "img_size": 96})`` is the same model at 96."""
+        ``registry[m.name](**{**m.kwargs, "img_size": 96})`` is the same model at 96.
+        A config whose fields are not all builder keywords says which are
+        (``builder_kwargs()``)."""
+        if hasattr(self.config, "builder_kwargs"):
+            return self.config.builder_kwargs()
         return {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)}
 
     def __repr__(self):

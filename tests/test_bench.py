@@ -116,3 +116,19 @@ def test_kernel_benchmark_checks_each_family_against_float32_on_cpu(tmp_path):
         assert 0 < r["err"] <= 1.5 * r["err_xla_bf16"] + 2e-3, r
     with pytest.raises(SystemExit, match="bad variant"):
         kb.main(["--shapes", "tiny", "--variants", "conv_mlp.block_x=3"])
+
+
+@pytest.mark.slow
+def test_semantic_fpn_entry_runs_against_its_torch_reference(bench, tmp_path):
+    """The segmentation entry times ours in both modes; with torch and timm installed its
+    reference runs too and counts the same parameters."""
+    argv = ["--device", "cpu", "--small", "--models", "semantic_fpn_pvt_v2_b0", "--modes",
+            "infer", "train", "--refs", "eager", "--repeats", "1", "--out", str(tmp_path),
+            "--name", "seg"]
+    rows = bench.main(argv)["rows"]
+    ours = [r for r in rows if r["impl"] == "lucid_fn"]
+    assert [r["mode"] for r in ours] == ["infer", "train"]
+    assert all(r["img_s"] > 0 for r in ours), ours
+    refs = [r for r in rows if r["impl"] == "torch eager"]
+    if importlib.util.find_spec("torch") and importlib.util.find_spec("timm"):
+        assert len(refs) == 2 and all(r["params"] == ours[0]["params"] for r in refs), refs

@@ -26,6 +26,8 @@ CASES = {
     "v1_lucid_headless": ("pvt_tiny", {"num_classes": 0}, {}),
     "v1_paper_resized": ("pvt_tiny", {"flavor": "paper"}, {"img_size": 64}),
     "v2_li_features": ("pvt_v2_b2_li", {}, {"features": True}),
+    "semantic_fpn_v2": ("semantic_fpn", {"backbone": "pvt_v2_b0", "fpn_channels": 16,
+                                         "head_channels": 8, "norm_groups": 4}, {}),
 }
 
 

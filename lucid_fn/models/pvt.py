@@ -145,11 +145,17 @@ def stage_forward(p, x, rng, path_rates, *, cfg: PVTConfig, stage: int, probe=No
     b, h, w, c = m.shape
     # Learned for img_size; other sizes get it resized bilinearly, as the official
     # detection code and HF do (a no-op at img_size).
-    pos = nn.resize_pos_embed(p["pos_embed"], (h, w), has_cls="cls_token" in p)
+    has_cls, pos = "cls_token" in p, p["pos_embed"]
+    if stage == 3 and not has_cls:
+        # The dense backbone (dense_specs) runs stage 4 without the class token but keeps
+        # its row of the position embedding, unused, as the official code does: a
+        # classifier's checkpoint loads unchanged.
+        pos = pos[:, 1:]
+    pos = nn.resize_pos_embed(pos, (h, w), has_cls=has_cls)
     k_pos, k_blocks = (None, None) if rng is None else jax.random.split(rng)
     x = nn.Stream(m.reshape(b, h * w, c), kernels=cfg.kernels, train=rng is not None)
     x = x.layer_norm(p["patch_embed"]["norm"], PATCH_NORM_EPS)
-    if "cls_token" in p:
+    if has_cls:
         x = x.prepend(p["cls_token"])
     x = (x + pos).dropout(cfg.drop_rate, k_pos)
     x, seen = common.run_stage_blocks(block, p, x, k_blocks, path_rates, cfg=cfg, stage=stage,
@@ -171,6 +177,26 @@ def param_specs(cfg: PVTConfig) -> dict:
     specs = {f"stage{i + 1}": init_stage(cfg, i) for i in range(4)}
     specs["norm"] = nn.init_layer_norm(cfg.embed_dims[3])
     return {**specs, **common.head_specs(cfg)}
+
+
+def dense_specs(cfg: PVTConfig) -> dict:
+    """The detection and segmentation backbone's params: the classifier's without its
+    head, class token and final norm, as the official dense-prediction code builds it."""
+    specs = param_specs(dataclasses.replace(cfg, num_classes=0))
+    del specs["norm"], specs["stage4"]["cls_token"]
+    return specs
+
+
+def dense_features(params, x, rngs, rates, *, cfg: PVTConfig) -> tuple:
+    """The four stage maps (NHWC, strides 4 to 32) of the dense backbone (dense_specs):
+    stage 4 without the class token, no final norm."""
+    maps = []
+    for i in range(4):
+        t, (h, w), _ = stage_forward(params[f"stage{i + 1}"], x, rngs[i], rates[i], cfg=cfg,
+                                     stage=i)
+        x = t.reshape(t.shape[0], h, w, t.shape[-1])
+        maps.append(x)
+    return tuple(maps)
 
 
 def make_apply(cfg: PVTConfig, name: str, specs: dict):

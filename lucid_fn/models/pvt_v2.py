@@ -177,6 +177,21 @@ def param_specs(cfg: PVTv2Config) -> dict:
     return {**specs, **common.head_specs(cfg)}
 
 
+def dense_specs(cfg: PVTv2Config) -> dict:
+    """The detection and segmentation backbone's params: the classifier's without its
+    head (v2's stage norms stay, as in the official dense-prediction code)."""
+    return param_specs(dataclasses.replace(cfg, num_classes=0))
+
+
+def dense_features(params, x, rngs, rates, *, cfg: PVTv2Config) -> tuple:
+    """The four stage maps (NHWC, strides 4 to 32, after each stage's norm)."""
+    maps = []
+    for i in range(4):
+        x, _ = stage_forward(params[f"stage{i + 1}"], x, rngs[i], rates[i], cfg=cfg, stage=i)
+        maps.append(x)
+    return tuple(maps)
+
+
 def make_apply(cfg: PVTv2Config, name: str, specs: dict):
     def apply(params, x, *, train: bool = False, rng=None, features: bool = False,
               attention=None):

@@ -172,14 +172,15 @@ def patchify_conv(p: Params, x, dtype=None):
 
 
 def conv(p: Params, x, *, stride: int, padding: int, groups: int = 1, dtype=None):
-    """General NHWC conv with an HWIO kernel (``groups`` > 1: the I axis is in // groups)."""
+    """General NHWC conv with an HWIO kernel (``groups`` > 1: the I axis is in // groups);
+    no bias when ``p`` has none (a conv followed by a norm)."""
     dtype = dtype or x.dtype
     y = jax.lax.conv_general_dilated(
         x.astype(dtype), p["kernel"].astype(dtype), (stride, stride),
         [(padding, padding), (padding, padding)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=groups,
     )
-    return y + p["bias"].astype(dtype)
+    return y + p["bias"].astype(dtype) if "bias" in p else y
 
 
 def _s2d_geometry(k: int, stride: int, padding: int, n: int) -> tuple[int, int, int, int]:

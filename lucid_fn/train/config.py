@@ -40,7 +40,8 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    # "digits" (embedded), "cifar10", "cifar100", "folder", "npz".
+    # "digits" (embedded), "cifar10", "cifar100", "folder", "npz"; segmentation:
+    # "digit_scenes" (embedded), "seg_folder", "npz" with masks (docs/segmentation.md).
     name: str = "digits"
     path: str = ""
     img_size: int = 32
@@ -54,6 +55,8 @@ class DataConfig:
     std: list = dataclasses.field(default_factory=list)
     # Parallel decoding/augmentation processes for grain (0: in the main process).
     workers: int = 0
+    # Segmentation masks whose 0 means "unlabelled" (ADE20K): 0 ignored, 1..K -> 0..K-1.
+    reduce_zero_label: bool = False
 
 
 @dataclasses.dataclass
@@ -68,11 +71,18 @@ class AugmentConfig:
     # Probability that a batch is mixed at all when mixup or cutmix is on.
     mix_prob: float = 1.0
     label_smoothing: float = 0.0
+    # Segmentation: each image rescaled by a ratio drawn from [min, max] before the random
+    # crop ([] keeps its scale); hflip flips image and mask together.
+    scale_range: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
 class OptimConfig:
     lr: float = 1e-3
+    # "cosine", or "poly": lr * (1 - step / steps) ** poly_power (segmentation's), each
+    # after the warmup and ending at lr * final_lr_ratio.
+    schedule: str = "cosine"
+    poly_power: float = 0.9
     weight_decay: float = 0.05
     b1: float = 0.9
     b2: float = 0.999
@@ -115,7 +125,9 @@ class Config:
 
 
 CHOICES = {
-    "data.name": ("digits", "cifar10", "cifar100", "folder", "npz"),
+    "data.name": ("digits", "cifar10", "cifar100", "folder", "npz", "digit_scenes",
+                  "seg_folder"),
+    "optim.schedule": ("cosine", "poly"),
     "data.channels": (0, 1, 3),
     "model.head": ("keep", "reset"),
     "train.dtype": ("float32", "bfloat16"),
@@ -171,7 +183,8 @@ RANGES = {
     "augment.cutmix_alpha": AT_LEAST_0,
     "augment.mix_prob": PROBABILITY,
     "augment.label_smoothing": BELOW_1,
-    "optim.lr": Range(0, lo_open=True),  # a negative lr would ascend the loss
+    "optim.lr": Range(0, lo_open=True),
+    "optim.poly_power": Range(0, lo_open=True),  # a negative lr would ascend the loss
     "optim.weight_decay": AT_LEAST_0,
     "optim.b1": BELOW_1,
     "optim.b2": BELOW_1,
@@ -192,6 +205,7 @@ RANGES = {
 # List settings whose entries are numbers, with the entries' valid values.
 LIST_RANGES = {
     "augment.crop_scale": Range(0, 1, lo_open=True),
+    "augment.scale_range": Range(0, 16, lo_open=True),
     "data.mean": Range(),
     "data.std": Range(0, lo_open=True),  # divided by
 }
@@ -267,8 +281,8 @@ def validate_section(obj, section: str) -> None:
                         or v not in LIST_RANGES[path]:
                     rule = f"numbers {LIST_RANGES[path]}".replace(" finite", "")
                     raise ConfigError(f"{path} must hold {rule}, got {value!r}")
-    if section == "data" and obj.name in ("cifar10", "cifar100", "folder", "npz") \
-            and not obj.path:
+    if section == "data" and obj.name in ("cifar10", "cifar100", "folder", "npz",
+                                          "seg_folder") and not obj.path:
         raise ConfigError(f"data.name={obj.name!r} needs data.path (the folder or file); "
                           f"e.g. --data {obj.name}:/path/to/data")
 
@@ -285,6 +299,10 @@ def validate(cfg: Config) -> None:
                                    or not cfg.augment.crop_scale[0] <= cfg.augment.crop_scale[1]):
         raise ConfigError(f"augment.crop_scale must be [min, max] with 0 < min <= max <= 1, "
                           f"got {cfg.augment.crop_scale}")
+    if cfg.augment.scale_range and (len(cfg.augment.scale_range) != 2 or not
+                                    cfg.augment.scale_range[0] <= cfg.augment.scale_range[1]):
+        raise ConfigError(f"augment.scale_range must be [min, max] with 0 < min <= max, "
+                          f"got {cfg.augment.scale_range}")
     if cfg.augment.pad_crop > cfg.data.img_size:
         raise ConfigError(f"augment.pad_crop={cfg.augment.pad_crop} is larger than the "
                           f"image (data.img_size={cfg.data.img_size}); pad by a few pixels")

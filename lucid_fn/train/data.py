@@ -151,6 +151,7 @@ class Dataset:
     channels: int
     img_size: int
     class_names: list
+    task: str = "classify"  # or "segment": labels are masks (lucid_fn.train.seg_data)
 
 
 # --------------------------------------------------------------------------- loaders
@@ -438,6 +439,19 @@ def _load(cfg, num_classes: int | None) -> Dataset:
         (xtr, ytr), (xte, yte) = load_cifar(cfg.path, k)
         return Dataset(cfg.name, ArraySource(xtr, ytr, size, ch), ArraySource(xte, yte, size, ch),
                        k, ch or 3, size, [str(i) for i in range(k)])
+    if cfg.name == "digit_scenes":
+        from lucid_fn.train import seg_data
+
+        return seg_data.digit_scenes(cfg)
+    if cfg.name == "seg_folder":
+        from lucid_fn.train import seg_data
+
+        return seg_data.load_seg_folder(cfg, num_classes)
+    if cfg.name == "npz" and _npz_has_masks(cfg.path):
+        from lucid_fn.train import seg_data
+
+        return seg_data.load_seg_npz(cfg.path, dict(np.load(cfg.path, allow_pickle=False)),
+                                     cfg, num_classes)
     if cfg.name == "npz":
         splits, k = load_npz(cfg.path, num_classes)
         if len(splits) == 2:
@@ -459,13 +473,22 @@ def _load(cfg, num_classes: int | None) -> Dataset:
     raise DataError(f"unknown dataset {cfg.name!r}")
 
 
+def _npz_has_masks(path) -> bool:
+    """Whether an npz holds segmentation masks (read from its index, no array loaded)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return "masks" in z.files or "test_masks" in z.files
+    except Exception:  # noqa: BLE001 (load_npz names what is wrong with the file)
+        return False
+
+
 def parse_data_arg(arg: str) -> dict:
     """``--data digits`` / ``--data cifar10:/data/cifar-10-batches-py`` /
     ``--data /some/folder`` / ``--data arrays.npz`` -> data config fields."""
     name, sep, path = arg.partition(":")
-    if sep and name in ("digits", "cifar10", "cifar100", "folder", "npz"):
+    if sep and name in ("digits", "cifar10", "cifar100", "folder", "npz", "seg_folder"):
         return {"name": name, "path": path}
-    if arg in ("digits", "cifar10", "cifar100"):
+    if arg in ("digits", "cifar10", "cifar100", "digit_scenes"):
         return {"name": arg}
     p = pathlib.Path(arg)
     if p.suffix == ".npz":
@@ -473,6 +496,8 @@ def parse_data_arg(arg: str) -> dict:
     for k, sub in ((10, "cifar-10-batches-py"), (100, "cifar-100-python")):
         if p.name == sub or (p / sub).is_dir():
             return {"name": f"cifar{k}", "path": arg}
+    if (p / "images").is_dir() and any((p / m).is_dir() for m in ("annotations", "masks")):
+        return {"name": "seg_folder", "path": arg}
     return {"name": "folder", "path": arg}
 
 
@@ -670,12 +695,14 @@ def close(iterator) -> None:
 
 
 def _pad(images, labels, rows: int):
+    """``rows`` examples (labels: class indices, or masks for segmentation), zero rows
+    appended, and ``valid`` marking the real ones."""
     n = len(labels)
     valid = np.zeros(rows, bool)
     valid[:n] = True
     if n < rows:
         images = np.concatenate([images, np.zeros((rows - n,) + images.shape[1:], images.dtype)])
-        labels = np.concatenate([labels, np.zeros(rows - n, np.int32)])
+        labels = np.concatenate([labels, np.zeros((rows - n,) + labels.shape[1:], labels.dtype)])
     return images, labels.astype(np.int32), valid
 
 

@@ -33,6 +33,7 @@ from lucid_fn import registry, weights
 from lucid_fn.train import config as config_lib
 from lucid_fn.train import data as data_lib
 from lucid_fn.train import distributed
+from lucid_fn.train import segmentation
 from lucid_fn.train import step as step_lib
 from lucid_fn.train import workdir as workdir_lib
 from lucid_fn.train.checkpoint import Checkpointer, NonFiniteStateError
@@ -84,6 +85,34 @@ def build_model(cfg, dataset):
     return registry[cfg.model.name](**kw, **compute_dtype(cfg)), kw
 
 
+SEGMENTATION_OFF = ("augment.mixup_alpha", "augment.cutmix_alpha", "augment.label_smoothing",
+                    "augment.crop_scale", "augment.pad_crop")
+
+
+def check_task(cfg, model, dataset) -> None:
+    """The model and the data must predict the same thing (a class per image, or one per
+    pixel), and the augmentation settings must be the task's, before anything compiles."""
+    task = step_lib.task_of(model)
+    if task != dataset.task:
+        if task == "segment":
+            raise config_lib.ConfigError(
+                f"{model.name} segments images (a class per pixel) but data.name="
+                f"{cfg.data.name!r} has one label per image; use segmentation data: "
+                f"digit_scenes, seg_folder, or an npz with masks")
+        raise config_lib.ConfigError(
+            f"the {dataset.name} data holds segmentation masks but {model.name} classifies "
+            f"whole images; use a segmentation model, e.g. model.name = \"semantic_fpn\"")
+    if task == "segment":
+        for path in SEGMENTATION_OFF:
+            if config_lib._get(cfg, path):
+                raise config_lib.ConfigError(
+                    f"{path} is an image-classification augmentation; segmentation uses "
+                    f"augment.scale_range, augment.hflip and the random crop. Remove {path}")
+    elif cfg.augment.scale_range:
+        raise config_lib.ConfigError("augment.scale_range is a segmentation augmentation; "
+                                     "classifiers use augment.crop_scale")
+
+
 def check_classes(model, dataset, what) -> None:
     """A model evaluated on data must have a class score for every label."""
     c = model.config
@@ -118,7 +147,15 @@ def step_spec(cfg, model, kw, dataset) -> step_lib.StepSpec:
     tx, schedule = step_lib.make_optimizer(cfg.optim, cfg.train.steps)
     return step_lib.StepSpec(model.apply, tx, schedule, kw["num_classes"], tuple(mean),
                              tuple(std), cfg.augment, cfg.optim.accum_steps,
-                             cfg.optim.ema_decay)
+                             cfg.optim.ema_decay, step_lib.task_of(model))
+
+
+def augment_fn(cfg, model, img_size: int):
+    if step_lib.task_of(model) == "segment":
+        from lucid_fn.train import seg_data
+
+        return seg_data.augment_fn(cfg.augment, img_size)
+    return data_lib.augment_fn(cfg.augment, img_size)
 
 
 def check_init_from(cfg) -> None:
@@ -135,6 +172,18 @@ def initial_params(cfg, model, kw, key):
         return jax.jit(model.init)(key)
     path = cfg.model.init_from
     check_init_from(cfg)
+    if step_lib.task_of(model) == "segment":
+        from lucid_fn.models import semantic_fpn
+
+        if weights.is_own_file(path) and weights.load(path)[1].name == model.name:
+            params, _ = weights.load(path)  # a segmentation run's: checked against the model
+            from lucid_fn.models.common import check_params
+
+            check_params(params, jax.eval_shape(model.init, key), model.name)
+        else:  # a classifier's checkpoint initialises the backbone
+            params = dict(jax.jit(model.init)(key))
+            params["backbone"] = semantic_fpn.load_backbone(path, model.config)
+        return jax.tree_util.tree_map(jnp.asarray, params)
     params = weights.load_torch_checkpoint(path, cfg.model.name, head=cfg.model.head,
                                            rng=key, **kw)
     return jax.tree_util.tree_map(jnp.asarray, params)
@@ -212,7 +261,8 @@ def plot_curves(rows: list[dict], path) -> None:
     from matplotlib.figure import Figure
 
     train = [r for r in rows if "loss" in r]
-    test = [r for r in rows if "test_accuracy" in r]
+    metric = "test_miou" if any("test_miou" in r for r in rows) else "test_accuracy"
+    test = [r for r in rows if metric in r]
     fig = Figure(figsize=(10, 3.6))
     ax1, ax2 = fig.subplots(1, 2)
     ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
@@ -220,11 +270,14 @@ def plot_curves(rows: list[dict], path) -> None:
         ax1.plot([r["step"] for r in test], [r["test_loss"] for r in test], "o-",
                  label="test loss")
     ax1.set_xlabel("step"), ax1.set_ylabel("loss"), ax1.set_yscale("log"), ax1.legend()
-    ax2.plot([r["step"] for r in train], [r["accuracy"] for r in train], label="train")
+    segment = metric == "test_miou"
+    ax2.plot([r["step"] for r in train], [r["accuracy"] for r in train],
+             label="train pixel accuracy" if segment else "train")
     if test:
-        ax2.plot([r["step"] for r in test], [r["test_accuracy"] for r in test], "o-",
-                 label="test")
-    ax2.set_xlabel("step"), ax2.set_ylabel("accuracy"), ax2.legend()
+        ax2.plot([r["step"] for r in test], [r[metric] for r in test], "o-",
+                 label="test mIoU" if segment else "test")
+    ax2.set_xlabel("step"), ax2.set_ylabel("mIoU, accuracy" if segment else "accuracy")
+    ax2.legend()
     fig.tight_layout()
     weights.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
@@ -240,14 +293,30 @@ def _progress(total, initial, enabled):
 # ------------------------------------------------------------------------ evaluation
 
 
-def run_eval(evaluate, params, source, batch: int, sharding, workers: int = 0) -> dict:
+PREDICTION_EXAMPLES = 4  # rows of a segmentation run's predictions.png
+
+
+def run_eval(evaluate, params, source, batch: int, sharding, workers: int = 0,
+             shown: list | None = None) -> dict:
+    """The test split's metrics. Segmentation: mIoU, pixel accuracy and per-class IoU
+    (None: a class neither present nor predicted) from the summed confusion matrix;
+    ``shown`` receives the first batch's (images, masks, predictions)."""
     sums = None
     part = dict(process_index=jax.process_index(), process_count=jax.process_count())
     for images, labels, valid in data_lib.eval_batches(source, batch, workers, **part):
         out = evaluate(params, *step_lib.put_batch((images, labels, valid), sharding))
+        pred = out.pop("pred", None)
+        if shown is not None and pred is not None and not shown:
+            n = min(PREDICTION_EXAMPLES, int(valid.sum()))
+            shown.append((images[:n], labels[:n], np.asarray(jax.device_get(pred))[:n]))
         sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
     sums = jax.device_get(sums)
     n = int(sums["count"])
+    if "confusion" in sums:
+        m = segmentation.iou_metrics(sums["confusion"])
+        return {"test_miou": m["miou"], "test_pixel_accuracy": m["pixel_accuracy"],
+                "test_loss": float(sums["loss"]) / max(int(sums["pixels"]), 1),
+                "test_iou": m["per_class_iou"], "test_examples": n}
     return {"test_accuracy": float(sums["correct"]) / n, "test_loss": float(sums["loss"]) / n,
             "test_examples": n}
 
@@ -353,6 +422,7 @@ def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup) -> d
     dataset = data_lib.load(cfg.data, cfg.model.kwargs.get("num_classes"))
     check_trainable(dataset, tc.batch_size)
     model, kw = build_model(cfg, dataset)
+    check_task(cfg, model, dataset)
     spec = step_spec(cfg, model, kw, dataset)
     ckpt = Checkpointer(workdir / "checkpoints", tc.keep_checkpoints)
     cleanup.callback(ckpt.close)
@@ -372,7 +442,7 @@ def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup) -> d
 
     train_it = data_lib.train_iterator(
         dataset.train, batch_size=tc.batch_size, seed=tc.seed,
-        augment=data_lib.augment_fn(cfg.augment, dataset.img_size), workers=cfg.data.workers,
+        augment=augment_fn(cfg, model, dataset.img_size), workers=cfg.data.workers,
         process_index=pi, process_count=pc)
     if resume:
         state, data_state = ckpt.restore(abstract)
@@ -428,7 +498,7 @@ def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup) -> d
         row = {"step": step,
                "loss": float(np.mean([m["loss"] for m in fetched])),
                "accuracy": float(sum(m["correct"] for m in fetched))
-               / (len(fetched) * tc.batch_size),
+               / max(1, int(sum(m["count"] for m in fetched))),
                "lr": float(fetched[-1]["lr"]),
                "grad_norm": float(fetched[-1]["grad_norm"]),
                "img_per_s": images / elapsed if elapsed > 0 else 0.0,
@@ -436,7 +506,7 @@ def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup) -> d
         pending, window_start, window_steps = [], time.perf_counter(), 0
         return row
 
-    result = {}
+    result, shown = {}, None
     try:
         step = start
         while step < tc.steps:
@@ -456,8 +526,9 @@ def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup) -> d
             if (tc.eval_every and step % tc.eval_every == 0) or last:
                 flush_row = flush(step)  # a finite check before trusting these params
                 row = row or flush_row
+                shown = [] if last and spec.task == "segment" else None
                 ev = run_eval(evaluate, eval_params(state), dataset.test, eval_batch, data_sh,
-                              cfg.data.workers)
+                              cfg.data.workers, shown)
                 row = {**(row or {"step": step}), **ev}
                 window_start = time.perf_counter()  # evaluation time is not training speed
             if row is not None:
@@ -481,6 +552,9 @@ def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup) -> d
         ckpt.wait()
         final = log.rows[-1] if log.rows else {}  # none: metrics.jsonl was deleted
         result = {"test_accuracy": final.get("test_accuracy"), "steps": tc.steps,
+                  **({"test_miou": final.get("test_miou"),
+                      "test_pixel_accuracy": final.get("test_pixel_accuracy")}
+                     if spec.task == "segment" else {}),
                   "start_step": start,
                   "seconds": time.perf_counter() - t_start, "compile_seconds": compile_s,
                   "workdir": str(workdir), "devices": n_dev, "processes": pc}
@@ -494,6 +568,9 @@ def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup) -> d
                 params = jax.device_get(whole)  # finite: checked when saved
                 weights.save(workdir / "model.safetensors", params, cfg.model.name, **kw)
                 plot_curves(log.rows, workdir / "curves.png")
+                if shown:
+                    segmentation.plot_predictions(*shown[0], kw["num_classes"],
+                                                  workdir / "predictions.png")
 
             on_process_0(export)
     finally:
@@ -569,8 +646,15 @@ def evaluate_file(path, data=None, *, batch_size: int = 256, use_ema: bool = Tru
         dataset = data_lib.load(data_cfg)  # check_classes bounds the labels
         check_classes(model, dataset, str(path))
         mean, std = data_lib.mean_std(data_cfg, dataset.channels)
-        spec = step_lib.StepSpec(model.apply, None, None, 0, tuple(mean), tuple(std), None)
+        spec = step_lib.StepSpec(model.apply, None, None, c.num_classes, tuple(mean),
+                                 tuple(std), None, task=step_lib.task_of(model))
         step = None
+    if spec.task != dataset.task:
+        raise config_lib.ConfigError(
+            f"{model.name} {'segments' if spec.task == 'segment' else 'classifies'} images "
+            f"but the {dataset.name} data is for "
+            f"{'segmentation' if dataset.task == 'segment' else 'classification'}; "
+            f"evaluate it on data of its task")
     mesh = step_lib.make_mesh()
     batch = _eval_batch(batch_size, mesh.devices.size)
     evaluate = jax.jit(lambda p, x, y, v: step_lib.eval_step(spec, p, x, y, v))

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lucid_fn.train import segmentation
 from lucid_fn.train.data import normalize
 
 # Not decayed: LayerNorm scales and all biases (1-D), position embeddings and the class
@@ -34,14 +35,26 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def make_schedule(ocfg, steps: int):
+    """Linear warmup, then cosine or poly decay to ``lr * final_lr_ratio`` at ``steps``."""
+    end = ocfg.lr * ocfg.final_lr_ratio
+    if ocfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0 if ocfg.warmup_steps else ocfg.lr, peak_value=ocfg.lr,
+            warmup_steps=ocfg.warmup_steps, decay_steps=steps, end_value=end)
+    poly = optax.polynomial_schedule(init_value=ocfg.lr, end_value=end, power=ocfg.poly_power,
+                                     transition_steps=steps - ocfg.warmup_steps)
+    if not ocfg.warmup_steps:
+        return poly
+    warmup = optax.linear_schedule(0.0, ocfg.lr, ocfg.warmup_steps)
+    return optax.join_schedules([warmup, poly], [ocfg.warmup_steps])
+
+
 def make_optimizer(ocfg, steps: int):
     """AdamW (no decay on norms, biases, position embeddings, class token) under a linear
-    warmup + cosine schedule, after optional global-norm clipping. Returns (tx, schedule)."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if ocfg.warmup_steps else ocfg.lr, peak_value=ocfg.lr,
-        warmup_steps=ocfg.warmup_steps, decay_steps=steps,
-        end_value=ocfg.lr * ocfg.final_lr_ratio,
-    )
+    warmup + cosine or poly schedule, after optional global-norm clipping. Returns (tx,
+    schedule)."""
+    schedule = make_schedule(ocfg, steps)
     adamw = optax.adamw(schedule, b1=ocfg.b1, b2=ocfg.b2, weight_decay=ocfg.weight_decay,
                         mask=decay_mask)
     tx = optax.chain(optax.clip_by_global_norm(ocfg.clip_norm), adamw) if ocfg.clip_norm \
@@ -157,6 +170,17 @@ class StepSpec:
     augment: Any
     accum_steps: int = 1
     ema_decay: float = 0.0
+    task: str = "classify"  # or "segment": labels are (H, W) masks, per-pixel loss
+
+
+def task_of(model) -> str:
+    """What a model predicts: "segment" (per-pixel logits) or "classify"."""
+    return getattr(model.config, "task", "classify")
+
+
+def label_shape(task: str, img_shape: tuple) -> tuple:
+    """One example's label: a class index, or a mask of the image's height and width."""
+    return tuple(img_shape[:2]) if task == "segment" else ()
 
 
 def init_state(spec: StepSpec, params, seed: int) -> dict:
@@ -170,35 +194,43 @@ def init_state(spec: StepSpec, params, seed: int) -> dict:
 
 def train_step(spec: StepSpec, state: dict, images, labels):
     """One update. Returns (state, metrics) with metrics small device scalars: loss (mean
-    over the batch), correct (count), grad_norm, lr."""
+    over the batch, or its counted pixels), correct and count (predictions right, and
+    scored: images, or pixels not ignored), grad_norm, lr."""
     key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["step"])
     k_mix, k_model = jax.random.split(key)
     x = normalize(images, spec.mean, spec.std)
-    targets = soft_targets(labels, spec.num_classes, spec.augment.label_smoothing)
-    x, targets = mix(k_mix, x, targets, spec.augment)
+    if spec.task == "segment":
+        targets = labels  # masks: no smoothing or mixing (loop.check_task refuses them)
+    else:
+        targets = soft_targets(labels, spec.num_classes, spec.augment.label_smoothing)
+        x, targets = mix(k_mix, x, targets, spec.augment)
 
     def loss_fn(params, xb, tb, lb, k):
         logits = spec.apply(params, xb, train=True, rng=k)
+        if spec.task == "segment":
+            loss, correct, count = segmentation.mean_pixel_loss(logits, tb)
+            return loss, (correct, count)
         loss = optax.softmax_cross_entropy(logits, tb).mean()
-        return loss, jnp.sum(jnp.argmax(logits, -1) == lb)
+        return loss, (jnp.sum(jnp.argmax(logits, -1) == lb), jnp.asarray(lb.shape[0]))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     params, n = state["params"], spec.accum_steps
     if n == 1:
-        (loss, correct), grads = grad_fn(params, x, targets, labels, k_model)
+        (loss, (correct, count)), grads = grad_fn(params, x, targets, labels, k_model)
     else:
         def micro(a):  # (B, ...) -> (n, B / n, ...) with each device's rows kept together
             return jnp.moveaxis(a.reshape((a.shape[0] // n, n) + a.shape[1:]), 1, 0)
 
         def body(carry, xs):
-            g_sum, l_sum, c_sum = carry
+            g_sum, l_sum, c_sum, n_sum = carry
             xb, tb, lb, k = xs
-            (l, c), g = grad_fn(params, xb, tb, lb, k)
-            return (jax.tree_util.tree_map(jnp.add, g_sum, g), l_sum + l, c_sum + c), None
+            (l, (c, m)), g = grad_fn(params, xb, tb, lb, k)
+            return (jax.tree_util.tree_map(jnp.add, g_sum, g), l_sum + l, c_sum + c,
+                    n_sum + m), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        (grads, loss, correct), _ = jax.lax.scan(
-            body, (zeros, 0.0, 0),
+        (grads, loss, correct, count), _ = jax.lax.scan(
+            body, (zeros, 0.0, 0, 0),
             (micro(x), micro(targets), micro(labels), jax.random.split(k_model, n)))
         grads = jax.tree_util.tree_map(lambda g: g / n, grads)
         loss = loss / n
@@ -209,14 +241,24 @@ def train_step(spec: StepSpec, state: dict, images, labels):
         d = spec.ema_decay
         new["ema"] = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state["ema"],
                                             new["params"])
-    metrics = {"loss": loss, "correct": correct, "grad_norm": _tree_norm(grads),
+    metrics = {"loss": loss, "correct": correct, "count": count,
+               "grad_norm": _tree_norm(grads),
                "lr": spec.schedule(state["step"])}
     return new, metrics
 
 
 def eval_step(spec: StepSpec, params, images, labels, valid):
-    """Sums over the valid rows of one batch: (correct, loss, count)."""
+    """Sums over the valid rows of one batch: (correct, loss, count); for segmentation
+    the (K, K) confusion matrix, the loss summed over counted pixels, their count, the
+    images, and the batch's predictions (uint8 class maps where K <= 256)."""
     logits = spec.apply(params, normalize(images, spec.mean, spec.std))
+    if spec.task == "segment":
+        masks = jnp.where(valid[:, None, None], labels, segmentation.IGNORE)
+        loss, _, pixels = segmentation.pixel_cross_entropy(logits, masks)
+        pred = jnp.argmax(logits, -1)
+        return {"confusion": segmentation.confusion_matrix(pred, masks, spec.num_classes),
+                "loss": loss, "pixels": pixels, "count": jnp.sum(valid),
+                "pred": pred.astype(jnp.uint8 if spec.num_classes <= 256 else jnp.int32)}
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels) & valid
     return {"correct": jnp.sum(correct), "loss": jnp.sum(jnp.where(valid, loss, 0.0)),
@@ -238,14 +280,15 @@ def compile_steps(spec: StepSpec, abstract_state, mesh: Mesh, mode: str, batch: 
                     out_shardings=(shardings, replicated(mesh)),
                     donate_argnums=0)
     img = jax.ShapeDtypeStruct((batch,) + img_shape, jnp.uint8, sharding=data)
-    lab = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data)
+    lab_shape = label_shape(spec.task, img_shape)
+    lab = jax.ShapeDtypeStruct((batch,) + lab_shape, jnp.int32, sharding=data)
     train = train.lower(abstract_state, img, lab).compile()
     params_sh = shardings["params"]
     evaluate = jax.jit(lambda p, x, y, v: eval_step(spec, p, x, y, v),
                        in_shardings=(params_sh, data, data, data),
                        out_shardings=replicated(mesh))
     e_img = jax.ShapeDtypeStruct((eval_batch,) + img_shape, jnp.uint8, sharding=data)
-    e_lab = jax.ShapeDtypeStruct((eval_batch,), jnp.int32, sharding=data)
+    e_lab = jax.ShapeDtypeStruct((eval_batch,) + lab_shape, jnp.int32, sharding=data)
     e_val = jax.ShapeDtypeStruct((eval_batch,), jnp.bool_, sharding=data)
     evaluate = evaluate.lower(abstract_state["params"], e_img, e_lab, e_val).compile()
     return train, evaluate, shardings, time.perf_counter() - t0
