@@ -662,12 +662,16 @@ class EvalBatches:
         rows = self.batch_size // count
         start = int(b) * self.batch_size + index * rows
         idx = np.arange(start, min(start + rows, len(self.source)))
+        # A source whose take() gives raw items for training's augmentation (segmentation's)
+        # is read item by item: its items are what evaluation sees.
+        take = None if getattr(self.source, "take_is_raw", False) else \
+            getattr(self.source, "take", None)
         if len(idx):
-            take = getattr(self.source, "take", None)
             images, labels = take(idx) if take else stack_items(self.source[i] for i in idx)
-        else:  # a slice past the end: all padding, shaped as the split's images
-            image = np.asarray(self.source[0][0])
-            images, labels = np.zeros((0,) + image.shape, image.dtype), np.zeros(0, np.int32)
+        else:  # a slice past the end: all padding, shaped as the split's examples
+            image, label = map(np.asarray, self.source[0])
+            images = np.zeros((0,) + image.shape, image.dtype)
+            labels = np.zeros((0,) + label.shape, np.int32)
         return _pad(images, labels, rows)
 
 

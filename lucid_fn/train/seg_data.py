@@ -92,6 +92,8 @@ def _as_mask(mask) -> np.ndarray:
 class SegArraySource:
     """In-memory uint8 images (N, H, W, C) and masks (N, H, W)."""
 
+    take_is_raw = True  # take(): raw (image, mask) items, for the augmentation
+
     images: np.ndarray
     masks: np.ndarray
     img_size: int
@@ -117,6 +119,8 @@ class SegArraySource:
 @dataclasses.dataclass
 class SegFileSource:
     """Image files and their PNG masks, decoded with Pillow."""
+
+    take_is_raw = True  # take(): raw (image, mask) items, for the augmentation
 
     files: list
     mask_files: list
@@ -201,6 +205,8 @@ def make_scene(scans: np.ndarray, labels: np.ndarray, size: int, seed: int):
 class DigitScenes:
     """Scenes drawn on demand from ``scans``: scene ``i`` from the seed ``seed * 10**7 +
     ids[i]`` (``ids``: 0 .. n - 1 unless a subset's)."""
+
+    take_is_raw = True  # take(): raw (image, mask) items, for the augmentation
 
     scans: np.ndarray
     labels: np.ndarray
