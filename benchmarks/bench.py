@@ -648,7 +648,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(result: dict, args) -> None:
+def write(result: dict, args, render=None) -> None:
+    """``args.out/args.name`` .json and .md (``render(result)``, by default this script's
+    table); nothing without ``--out``."""
     if not args.out:
         return
     os.makedirs(args.out, exist_ok=True)
@@ -656,7 +658,7 @@ def write(result: dict, args) -> None:
     with open(base + ".json", "w") as f:
         json.dump(result, f, indent=1)
     with open(base + ".md", "w") as f:
-        f.write(markdown(result))
+        f.write((render or markdown)(result))
 
 
 # -------------------------------------------------------------------------------- main

@@ -47,6 +47,8 @@ import sys
 import tempfile
 import time
 
+import bench  # benchmarks/ is the script's folder: its result writer
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ("pvt_v2_b2", "pvt_small")
 GIB = 2**30
@@ -493,7 +495,7 @@ def main(argv=None) -> dict | None:
         row.pop("versions", None), row.pop("device", None)
         result["rows"].append(row)
         add_efficiency(result["rows"])
-        write(result, args)
+        bench.write(result, args, render=markdown)
         short = {k: row.get(k) for k in ("impl", "model", "sharding", "launch", "gpus", "img_s",
                                           "efficiency", "peak_gib_per_gpu", "note")}
         print(json.dumps({k: v for k, v in short.items() if v is not None}), flush=True)
@@ -511,17 +513,6 @@ def main(argv=None) -> dict | None:
                 record(run_torch(args, model, n, compiled), **base)
     print(markdown(result), flush=True)
     return result
-
-
-def write(result: dict, args) -> None:
-    if not args.out:
-        return
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, args.name)
-    with open(base + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    with open(base + ".md", "w") as f:
-        f.write(markdown(result))
 
 
 if __name__ == "__main__":
