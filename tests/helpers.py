@@ -2,29 +2,17 @@
 pytest's path): lowering for CUDA on a machine without a GPU, and the check that a fused
 entry point off the GPU is its XLA form, gradient included."""
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-@contextlib.contextmanager
-def abstract_gpu():
-    """Lowering for CUDA needs a GPU's description: newer JAX (0.12) asks for it as an
-    abstract device rather than assuming one; older JAX ignores the abstract mesh."""
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                         platform="gpu")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
-                                                                  abstract_device=device)):
-        yield
+from lucid_fn.kernels.backend import abstract_gpu, lower_for_cuda  # noqa: F401
 
 
 def cuda_hlo(fn, *args) -> str:
     """``jax.jit(fn)`` lowered for CUDA on ``args`` (arrays or ShapeDtypeStructs), as text:
     the kernels it runs show by name."""
-    with abstract_gpu():
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return lower_for_cuda(fn, *args).as_text()
 
 
 def model_cuda_hlo(model, batch: int = 2, grad: bool = False, **apply_kw) -> str:

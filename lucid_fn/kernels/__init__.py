@@ -10,6 +10,7 @@ applies and the reference everywhere else:
     layer_norm.py     residual add + LayerNorm, norm + norm, and the add+norm's backward
     dispatch.py       the custom-VJP call every family goes through
     settings.py       KernelSettings: what the kernels may do, chosen when a model is built
+    backend.py        the Pallas Triton backend, and the families off where it cannot run
 
 A model chooses its settings with the builder keyword ``kernels`` (None: the measured
 defaults; "off"; a spec such as "attention.block_q=64"; or a KernelSettings), so they are

@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
+from lucid_fn.kernels.backend import plt
 
 from lucid_fn.kernels import dispatch
 from lucid_fn.kernels.settings import AttentionSettings, KernelSettings

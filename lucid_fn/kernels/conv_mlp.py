@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
+from lucid_fn.kernels.backend import plt
 
 from lucid_fn.kernels import dispatch
 from lucid_fn.kernels.conv_mlp_grad import (conv_transpose, edge_class, edge_class_sums, grid,
@@ -35,13 +35,14 @@ from lucid_fn.nn import layers
 _VALID_OFFSETS = np.array([[1, 1, 1], [1, 1, 0], [0, 1, 1], [0, 1, 0]], np.float32)
 
 
-def reference(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype):
-    """PVT v2's MLP as XLA ops: fc1, [ReLU], depthwise 3x3 conv (padding 1), exact GELU,
-    fc2 on (B, N, C) tokens laid out on an ``hw`` map."""
+def reference(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype, per_platform: bool = True):
+    """PVT v2's MLP as XLA ops: fc1, [ReLU], depthwise 3x3 conv (padding 1; its form
+    chosen by platform unless ``per_platform`` is False), exact GELU, fc2 on (B, N, C)
+    tokens laid out on an ``hw`` map."""
     h = layers.linear(fc1, x, dtype)
     if relu:
         h = jax.nn.relu(h)
-    h = layers.depthwise_conv3x3(dwconv, h, hw, dtype)
+    h = layers.depthwise_conv3x3(dwconv, h, hw, dtype, per_platform=per_platform)
     return layers.linear(fc2, gelu(h, approximate=False), dtype)
 
 
@@ -300,7 +301,8 @@ def conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool = False, dtype=None,
     dtype = dtype or x.dtype
     settings, interpret = kernels.conv_mlp, kernels.interpret
     if not (settings.enabled and supported(fc1, dwconv, fc2, x, dtype, settings)):
-        return reference(fc1, dwconv, fc2, x, hw=hw, relu=relu, dtype=dtype)
+        return reference(fc1, dwconv, fc2, x, hw=hw, relu=relu, dtype=dtype,
+                         per_platform=not kernels.portable)
     kw = dict(hw=tuple(hw), relu=relu, dtype=dtype)
     kernel = functools.partial(pallas_conv_mlp, settings=settings, **kw)
     matmul = {"kernel": fc2["kernel"]}

@@ -19,7 +19,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas import triton as plt
+from lucid_fn.kernels.backend import plt
 
 # ------------------------------------------------------------------ XLA's exact GELU
 

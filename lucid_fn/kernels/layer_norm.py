@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
+from lucid_fn.kernels.backend import plt
 
 from lucid_fn.kernels import dispatch
 from lucid_fn.kernels.settings import KernelSettings, NormSettings
