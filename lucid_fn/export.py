@@ -13,9 +13,11 @@ run's workdir (its ``model.safetensors``). Without ``params`` a name or a Model 
 random weights (key 0).
 
 What is traced is the plain XLA path, whatever the device: the model is built again with
-``kernels="portable"`` (every fused kernel off and no per-platform choice of XLA ops).
-The Pallas kernels compile for one GPU at run time and ONNX has no operator for them, so
-neither format could carry them; on a GPU the exported program is the XLA one.
+every fused kernel off. The Pallas kernels compile for one GPU at run time and ONNX has no
+operator for them, so neither format could carry them; on a GPU the exported program is
+the XLA one. A StableHLO artifact keeps the XLA forms chosen by platform (``kernels="off"``:
+``jax.export`` lowers each platform's own); an ONNX graph cannot switch on the platform it
+runs on, so it is traced with one form for all (``kernels="portable"``).
 
 Shapes: the batch is symbolic (``batch="dynamic"``, the default) or fixed. PVT v2 may also
 take ``img_size="dynamic"`` in StableHLO (sides any multiple of 32); PVT v1's position
@@ -43,12 +45,13 @@ FORMATS = ("stablehlo", "onnx")
 OPSET = 21  # ONNX opset of the graphs written: onnxruntime reads it from version 1.18 on
 PLATFORMS = ("cpu", "cuda")  # what a StableHLO artifact runs on unless told otherwise
 EXPORT_EXTRA = "pip install -e '.[export]'"
-PORTABLE = "portable"  # the builders' kernels= spec traced here (kernels/settings.py)
+# the builders' kernels= spec traced for each format (kernels/settings.py)
+TRACED_KERNELS = {"stablehlo": "off", "onnx": "portable"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """What is exported: ``model`` (built portable, at the export's image size) with
+    """What is exported: ``model`` (built without kernels, at the export's image size) with
     ``params``, and what it is checked against: ``reference`` with ``reference_params``
     (the model as given or loaded)."""
     model: Model
@@ -124,9 +127,11 @@ def _resized_params(params, cfg) -> dict:
     return out
 
 
-def prepare(model, params=None, *, img_size=None, **builder_kwargs) -> Source:
-    """The :class:`Source` of an export: the model built portable at ``img_size`` (None:
-    its own; ``"dynamic"``: its own, for PVT v2's symbolic sides)."""
+def prepare(model, params=None, *, img_size=None, format: str = "onnx",
+            **builder_kwargs) -> Source:
+    """The :class:`Source` of an export to ``format``: the model built as that format is
+    traced (``TRACED_KERNELS``) at ``img_size`` (None: its own; ``"dynamic"``: its own, for
+    PVT v2's symbolic sides)."""
     reference, reference_params, described = resolve_source(model, params, img_size=img_size,
                                                             **builder_kwargs)
     cfg = reference.config
@@ -137,12 +142,12 @@ def prepare(model, params=None, *, img_size=None, **builder_kwargs) -> Source:
                          f"them); only PVT v2 takes img_size='dynamic'")
     if reference_params is None:
         reference_params = reference.init(jax.random.key(0))
-    portable = registry[reference.name](**{**reference.kwargs, "img_size": size,
-                                           "kernels": PORTABLE})
+    traced = registry[reference.name](**{**reference.kwargs, "img_size": size,
+                                         "kernels": TRACED_KERNELS[format]})
     fitted = reference_params
     if _is_v1(cfg) and size != cfg.img_size:
-        fitted = _resized_params(reference_params, portable.config)
-    return Source(portable, fitted, reference, reference_params, described)
+        fitted = _resized_params(reference_params, traced.config)
+    return Source(traced, fitted, reference, reference_params, described)
 
 
 # ------------------------------------------------------------------ StableHLO
@@ -186,9 +191,17 @@ def _stablehlo(src: Source, *, batch, img_size, features, bake_params, platforms
         fn, args = apply, (params, images)
     try:
         return jax.export.export(jax.jit(fn), platforms=tuple(platforms))(*args)
-    except jax.export.InconclusiveDimensionOperation as e:
+    except Exception as e:
+        if not _is_symbolic_failure(e):
+            raise
         raise ValueError(f"{src.model.name} cannot take symbolic image sides "
                          f"({str(e).splitlines()[0]}); export it at a fixed img_size") from None
+
+
+def _is_symbolic_failure(e: Exception) -> bool:
+    """Whether ``e`` is JAX's error for a shape computation a symbolic size cannot decide
+    (its class is public under ``jax.export`` only in newer JAX)."""
+    return any(c.__name__ == "InconclusiveDimensionOperation" for c in type(e).__mro__)
 
 
 def load_stablehlo(path) -> jax.export.Exported:
@@ -309,7 +322,7 @@ def export_source(model, *, format: str, path=None, params=None, batch="dynamic"
         _require_onnx()
     if path is not None:
         weights.check_writable(path)
-    src = prepare(model, params, img_size=img_size, **builder_kwargs)
+    src = prepare(model, params, img_size=img_size, format=format, **builder_kwargs)
     if format == "stablehlo":
         return src, _stablehlo(src, batch=batch, img_size=img_size, features=features,
                                bake_params=bake_params, platforms=platforms)

@@ -173,14 +173,16 @@ def test_stages_open_with_the_norm_norm_kernel_at_inference_on_cuda(name, opened
 
 
 def _convolutions(hlo: str) -> int:
-    return hlo.count("stablehlo.convolution")
+    """Dense convolutions (the embeddings' and the SR's): the depthwise convs are grouped
+    on CUDA and shifted multiply-adds on the CPU (nn.layers.depthwise_conv3x3)."""
+    return len(re.findall(r"stablehlo.convolution.*feature_group_count = 1 ", hlo))
 
 
 def test_spatial_reduction_is_cudnns_conv_on_cuda_at_inference_only():
     """At inference on CUDA each reducing block's SR is a kernel = stride convolution (no
     transpose pass); elsewhere, and in training, reshape + matmul. Both compute the same
     function: at a map its windows do not divide, too."""
-    # kernels off: the depthwise convs are XLA's on both platforms, the SR is the difference
+    # kernels off: the SR is the difference in dense convolutions
     model = registry["pvt_v2_b0"](dtype=jnp.bfloat16, kernels="off", **ARCH)
     params = jax.eval_shape(model.init, jax.random.key(0))
     images = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)

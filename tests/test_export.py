@@ -109,11 +109,24 @@ def test_v1_has_no_symbolic_sides():
         export.to_stablehlo("pvt_tiny", img_size="dynamic", num_classes=10)
 
 
-def test_export_traces_the_portable_path_and_the_setting_round_trips():
+def test_export_traces_without_kernels_and_the_setting_round_trips():
+    """ONNX traces one form for every platform; StableHLO every kernel off, with the XLA
+    forms chosen by platform (the CPU's depthwise conv is the shifted form, no grouped
+    convolution; CUDA's is the grouped one)."""
     model = registry["pvt_v2_b0"](**TINY)
-    src = export.prepare(model, jax.eval_shape(model.init, jax.random.key(0)))
+    params = jax.eval_shape(model.init, jax.random.key(0))
+    src = export.prepare(model, params)
     assert src.model.config.kernels == kernels.parse("portable")
     assert src.reference.config.kernels == kernels.KernelSettings()
+    assert export.prepare(model, params, format="stablehlo").model.config.kernels == \
+        kernels.KernelSettings.off()
+    real = model.init(jax.random.key(0))
+    def groups(**kw):
+        text = export.to_stablehlo(model, real, batch=1, **kw).mlir_module()
+        return {int(g) for g in re.findall(r"feature_group_count = (\d+)", text)}
+
+    assert groups(platforms=("cpu",)) == {1}  # the patch embeddings' convs only
+    assert max(groups()) > 1
     portable = kernels.parse("portable")
     assert portable.portable and kernels.parse(str(portable)) == portable
     with pytest.raises(ValueError, match="runs no kernel, but mlp, conv_mlp, attention, norm"):

@@ -49,3 +49,44 @@ def test_space_to_depth_conv_is_the_strided_conv(size, c_in, c_out, k, stride, p
         for a, b in zip(jax.tree.leaves(got_vjp(g)), jax.tree.leaves(want_vjp(g))):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b),
                                        atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_shifted_depthwise_conv_is_the_grouped_conv(dtype, rtol):
+    """The CPU's form of PVT v2's depthwise 3x3 conv: the same values and gradients (odd
+    sizes, so that every edge is a different row from its opposite)."""
+    keys = jax.random.split(jax.random.key(2), 3)
+    c = 6
+    p = {"kernel": jax.random.normal(keys[0], (3, 3, 1, c)),
+         "bias": jax.random.normal(keys[1], (c,))}
+    x = jax.random.normal(keys[2], (2, 5, 7, c))
+    grouped = lambda p, x: layers.conv(p, x, stride=1, padding=1, groups=c, dtype=dtype)
+    shifted = lambda p, x: layers.shifted_depthwise_conv3x3(p, x, dtype=dtype)
+    want, want_vjp = jax.vjp(grouped, p, x)
+    got, got_vjp = jax.vjp(shifted, p, x)
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    scale = float(jnp.max(jnp.abs(want.astype(jnp.float32))))
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=rtol * scale)
+    g = jax.random.normal(keys[0], want.shape, dtype)
+    for a, b in zip(jax.tree.leaves(got_vjp(g)), jax.tree.leaves(want_vjp(g))):
+        b = np.asarray(b, np.float32)
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=rtol * np.abs(b).max())
+
+
+def test_depthwise_conv_is_shifted_on_cpu_and_grouped_when_portable():
+    """The per-platform choice lowers as chosen: no grouped convolution on the CPU, and a
+    portable model's single form for every platform."""
+    c = 4
+    p = {"kernel": jnp.ones((3, 3, 1, c)), "bias": jnp.zeros((c,))}
+    x = jnp.ones((1, 12, c))
+
+    def hlo(per_platform):
+        f = lambda p, x: layers.depthwise_conv3x3(p, x, (3, 4), per_platform=per_platform)
+        return jax.jit(f).lower(p, x).as_text()
+
+    assert "convolution" not in hlo(True)
+    assert "feature_group_count = 4" in hlo(False)
+    np.testing.assert_allclose(
+        np.asarray(layers.depthwise_conv3x3(p, x, (3, 4))),
+        np.asarray(layers.depthwise_conv3x3(p, x, (3, 4), per_platform=False)), atol=1e-6)

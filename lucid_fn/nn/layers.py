@@ -16,6 +16,7 @@ few mantissa bits for a variance over hundreds of channels.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -218,12 +219,34 @@ def space_to_depth_conv(p: Params, x, *, stride: int, padding: int, dtype=None):
     return conv({"kernel": k, "bias": p["bias"]}, x, stride=1, padding=0, dtype=dtype)
 
 
-def depthwise_conv3x3(p: Params, x, hw, dtype=None):
+def depthwise_conv3x3(p: Params, x, hw, dtype=None, *, per_platform: bool = True):
     """PVT v2's depthwise 3x3 conv (padding 1, bias) on (B, N, C) tokens laid out on an
-    ``hw`` map; tokens in, tokens out."""
+    ``hw`` map; tokens in, tokens out. On the CPU (unless ``per_platform`` is False, as in
+    a portable model) as nine shifted multiply-adds: XLA:CPU runs a grouped convolution
+    as a generic loop many times slower than one fused elementwise pass
+    (benchmarks/NOTES.md)."""
     b, n, c = x.shape
-    return conv(p, x.reshape(b, *hw, c), stride=1, padding=1, groups=c,
-                dtype=dtype).reshape(b, n, c)
+    m = x.reshape(b, *hw, c)
+    grouped = functools.partial(conv, p, stride=1, padding=1, groups=c, dtype=dtype)
+    if not per_platform:
+        return grouped(m).reshape(b, n, c)
+    taps = functools.partial(shifted_depthwise_conv3x3, p, dtype=dtype)
+    return jax.lax.platform_dependent(m, cpu=taps, default=grouped).reshape(b, n, c)
+
+
+def shifted_depthwise_conv3x3(p: Params, x, dtype=None):
+    """:func:`conv` with a (3, 3, 1, C) kernel, padding 1 and C groups, on an NHWC map, as
+    the sum of nine shifted copies of the padded map times a tap each (in float32 at
+    least, as the convolution accumulates)."""
+    dtype = jnp.dtype(dtype or x.dtype)
+    acc = jnp.promote_types(dtype, jnp.float32)
+    _, h, w, _ = x.shape
+    k = p["kernel"].astype(dtype).astype(acc)
+    xp = jnp.pad(x.astype(dtype).astype(acc), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    y = sum(xp[:, i:i + h, j:j + w, :] * k[i, j, 0] for i in range(3) for j in range(3))
+    if "bias" in p:
+        y = y.astype(dtype).astype(acc) + p["bias"].astype(dtype).astype(acc)
+    return y.astype(dtype)
 
 
 def _pool_matrix(n_in, n_out: int, dtype):
