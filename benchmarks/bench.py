@@ -18,12 +18,16 @@ What is measured, for each model (registry name) and each ``--variants`` entry:
 
 - ``infer``: ``jax.jit(apply)`` on a (B, H, W, 3) float32 batch; ``train``: one jitted
   step (forward with ``train=True``, cross-entropy, grad, ``optax.adamw``, update) with
-  params and optimizer state donated. Compile seconds are ``lower().compile()``.
+  params and optimizer state donated; ``latency``: the inference call at the small batches
+  of ``--latency-batch`` (1 and 8), each call timed alone, host to result, as a server
+  sees it: median and 90th percentile ms over ``--latency-calls`` calls. Compile seconds
+  are ``lower().compile()``.
 - The references build the same network from our config: PVT v1 as HF transformers'
   ``PvtForImageClassification`` (the paper's network; ours runs ``flavor="paper"``), v2 as
   timm's ``pvt_v2_*`` (``pretrained=False``), ``semantic_fpn_<v2 backbone>`` as timm's
   backbone under a plain torch FPN and head (``torch_semantic_fpn``; rows carry both
-  parameter counts, which agree); eager and ``torch.compile`` (default mode);
+  parameter counts, which agree); eager, ``torch.compile`` (default mode) and
+  ``torch.compile(mode="reduce-overhead")`` (CUDA graphs; ``--refs reduce-overhead``);
   torch's "compile seconds" are the first call's wall time. Fused AdamW on CUDA. On GPU
   each reference runs in a process of its own.
 - Time per step is the median over ``--repeats`` of ``--iters`` back-to-back steps,
@@ -120,6 +124,19 @@ def parse_variant(spec: str) -> dict:
 def median_step_s(run_iters, repeats: int) -> tuple[float, list]:
     times = [run_iters() for _ in range(repeats)]
     return statistics.median(times), times
+
+
+def latency_stats(call, batch: int, args) -> dict:
+    """``call()`` (which returns once its result is on the host side's hands: synchronised)
+    timed alone ``args.latency_calls`` times: median and 90th percentile ms."""
+    times = []
+    for _ in range(args.latency_calls):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    p50, p90 = np.percentile(times, [50, 90])
+    return {"step_ms": round(p50 * 1e3, 3), "latency_p90_ms": round(p90 * 1e3, 3),
+            "img_s": round(batch / p50, 1), "calls": len(times)}
 
 
 def count_flops(closed_jaxpr) -> int:
@@ -249,7 +266,7 @@ def bench_ours(name, arch, spec, mode, batch, args, dtype) -> dict:
     x = jax.random.normal(kx, (batch, size, size, 3), jnp.float32)
     params = jax.jit(model.init)(kp)
     row["params"] = lucid_fn.count_params(params)
-    if mode == "infer":
+    if mode in ("infer", "latency"):
         fn = jax.jit(model.apply)
         t0 = time.perf_counter()
         compiled = fn.lower(params, x).compile()
@@ -288,6 +305,9 @@ def bench_ours(name, arch, spec, mode, batch, args, dtype) -> dict:
     row.update(jax_memory(compiled))
     for _ in range(args.warmup):
         jax.block_until_ready(step())
+    if mode == "latency":
+        row.update(latency_stats(lambda: jax.block_until_ready(step()), batch, args))
+        return row
 
     def run():
         t0 = time.perf_counter()
@@ -458,10 +478,20 @@ def torch_reference(name: str, cfg):
     return transformers.PvtForImageClassification(hf_cfg)
 
 
-def bench_torch(name, arch, mode, batch, compiled: bool, args) -> dict:
+TORCH_COMPILE_MODES = {"eager": None, "compiled": "default", "reduce-overhead": "reduce-overhead"}
+
+
+def bench_torch(name, arch, mode, batch, ref: str, args) -> dict:
+    """One torch reference: ``ref`` is ``eager``, ``compiled`` (torch.compile's default
+    mode) or ``reduce-overhead`` (torch.compile with CUDA graphs)."""
     import torch
 
-    impl = "torch compiled" if compiled else "torch eager"
+    compile_mode = TORCH_COMPILE_MODES[ref]
+    compiled = compile_mode is not None
+    impl = f"torch {ref}"
+    if getattr(args, "torch_tf32", "default") == "on":  # as XLA takes float32 dots on GPU
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     cfg = build_ours(name, arch, {}, jnp.float32).config
     on_gpu = args.device == "gpu"
     dev = torch.device("cuda" if on_gpu else "cpu")
@@ -476,14 +506,14 @@ def bench_torch(name, arch, mode, batch, compiled: bool, args) -> dict:
     x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=dev)
     labels = (batch, cfg.img_size, cfg.img_size) if is_seg(name) else (batch,)
     y = torch.randint(0, max(cfg.num_classes, 1), labels, device=dev)
-    fwd = torch.compile(model) if compiled else model
+    fwd = torch.compile(model, mode=compile_mode) if compiled else model
 
     def logits_of(out):
         return out.logits if hasattr(out, "logits") else out
 
     autocast = (functools.partial(torch.autocast, device_type=dev.type, dtype=amp_dtype)
                 if amp_dtype else contextlib.nullcontext)
-    if mode == "infer":
+    if mode in ("infer", "latency"):
         def step():
             with torch.no_grad(), autocast():
                 return logits_of(fwd(x))
@@ -510,6 +540,9 @@ def bench_torch(name, arch, mode, batch, compiled: bool, args) -> dict:
     for _ in range(args.warmup):
         step()
     sync()
+    if mode == "latency":
+        row.update(latency_stats(lambda: (step(), sync()), batch, args))
+        return row
 
     def run():
         if on_gpu:
@@ -537,7 +570,7 @@ def bench_torch(name, arch, mode, batch, compiled: bool, args) -> dict:
     return row
 
 
-def bench_torch_isolated(name, arch, mode, batch, compiled: bool, args) -> dict:
+def bench_torch_isolated(name, arch, mode, batch, ref: str, args) -> dict:
     """bench_torch in a fresh Python process. In one process, torch training measured
     after a torch.compile ran slower and jittered (pvt_small eager 1,366 img/s against
     1,739 before any compile; benchmarks/NOTES.md), so on GPU each reference gets its own
@@ -546,9 +579,10 @@ def bench_torch_isolated(name, arch, mode, batch, compiled: bool, args) -> dict:
 
     job = {"name": name, "arch": {k: list(v) if isinstance(v, tuple) else v
                                   for k, v in arch.items()},
-           "mode": mode, "batch": batch, "compiled": compiled,
+           "mode": mode, "batch": batch, "ref": ref,
            "args": {k: getattr(args, k) for k in ("device", "dtype", "iters", "repeats",
-                                                   "warmup", "threads")}}
+                                                   "warmup", "threads", "latency_calls",
+                                                   "torch_tf32")}}
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--ref-job",
                            json.dumps(job)], capture_output=True, text=True,
                           timeout=args.ref_timeout_s)
@@ -568,7 +602,7 @@ def ref_job(spec: str) -> None:
 
         torch.set_num_threads(args.threads)
     arch = {k: tuple(v) if isinstance(v, list) else v for k, v in job["arch"].items()}
-    row = bench_torch(job["name"], arch, job["mode"], job["batch"], job["compiled"], args)
+    row = bench_torch(job["name"], arch, job["mode"], job["batch"], job["ref"], args)
     row["isolated"] = True
     print(json.dumps(row), flush=True)
 
@@ -590,7 +624,8 @@ def add_ratios_and_mfu(rows: list, flops: dict, peak_tflops: float | None) -> No
                 r["mfu"] = round(per_img * 1e9 * r["img_s"] / (peak_tflops * 1e12), 4)
         if r["impl"] == "lucid_fn":
             for impl, key in (("torch eager", "vs_torch_eager"),
-                              ("torch compiled", "vs_torch_compiled")):
+                              ("torch compiled", "vs_torch_compiled"),
+                              ("torch reduce-overhead", "vs_torch_reduce_overhead")):
                 ref = refs.get((r["model"], r["mode"], r["batch"], impl))
                 if ref:
                     r[key] = round(r["img_s"] / ref, 3)
@@ -615,22 +650,26 @@ def markdown(result: dict) -> str:
         f"XLA_FLAGS={m['xla_flags'] or '(none)'}.",
         f"Command: `{m['command']}`",
         "",
-        "| model | impl | variant | mode | batch | img/s | ms/step | vs torch eager | "
-        "vs torch compiled | compile s | peak GiB | MFU |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | impl | variant | mode | batch | img/s | ms/step (latency: p50 / p90) | "
+        "vs torch eager | vs torch compiled | vs reduce-overhead | compile s | peak GiB | MFU |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         if "img_s" not in r:
             lines.append(f"| {r['model']} | {r['impl']} | {r.get('variant', '')} | "
                          f"{r['mode']} | {r['batch']} | {r.get('note', 'not run')} "
-                         "| | | | | | |")
+                         "| | | | | | | |")
             continue
         comp = r.get("compile_s", r.get("first_call_s"))
+        ms = fmt(r["step_ms"], "{:.2f}")
+        if "latency_p90_ms" in r:
+            ms += f" / {fmt(r['latency_p90_ms'], '{:.2f}')}"
         lines.append(
             f"| {r['model']} | {r['impl']} | {r.get('variant') or ''} | {r['mode']} | "
-            f"{r['batch']} | {fmt(r['img_s'])} | {fmt(r['step_ms'], '{:.2f}')} | "
+            f"{r['batch']} | {fmt(r['img_s'])} | {ms} | "
             f"{fmt(r.get('vs_torch_eager'), '{:.2f}x')} | "
-            f"{fmt(r.get('vs_torch_compiled'), '{:.2f}x')} | {fmt(comp, '{:.1f}')} | "
+            f"{fmt(r.get('vs_torch_compiled'), '{:.2f}x')} | "
+            f"{fmt(r.get('vs_torch_reduce_overhead'), '{:.2f}x')} | {fmt(comp, '{:.1f}')} | "
             f"{fmt(r.get('peak_mem_gib'), '{:.2f}')} | {fmt(r.get('mfu'), '{:.1%}')} |")
     for note in result.get("notes", []):
         lines.append(f"\n- {note}")
@@ -672,13 +711,17 @@ def parse_args(argv=None):
     ap.add_argument("--small", action="store_true",
                     help="tiny widths, 64x64, batch 2, 1 iteration: a smoke run for tests")
     ap.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
-    ap.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"])
+    ap.add_argument("--modes", nargs="+", choices=("infer", "train", "latency"),
+                    default=["infer", "train"])
     ap.add_argument("--variants", nargs="+", default=["default"],
                     help="ours, each a variant spec (see the module docstring)")
-    ap.add_argument("--refs", nargs="*", choices=("eager", "compiled"),
+    ap.add_argument("--refs", nargs="*", choices=tuple(TORCH_COMPILE_MODES),
                     default=["eager", "compiled"], help="torch references to run")
     ap.add_argument("--infer-batch", type=int, nargs="+", default=None)
     ap.add_argument("--train-batch", type=int, nargs="+", default=None)
+    ap.add_argument("--latency-batch", type=int, nargs="+", default=None)
+    ap.add_argument("--latency-calls", type=int, default=None,
+                    help="calls timed one by one in --modes latency")
     ap.add_argument("--img-size", type=int, default=None)
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                     help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
@@ -687,6 +730,9 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("--torch-tf32", choices=("default", "on"), default="default",
+                    help="float32 references: torch's own TF32 choice (convs only), or TF32 "
+                    "matmuls too")
     ap.add_argument("--profile", nargs="?", const="first", choices=("first", "all"),
                     default=None, help="also trace ours (the first variant, or all) and "
                     "keep per-op device times")
@@ -708,6 +754,8 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("bfloat16" if args.device == "gpu" else "float32")
     args.infer_batch = args.infer_batch or ([2] if small else [256])
     args.train_batch = args.train_batch or ([2] if small else [128])
+    args.latency_batch = args.latency_batch or ([1, 2] if small else [1, 8])
+    args.latency_calls = args.latency_calls or (3 if small else 200)
     args.img_size = args.img_size or (64 if small else 224)
     args.iters = args.iters or (1 if small else 10)
     args.repeats = args.repeats or (2 if small else 5)
@@ -744,9 +792,9 @@ def run(args) -> dict:
         "bench.main(" + repr(list(args.argv)) + ")",
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "img_size": args.img_size,
         "dtype": args.dtype, "iters": args.iters, "repeats": args.repeats,
-        "small": args.small, "refs_isolated": args.isolate_refs, "loadavg_start": [round(v, 2) for v in os.getloadavg()],
-        "arch_overrides": {k: list(v) if isinstance(v, tuple) else v
-                                                for k, v in arch.items()},
+        "small": args.small, "refs_isolated": args.isolate_refs, "torch_tf32": args.torch_tf32,
+        "loadavg_start": [round(v, 2) for v in os.getloadavg()],
+        "arch_overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()},
     }, "rows": [], "notes": []}
     notes = result["notes"]
 
@@ -797,7 +845,8 @@ def run(args) -> dict:
 
     for name in args.models:
         for mode in args.modes:
-            batches = args.infer_batch if mode == "infer" else args.train_batch
+            batches = {"infer": args.infer_batch, "train": args.train_batch,
+                       "latency": args.latency_batch}[mode]
             for batch in batches:
                 for spec in args.variants:
                     base = {"model": name, "impl": "lucid_fn", "variant": spec, "mode": mode,
@@ -818,7 +867,7 @@ def run(args) -> dict:
                         continue
                     bench_ref = bench_torch_isolated if args.isolate_refs else bench_torch
                     try:
-                        record(bench_ref(name, arch, mode, batch, ref == "compiled", args))
+                        record(bench_ref(name, arch, mode, batch, ref, args))
                     except Exception as e:  # noqa: BLE001
                         record({**base, "note": one_line(f"failed: {type(e).__name__}: {e}")})
     result["meta"]["wall_s"] = round(time.perf_counter() - t_start, 1)

@@ -63,6 +63,20 @@ def test_small_cpu_run_writes_json_and_markdown(bench, tmp_path):
     assert md.count("| pvt_small | lucid_fn |") == 2
 
 
+def test_latency_rows_time_each_call_at_small_batches(bench, tmp_path):
+    argv = ["--device", "cpu", "--small", "--models", "pvt_v2_b0", "--modes", "latency",
+            "--refs", "--out", str(tmp_path), "--name", "lat"]
+    rows = bench.main(argv)["rows"]
+    assert [(r["mode"], r["batch"]) for r in rows] == [("latency", 1), ("latency", 2)]
+    for r in rows:
+        assert r["calls"] == 3 and 0 < r["step_ms"] <= r["latency_p90_ms"], r
+        assert r["img_s"] == pytest.approx(r["batch"] / r["step_ms"] * 1e3, rel=1e-2)
+    md = (tmp_path / "lat.md").read_text()
+    assert f"| {rows[0]['step_ms']:.2f} / {rows[0]['latency_p90_ms']:.2f} |" in md
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--refs", "max-autotune"])
+
+
 def test_flop_count_matches_the_known_pvt_small_figure(bench):
     # pvt_small's forward is 7.63 GFLOP per 224x224 image (2 per multiply-add)
     model = registry["pvt_small"](flavor="paper")
