@@ -2,11 +2,13 @@
 device, software versions and what was timed::
 
     python benchmarks/reproduce.py gpu --out OUT      # the six rows against torch.compile
+    python benchmarks/reproduce.py latency --out OUT  # batch 1 and 8, against CUDA graphs
+    python benchmarks/reproduce.py f32 --out OUT      # pvt_v2_b2 in float32 (and TF32)
     python benchmarks/reproduce.py compile --out OUT  # compile seconds, scanned vs unrolled
     python benchmarks/reproduce.py cpu --out OUT      # pvt_small against HF on the CPU
 
-``gpu`` needs a CUDA GPU and torch, timm and transformers (none is a dependency of
-lucid_fn); ``cpu`` needs torch and transformers for its reference. Run from the repository
+``gpu``, ``latency`` and ``f32`` need a CUDA GPU and torch, timm and transformers (none is
+a dependency of lucid_fn); ``cpu`` needs torch and transformers for its reference. Run from the repository
 root. ``--dry-run`` prints the commands (as argument lists) and runs nothing.
 """
 
@@ -49,6 +51,14 @@ def commands(table: str, out: str) -> list[tuple[str, list[str]]]:
                            "--out", out, "--name", stem(m + ("_paper" if m == "pvt_small"
                                                              else ""))])
                 for m in GPU_MODELS]
+    if table == "latency":
+        return [("bench", ["--models", *GPU_MODELS, "--modes", "latency", "--refs", "compiled",
+                           "reduce-overhead", "--out", out, "--name", stem("latency")])]
+    if table == "f32":  # JAX takes float32 dots as TF32 on these GPUs; torch by default not
+        return [("bench", ["--models", "pvt_v2_b2", "--dtype", "float32", "--refs", "compiled",
+                           "--torch-tf32", tf32, "--out", out,
+                           "--name", stem(f"pvt_v2_b2_f32_torch_tf32_{tf32}")])
+                for tf32 in ("default", "on")]
     if table == "compile":
         return [("compile_time", ["--models", "pvt_tiny", "pvt_small", "pvt_huge", "--remat",
                                   "--out", out, "--name", stem("compile_time")])]
@@ -61,12 +71,12 @@ def commands(table: str, out: str) -> list[tuple[str, list[str]]]:
 def main(argv=None) -> list:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("table", choices=("gpu", "compile", "cpu"))
+    ap.add_argument("table", choices=("gpu", "latency", "f32", "compile", "cpu"))
     ap.add_argument("--out", required=True)
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
-    if args.table == "gpu" and jax.default_backend() != "gpu":
-        raise SystemExit("reproduce.py gpu: JAX sees no GPU; install jax with CUDA "
+    if args.table in ("gpu", "latency", "f32") and jax.default_backend() != "gpu":
+        raise SystemExit(f"reproduce.py {args.table}: JAX sees no GPU; install jax with CUDA "
                          "(README, Install) and run on a machine with an NVIDIA GPU")
     runs = commands(args.table, args.out)
     for script, argv_ in runs:

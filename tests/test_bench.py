@@ -77,6 +77,24 @@ def test_latency_rows_time_each_call_at_small_batches(bench, tmp_path):
         bench.parse_args(["--refs", "max-autotune"])
 
 
+def test_every_published_table_is_a_valid_command(bench, tmp_path):
+    """reproduce.py's runs parse as the scripts' own arguments (a typo would surface only
+    on a GPU machine)."""
+    spec = importlib.util.spec_from_file_location("reproduce",
+                                                  ROOT / "benchmarks" / "reproduce.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    for table in ("gpu", "latency", "f32", "compile", "cpu"):
+        for script, argv in reproduce.commands(table, str(tmp_path)):
+            if script == "bench":
+                args = bench.parse_args(argv)
+                assert args.out == str(tmp_path) and args.name, (table, argv)
+    latency = bench.parse_args(reproduce.commands("latency", str(tmp_path))[0][1])
+    assert latency.modes == ["latency"] and latency.latency_batch == [1, 8]
+    f32 = [bench.parse_args(a) for _, a in reproduce.commands("f32", str(tmp_path))]
+    assert [a.torch_tf32 for a in f32] == ["default", "on"]
+
+
 def test_flop_count_matches_the_known_pvt_small_figure(bench):
     # pvt_small's forward is 7.63 GFLOP per 224x224 image (2 per multiply-add)
     model = registry["pvt_small"](flavor="paper")
