@@ -4,12 +4,14 @@ device, software versions and what was timed::
     python benchmarks/reproduce.py gpu --out OUT      # the six rows against torch.compile
     python benchmarks/reproduce.py latency --out OUT  # batch 1 and 8, against CUDA graphs
     python benchmarks/reproduce.py f32 --out OUT      # pvt_v2_b2 in float32 (and TF32)
+    python benchmarks/reproduce.py big --out OUT      # pvt_v2_b5, pvt_large: training batches
     python benchmarks/reproduce.py compile --out OUT  # compile seconds, scanned vs unrolled
     python benchmarks/reproduce.py cpu --out OUT      # pvt_small against HF on the CPU
 
-``gpu``, ``latency`` and ``f32`` need a CUDA GPU and torch, timm and transformers (none is
-a dependency of lucid_fn); ``cpu`` needs torch and transformers for its reference. Run from the repository
-root. ``--dry-run`` prints the commands (as argument lists) and runs nothing.
+``gpu``, ``latency``, ``f32`` and ``big`` need a CUDA GPU and torch, timm and transformers
+(none is a dependency of lucid_fn); ``cpu`` needs torch and transformers for its reference.
+Run from the repository root. ``--dry-run`` prints the commands (as argument lists) and
+runs nothing.
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ def commands(table: str, out: str) -> list[tuple[str, list[str]]]:
                            "--torch-tf32", tf32, "--out", out,
                            "--name", stem(f"pvt_v2_b2_f32_torch_tf32_{tf32}")])
                 for tf32 in ("default", "on")]
+    if table == "big":  # a row per batch: the largest that both sides ran is the table's
+        return [("bench", ["--models", m, "--modes", "train", "--train-batch", "64", "128",
+                           "256", "--refs", "compiled", "--out", out,
+                           "--name", stem(m + ("_paper" if m == "pvt_large" else "") + "_train")])
+                for m in ("pvt_v2_b5", "pvt_large")]
     if table == "compile":
         return [("compile_time", ["--models", "pvt_tiny", "pvt_small", "pvt_huge", "--remat",
                                   "--out", out, "--name", stem("compile_time")])]
@@ -71,11 +78,11 @@ def commands(table: str, out: str) -> list[tuple[str, list[str]]]:
 def main(argv=None) -> list:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("table", choices=("gpu", "latency", "f32", "compile", "cpu"))
+    ap.add_argument("table", choices=("gpu", "latency", "f32", "big", "compile", "cpu"))
     ap.add_argument("--out", required=True)
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
-    if args.table in ("gpu", "latency", "f32") and jax.default_backend() != "gpu":
+    if args.table in ("gpu", "latency", "f32", "big") and jax.default_backend() != "gpu":
         raise SystemExit(f"reproduce.py {args.table}: JAX sees no GPU; install jax with CUDA "
                          "(README, Install) and run on a machine with an NVIDIA GPU")
     runs = commands(args.table, args.out)

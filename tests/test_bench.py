@@ -84,7 +84,7 @@ def test_every_published_table_is_a_valid_command(bench, tmp_path):
                                                   ROOT / "benchmarks" / "reproduce.py")
     reproduce = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reproduce)
-    for table in ("gpu", "latency", "f32", "compile", "cpu"):
+    for table in ("gpu", "latency", "f32", "big", "compile", "cpu"):
         for script, argv in reproduce.commands(table, str(tmp_path)):
             if script == "bench":
                 args = bench.parse_args(argv)
