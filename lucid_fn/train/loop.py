@@ -32,6 +32,7 @@ import numpy as np
 from lucid_fn import registry, weights
 from lucid_fn.train import config as config_lib
 from lucid_fn.train import data as data_lib
+from lucid_fn.train import datasets as datasets_lib
 from lucid_fn.train import distributed
 from lucid_fn.train import segmentation
 from lucid_fn.train import step as step_lib
@@ -122,7 +123,7 @@ def check_classes(model, dataset, what) -> None:
             f"class scores, so it has no accuracy. Evaluate a model with a head (fine-tune "
             f"one with model.init_from and model.head='reset')")
     if dataset.num_classes > c.num_classes:
-        raise data_lib.DataError(
+        raise datasets_lib.DataError(
             f"{what} has {c.num_classes} classes but the data ({dataset.name}) has "
             f"{dataset.num_classes}: labels {c.num_classes}..{dataset.num_classes - 1} could "
             f"never be predicted. Evaluate it on data of its own classes")
@@ -132,10 +133,11 @@ def check_trainable(dataset, batch_size: int) -> None:
     """What the data must hold before anything compiles: two classes (one class is
     always right) and a batch of training examples."""
     if dataset.num_classes < 2:
-        raise data_lib.DataError(f"the {dataset.name} data has {dataset.num_classes} class; a "
-                                 f"classifier needs at least 2 (one class is always right)")
+        raise datasets_lib.DataError(
+            f"the {dataset.name} data has {dataset.num_classes} class; a classifier needs at "
+            f"least 2 (one class is always right)")
     if len(dataset.train) < batch_size:
-        raise data_lib.DataError(
+        raise datasets_lib.DataError(
             f"the training split has {len(dataset.train)} examples, fewer than one batch of "
             f"{batch_size}; lower train.batch_size")
 
@@ -419,7 +421,7 @@ def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup) -> d
     if not workdir_lib.has_checkpoints(workdir):
         check_init_from(cfg)  # before the data is read and the steps compile
 
-    dataset = data_lib.load(cfg.data, cfg.model.kwargs.get("num_classes"))
+    dataset = datasets_lib.load(cfg.data, cfg.model.kwargs.get("num_classes"))
     check_trainable(dataset, tc.batch_size)
     model, kw = build_model(cfg, dataset)
     check_task(cfg, model, dataset)
@@ -616,14 +618,14 @@ def evaluate_file(path, data=None, *, batch_size: int = 256, use_ema: bool = Tru
             meta = ckpt.meta()
             if meta is None:  # a checkpoint of an older version: the model from the data
                 data_cfg = _data_config(cfg.data, data)
-                dataset = data_lib.load(data_cfg, cfg.model.kwargs.get("num_classes"))
+                dataset = datasets_lib.load(data_cfg, cfg.model.kwargs.get("num_classes"))
                 model, kw = build_model(cfg, dataset)
             else:
                 kw = weights.decode_builder_kwargs(meta["builder_kwargs"])
                 model = registry[meta["model"]](**kw, **compute_dtype(cfg))
                 data_cfg = _data_config(cfg.data, data, img_size=model.config.img_size,
                                         channels=model.config.in_channels)
-                dataset = data_lib.load(data_cfg)  # check_classes bounds the labels
+                dataset = datasets_lib.load(data_cfg)  # check_classes bounds the labels
             check_classes(model, dataset, f"the run in {path}")
             spec = step_spec(cfg, model, kw, dataset)
             abstract = jax.eval_shape(lambda k: step_lib.init_state(spec, model.init(k), 0),
@@ -643,7 +645,7 @@ def evaluate_file(path, data=None, *, batch_size: int = 256, use_ema: bool = Tru
         c = model.config
         data_cfg = _data_config(config_lib.DataConfig(), data, img_size=c.img_size,
                                 channels=c.in_channels)
-        dataset = data_lib.load(data_cfg)  # check_classes bounds the labels
+        dataset = datasets_lib.load(data_cfg)  # check_classes bounds the labels
         check_classes(model, dataset, str(path))
         mean, std = data_lib.mean_std(data_cfg, dataset.channels)
         spec = step_lib.StepSpec(model.apply, None, None, c.num_classes, tuple(mean),
