@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from lucid_fn.train import data, load_config
+from lucid_fn.train import data, datasets, load_config
 
 BATCHES = 300
 
@@ -31,12 +31,12 @@ def numpy_loader(source, batch, seed, augment):
     while True:
         order = rng.permutation(len(source))
         for i in range(0, len(order) - batch + 1, batch):
-            yield data.stack_items(augment(source[j], rng) for j in order[i:i + batch])
+            yield datasets.stack_items(augment(source[j], rng) for j in order[i:i + batch])
 
 
 def main():
     cfg = load_config()
-    ds = data.load(cfg.data)
+    ds = datasets.load(cfg.data)
     aug = data.augment_fn(cfg.augment, cfg.data.img_size)
     results = {}
     import grain

@@ -171,12 +171,12 @@ def cmd_export(args) -> int:
 
 def _train_config(args):
     from lucid_fn.train import config as config_lib
-    from lucid_fn.train import data as data_lib
+    from lucid_fn.train.datasets import parse_data_arg
 
     overrides = list(args.set or [])
     if args.data:
         overrides += [f"data.{k}={config_lib.toml_value(v)}"
-                      for k, v in data_lib.parse_data_arg(args.data).items()]
+                      for k, v in parse_data_arg(args.data).items()]
     for flag, key in (("workdir", "train.workdir"), ("steps", "train.steps"),
                       ("model", "model.name")):
         if getattr(args, flag, None) is not None:
@@ -249,11 +249,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lucid_fn.train import data as data_lib
     from lucid_fn.train import evaluate_file
+    from lucid_fn.train.datasets import parse_data_arg
 
     _enable_compile_cache()
-    data = data_lib.parse_data_arg(args.data) if args.data else None
+    data = parse_data_arg(args.data) if args.data else None
     out = evaluate_file(args.checkpoint, data, batch_size=args.batch_size)
     step = "" if out["step"] is None else f" (step {out['step']})"
     if "test_miou" in out:

@@ -38,7 +38,7 @@ import jax
 import numpy as np
 from lucid_fn import weights
 from lucid_fn.cli import main
-from lucid_fn.train import fit, load_config, loop, step
+from lucid_fn.train import datasets, fit, load_config, loop, step
 from lucid_fn.train.checkpoint import Checkpointer
 overrides, root, runs = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
 sets = [a for o in overrides for a in ("--set", o)]
@@ -51,7 +51,7 @@ if "fsdp" in runs:
     # Every process restores the last checkpoint onto the FSDP layout (each its shards),
     # and the params gathered from it are the ones process 0 exported.
     c = cfg("fsdp")
-    dataset = loop.data_lib.load(c.data)
+    dataset = datasets.load(c.data)
     model, kw = loop.build_model(c, dataset)
     spec = loop.step_spec(c, model, kw, dataset)
     mesh = step.make_mesh()
@@ -247,11 +247,11 @@ def test_cli_reports_a_partial_environment(tmp_path):
 def test_processes_read_slices_of_one_process_batches():
     """Of P processes each reads its slice of every batch, augmented as one process
     augments it: together they read exactly one process's batches, train and eval."""
-    from lucid_fn.train import data
+    from lucid_fn.train import data, datasets
 
     cfg = load_config(None, ["augment.pad_crop=2", "augment.hflip=true",
                              "augment.crop_scale=[0.5, 1.0]"])
-    ds = data.load(cfg.data)
+    ds = datasets.load(cfg.data)
     aug = data.augment_fn(cfg.augment, 32)
     one = data.train_iterator(ds.train, batch_size=16, seed=3, augment=aug)
     parts = [data.train_iterator(ds.train, batch_size=16, seed=3, augment=aug,

@@ -146,8 +146,9 @@ def test_second_load_reads_only_the_converted_file(hub, monkeypatch):
     entry = use(monkeypatch, tiny(PRETRAINED["pvt_v2_b0.in1k"]))
     placed = publish(hub, entry)
     read = []
-    real_read = weights.read_state_dict
-    monkeypatch.setattr(weights, "read_state_dict", lambda p: read.append(p) or real_read(p))
+    real_read = weights.files.read_state_dict  # where load_torch_checkpoint looks it up
+    monkeypatch.setattr(weights.files, "read_state_dict",
+                        lambda p: read.append(p) or real_read(p))
     lucid_fn.pretrained("pvt_v2_b0.in1k")
     assert len(read) == 2 and "models--timm--pvt_v2_b0.in1k" in read[0]
     read.clear()

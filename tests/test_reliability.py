@@ -362,22 +362,22 @@ def test_data_that_cannot_train_is_refused_before_compiling(tmp_path, labels, ba
 
 
 def test_npz_integer_images_are_exact_and_channels_first_is_named(tmp_path):
-    from lucid_fn.train import DataError, data
+    from lucid_fn.train import DataError, datasets
 
     from test_data import data_cfg
 
     x = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 3))  # int64
     np.savez(tmp_path / "a.npz", images=x, labels=np.arange(10) % 2)
-    ds = data.load(data_cfg("data.name=npz", f'data.path="{tmp_path / "a.npz"}"',
-                            "data.img_size=8"))
+    ds = datasets.load(data_cfg("data.name=npz", f'data.path="{tmp_path / "a.npz"}"',
+                                "data.img_size=8"))
     np.testing.assert_array_equal(np.concatenate([ds.train.images, ds.test.images]).sum(),
                                   x.sum())
     np.savez(tmp_path / "b.npz", images=x - 10, labels=np.arange(10) % 2)
     with pytest.raises(DataError, match=r"integer images range over \[-10, "):
-        data.load(data_cfg("data.name=npz", f'data.path="{tmp_path / "b.npz"}"'))
+        datasets.load(data_cfg("data.name=npz", f'data.path="{tmp_path / "b.npz"}"'))
     np.savez(tmp_path / "c.npz", images=x.transpose(0, 3, 1, 2), labels=np.arange(10) % 2)
     with pytest.raises(DataError, match=r"looks like NCHW.*transpose\(0, 2, 3, 1\)"):
-        data.load(data_cfg("data.name=npz", f'data.path="{tmp_path / "c.npz"}"'))
+        datasets.load(data_cfg("data.name=npz", f'data.path="{tmp_path / "c.npz"}"'))
 
 
 def test_a_config_path_that_is_a_folder_is_named(tmp_path, capsys):
@@ -448,7 +448,7 @@ def test_a_forked_child_does_not_keep_the_workdir_locked(tmp_path):
 
 
 def test_api_arguments_are_checked_by_name(tmp_path):
-    from lucid_fn.train import DataError, data, evaluate_file
+    from lucid_fn.train import DataError, datasets, evaluate_file
 
     from test_data import data_cfg
 
@@ -458,4 +458,4 @@ def test_api_arguments_are_checked_by_name(tmp_path):
         evaluate_file(tmp_path, batch_size=0)
     (tmp_path / "f").write_text("")
     with pytest.raises(DataError, match=r"image folder .* is a file, not a folder"):
-        data.load(data_cfg("data.name=folder", f'data.path="{tmp_path / "f"}"'))
+        datasets.load(data_cfg("data.name=folder", f'data.path="{tmp_path / "f"}"'))

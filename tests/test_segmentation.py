@@ -13,9 +13,9 @@ import pytest
 from lucid_fn import weights
 from lucid_fn.train import ConfigError, fit, load_config, read_metrics
 from lucid_fn.train import config as config_lib
-from lucid_fn.train import data as data_lib
+from lucid_fn.train import datasets as datasets_lib
 from lucid_fn.train import seg_data, segmentation
-from lucid_fn.train.data import DataError
+from lucid_fn.train.datasets import DataError
 from lucid_fn.train.loop import evaluate_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -109,8 +109,8 @@ def test_digit_scenes_are_fixed_and_test_scenes_use_held_out_scans():
     np.testing.assert_array_equal(a.train.raw(5)[1], b.train.raw(5)[1])
     shard = a.train.subset(np.arange(1, 100, 2))  # a host's shard: the same scenes
     np.testing.assert_array_equal(shard.raw(2)[1], a.train.raw(5)[1])
-    scans, labels = data_lib.load_digits_arrays()
-    tr, te = data_lib.stratified_split(labels, cfg.test_fraction, cfg.split_seed)
+    scans, labels = datasets_lib.load_digits_arrays()
+    tr, te = datasets_lib.stratified_split(labels, cfg.test_fraction, cfg.split_seed)
     assert len(a.test.masks) == seg_data.TEST_SCENES
     assert (a.train.scans == scans[tr]).all() and (a.test.masks.max() <= 10)
     assert set(map(bytes, scans[te])).isdisjoint(map(bytes, a.train.scans[:200]))
@@ -134,7 +134,8 @@ def _seg_folder(root, n=3, size=(12, 16)):
 
 
 def _load(name, path, **kw):
-    return data_lib.load(config_lib.DataConfig(name=name, path=str(path), img_size=32), **kw)
+    cfg = config_lib.DataConfig(name=name, path=str(path), img_size=32)
+    return datasets_lib.load(cfg, **kw)
 
 
 def test_seg_folder_loads(tmp_path):
@@ -142,7 +143,7 @@ def test_seg_folder_loads(tmp_path):
     assert ds.task == "segment" and ds.num_classes == 3
     img, mask = ds.test[0]
     assert img.shape == (32, 32, 3) and mask.shape == (32, 32)
-    assert data_lib.parse_data_arg(str(tmp_path))["name"] == "seg_folder"
+    assert datasets_lib.parse_data_arg(str(tmp_path))["name"] == "seg_folder"
 
 
 def test_missing_mask_names_the_image(tmp_path):

@@ -371,7 +371,7 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path):
 def test_fine_tune_from_a_run_with_a_new_head(run_a, tmp_path):
     """model.init_from takes a run's model.safetensors; head="reset" re-initialises the
     classifier (any class count) and keeps everything else."""
-    from lucid_fn.train import loop
+    from lucid_fn.train import datasets, loop
 
     workdir_a, _ = run_a
     source = final_params(workdir_a)
@@ -379,7 +379,7 @@ def test_fine_tune_from_a_run_with_a_new_head(run_a, tmp_path):
     for classes in (10, 12):
         cfg = small_config(tmp_path, init_from, "model.head=reset")
         cfg.model.kwargs["num_classes"] = classes
-        model, kw = loop.build_model(cfg, loop.data_lib.load(cfg.data))
+        model, kw = loop.build_model(cfg, datasets.load(cfg.data))
         params = loop.initial_params(cfg, model, kw, jax.random.key(5))
         assert params["head"]["kernel"].shape == (64, classes)
         assert not np.allclose(params["head"]["kernel"][:, :10], source["head"]["kernel"])

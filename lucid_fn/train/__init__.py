@@ -9,8 +9,9 @@ package installs; ``import lucid_fn`` itself does not import this module.
 
 from lucid_fn.train.checkpoint import CheckpointError
 from lucid_fn.train.config import Config, ConfigError, load_config
-from lucid_fn.train.data import DataError
-from lucid_fn.train.loop import Interrupted, NonFiniteLossError, evaluate_file, fit, read_metrics
+from lucid_fn.train.datasets import DataError
+from lucid_fn.train.loop import Interrupted, NonFiniteLossError, evaluate_file, fit
+from lucid_fn.train.metrics import read_metrics
 from lucid_fn.train.step import make_optimizer, train_step
 from lucid_fn.train.workdir import WorkdirError
 

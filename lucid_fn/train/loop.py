@@ -8,6 +8,7 @@ Outputs in ``train.workdir``: ``config.toml`` (the resolved config), ``metrics.j
 ``model.safetensors`` (final params, EMA when on, loadable with ``lucid_fn.weights.load``)
 and ``curves.png``; ``.lock`` is held while a run is in it. A run only writes into a folder
 that is new, empty or its own (``lucid_fn.train.workdir``; docs/reliability.md).
+``metrics.jsonl``, ``curves.png`` and the progress bar are ``lucid_fn.train.metrics``'s.
 
 The host never waits for the device inside the loop except every ``log_every`` steps,
 when the pending metrics are fetched in one transfer, and before each checkpoint, whose
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import pathlib
 import signal
@@ -32,11 +32,13 @@ import numpy as np
 from lucid_fn import registry, weights
 from lucid_fn.train import config as config_lib
 from lucid_fn.train import data as data_lib
+from lucid_fn.train import datasets as datasets_lib
 from lucid_fn.train import distributed
 from lucid_fn.train import segmentation
 from lucid_fn.train import step as step_lib
 from lucid_fn.train import workdir as workdir_lib
 from lucid_fn.train.checkpoint import Checkpointer, NonFiniteStateError
+from lucid_fn.train.metrics import MetricsLog, plot_curves, progress_bar
 
 # Config keys that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = {"train.log_every", "train.eval_every", "train.eval_batch_size",
@@ -122,7 +124,7 @@ def check_classes(model, dataset, what) -> None:
             f"class scores, so it has no accuracy. Evaluate a model with a head (fine-tune "
             f"one with model.init_from and model.head='reset')")
     if dataset.num_classes > c.num_classes:
-        raise data_lib.DataError(
+        raise datasets_lib.DataError(
             f"{what} has {c.num_classes} classes but the data ({dataset.name}) has "
             f"{dataset.num_classes}: labels {c.num_classes}..{dataset.num_classes - 1} could "
             f"never be predicted. Evaluate it on data of its own classes")
@@ -132,10 +134,11 @@ def check_trainable(dataset, batch_size: int) -> None:
     """What the data must hold before anything compiles: two classes (one class is
     always right) and a batch of training examples."""
     if dataset.num_classes < 2:
-        raise data_lib.DataError(f"the {dataset.name} data has {dataset.num_classes} class; a "
-                                 f"classifier needs at least 2 (one class is always right)")
+        raise datasets_lib.DataError(
+            f"the {dataset.name} data has {dataset.num_classes} class; a classifier needs at "
+            f"least 2 (one class is always right)")
     if len(dataset.train) < batch_size:
-        raise data_lib.DataError(
+        raise datasets_lib.DataError(
             f"the training split has {len(dataset.train)} examples, fewer than one batch of "
             f"{batch_size}; lower train.batch_size")
 
@@ -205,89 +208,6 @@ def check_resume(resume, ckpt: Checkpointer) -> bool:
     if latest is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.directory}")
     return True
-
-
-# ------------------------------------------------------------------------ logging
-
-
-class MetricsLog:
-    """Appends JSON lines to workdir/metrics.jsonl (truncated to ``from_step`` on resume,
-    so the file always describes one run). Of several processes only the ``writer``
-    touches the file; the others keep the same rows in memory."""
-
-    def __init__(self, path: pathlib.Path, from_step: int, writer: bool = True):
-        self.path, self.writer = path, writer
-        rows = read_metrics(path) if path.is_file() else []
-        kept = [r for r in rows if r["step"] <= from_step]
-        text = "".join(json.dumps(r) + "\n" for r in kept)
-        if writer:
-            weights.atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
-        self.rows = kept
-
-    def write(self, row: dict) -> None:
-        self.rows.append(row)
-        if self.writer:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-
-def read_metrics(path) -> list[dict]:
-    """The rows of a metrics.jsonl. A last line cut short (the run was killed while
-    appending it) is dropped; any other line that is not a JSON object is an error."""
-    text = pathlib.Path(path).read_text(errors="replace")
-    lines = text.split("\n")
-    rows = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-        elif i == len(lines):  # no newline after it: a write that never finished
-            break
-        else:
-            raise ValueError(f"{path}, line {i}, is not a metrics row ({line[:80]!r}); the "
-                             f"file was edited or damaged. Delete that line (or the file: "
-                             f"a resumed run rewrites it from the checkpoint's step)")
-    return rows
-
-
-def plot_curves(rows: list[dict], path) -> None:
-    """Loss and accuracy against step, as a PNG. A bare ``Figure`` (no pyplot): nothing
-    global is touched, so a run inside a notebook or a thread leaves its figures alone."""
-    from matplotlib.figure import Figure
-
-    train = [r for r in rows if "loss" in r]
-    metric = "test_miou" if any("test_miou" in r for r in rows) else "test_accuracy"
-    test = [r for r in rows if metric in r]
-    fig = Figure(figsize=(10, 3.6))
-    ax1, ax2 = fig.subplots(1, 2)
-    ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    if test:
-        ax1.plot([r["step"] for r in test], [r["test_loss"] for r in test], "o-",
-                 label="test loss")
-    ax1.set_xlabel("step"), ax1.set_ylabel("loss"), ax1.set_yscale("log"), ax1.legend()
-    segment = metric == "test_miou"
-    ax2.plot([r["step"] for r in train], [r["accuracy"] for r in train],
-             label="train pixel accuracy" if segment else "train")
-    if test:
-        ax2.plot([r["step"] for r in test], [r[metric] for r in test], "o-",
-                 label="test mIoU" if segment else "test")
-    ax2.set_xlabel("step"), ax2.set_ylabel("mIoU, accuracy" if segment else "accuracy")
-    ax2.legend()
-    fig.tight_layout()
-    weights.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-
-
-def _progress(total, initial, enabled):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------ evaluation
@@ -419,7 +339,7 @@ def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup) -> d
     if not workdir_lib.has_checkpoints(workdir):
         check_init_from(cfg)  # before the data is read and the steps compile
 
-    dataset = data_lib.load(cfg.data, cfg.model.kwargs.get("num_classes"))
+    dataset = datasets_lib.load(cfg.data, cfg.model.kwargs.get("num_classes"))
     check_trainable(dataset, tc.batch_size)
     model, kw = build_model(cfg, dataset)
     check_task(cfg, model, dataset)
@@ -456,7 +376,7 @@ def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup) -> d
     log = MetricsLog(workdir / "metrics.jsonl", start, writer=pi == 0)
     if progress and pi == 0:
         print(describe(mesh, tc), file=sys.stderr, flush=True)
-    bar = _progress(tc.steps, start, progress and pi == 0)
+    bar = progress_bar(tc.steps, start, progress and pi == 0)
 
     stop = {"signal": None}
 
@@ -616,14 +536,14 @@ def evaluate_file(path, data=None, *, batch_size: int = 256, use_ema: bool = Tru
             meta = ckpt.meta()
             if meta is None:  # a checkpoint of an older version: the model from the data
                 data_cfg = _data_config(cfg.data, data)
-                dataset = data_lib.load(data_cfg, cfg.model.kwargs.get("num_classes"))
+                dataset = datasets_lib.load(data_cfg, cfg.model.kwargs.get("num_classes"))
                 model, kw = build_model(cfg, dataset)
             else:
                 kw = weights.decode_builder_kwargs(meta["builder_kwargs"])
                 model = registry[meta["model"]](**kw, **compute_dtype(cfg))
                 data_cfg = _data_config(cfg.data, data, img_size=model.config.img_size,
                                         channels=model.config.in_channels)
-                dataset = data_lib.load(data_cfg)  # check_classes bounds the labels
+                dataset = datasets_lib.load(data_cfg)  # check_classes bounds the labels
             check_classes(model, dataset, f"the run in {path}")
             spec = step_spec(cfg, model, kw, dataset)
             abstract = jax.eval_shape(lambda k: step_lib.init_state(spec, model.init(k), 0),
@@ -643,7 +563,7 @@ def evaluate_file(path, data=None, *, batch_size: int = 256, use_ema: bool = Tru
         c = model.config
         data_cfg = _data_config(config_lib.DataConfig(), data, img_size=c.img_size,
                                 channels=c.in_channels)
-        dataset = data_lib.load(data_cfg)  # check_classes bounds the labels
+        dataset = datasets_lib.load(data_cfg)  # check_classes bounds the labels
         check_classes(model, dataset, str(path))
         mean, std = data_lib.mean_std(data_cfg, dataset.channels)
         spec = step_lib.StepSpec(model.apply, None, None, c.num_classes, tuple(mean),

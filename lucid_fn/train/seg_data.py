@@ -1,6 +1,7 @@
 """Segmentation data: images with a mask of class indices per pixel (255 ignored).
 
-Sources, each two random-access splits like the classification ones (lucid_fn.train.data):
+Sources, each two random-access splits like the classification ones
+(``lucid_fn.train.datasets``):
 
 - ``digit_scenes`` (embedded): canvases with one to four of the embedded digit scans at
   random places and sizes, each stroke pixel labelled with its digit's class + 1,
@@ -30,8 +31,8 @@ import pathlib
 from typing import Any
 import numpy as np
 
-from lucid_fn.train import data as data_lib
-from lucid_fn.train.data import DataError
+from lucid_fn.train import datasets as datasets_lib
+from lucid_fn.train.datasets import DataError
 from lucid_fn.train.segmentation import IGNORE
 
 TRAIN_SPLITS = ("training", "train")
@@ -103,7 +104,8 @@ class SegArraySource:
         return len(self.masks)
 
     def raw(self, i):
-        return data_lib.convert_channels(self.images[i], self.channels), _as_mask(self.masks[i])
+        image = datasets_lib.convert_channels(self.images[i], self.channels)
+        return image, _as_mask(self.masks[i])
 
     def __getitem__(self, i):
         return fit_and_pad(*self.raw(i), self.img_size)
@@ -238,14 +240,14 @@ class DigitScenes:
 
 
 def digit_scenes(cfg):
-    scans, labels = data_lib.load_digits_arrays()
-    tr, te = data_lib.stratified_split(labels, cfg.test_fraction, cfg.split_seed)
+    scans, labels = datasets_lib.load_digits_arrays()
+    tr, te = datasets_lib.stratified_split(labels, cfg.test_fraction, cfg.split_seed)
     train = DigitScenes(scans[tr], labels[tr], cfg.img_size, TRAIN_SCENES, cfg.split_seed)
     # Made once (the test split is read every evaluation), from held-out scans only.
     test = DigitScenes(scans[te], labels[te], cfg.img_size, TEST_SCENES,
                        cfg.split_seed + TEST_SEED_OFFSET).materialize()
-    return data_lib.Dataset("digit_scenes", train, test, len(SCENE_CLASSES), 1, cfg.img_size,
-                            SCENE_CLASSES, task="segment")
+    return datasets_lib.Dataset("digit_scenes", train, test, len(SCENE_CLASSES), 1,
+                                cfg.img_size, SCENE_CLASSES, task="segment")
 
 
 # ------------------------------------------------------------------ checks
@@ -272,7 +274,7 @@ def _check_pair(image_file, mask_file, reduce_zero_label: bool):
     have the same size."""
     from PIL import Image
 
-    data_lib.check_image_file(image_file)
+    datasets_lib.check_image_file(image_file)
     try:
         with Image.open(mask_file) as im:
             mode = im.mode
@@ -295,10 +297,10 @@ def _check_pair(image_file, mask_file, reduce_zero_label: bool):
 
 def _pairs(image_dir: pathlib.Path, mask_dir: pathlib.Path):
     files = sorted(p for p in image_dir.rglob("*") if p.suffix.lower()
-                   in data_lib.IMAGE_SUFFIXES)
+                   in datasets_lib.IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"image folder {str(image_dir)!r} has no images "
-                        f"({', '.join(data_lib.IMAGE_SUFFIXES)})")
+                        f"({', '.join(datasets_lib.IMAGE_SUFFIXES)})")
     masks = []
     for f in files:
         m = mask_dir / f.relative_to(image_dir).with_suffix(".png")
@@ -356,8 +358,8 @@ def load_seg_folder(cfg, num_classes: int | None):
         idx = np.random.default_rng(cfg.split_seed).permutation(len(src))
         n_test = min(max(1, round(len(src) * cfg.test_fraction)), len(src) - 1)
         train, test = src.subset(np.sort(idx[n_test:])), src.subset(np.sort(idx[:n_test]))
-    return data_lib.Dataset("seg_folder", train, test, k, ch, cfg.img_size,
-                            [str(i) for i in range(k)], task="segment")
+    return datasets_lib.Dataset("seg_folder", train, test, k, ch, cfg.img_size,
+                                [str(i) for i in range(k)], task="segment")
 
 
 def load_seg_npz(f, z: dict, cfg, num_classes: int | None):
@@ -367,8 +369,8 @@ def load_seg_npz(f, z: dict, cfg, num_classes: int | None):
         if xk not in z or mk not in z:
             raise DataError(f"{f}: has {xk if xk in z else mk} but not "
                             f"{mk if xk in z else xk}; give both or neither")
-    xs = [data_lib._check_images(z[xk], f"{f}:{xk}") for xk, _ in keys]
-    scale = data_lib.float_pixel_scale(xs, str(f))
+    xs = [datasets_lib._check_images(z[xk], f"{f}:{xk}") for xk, _ in keys]
+    scale = datasets_lib.float_pixel_scale(xs, str(f))
     out, top = [], -1
     for x, (xk, mk) in zip(xs, keys):
         m = np.asarray(z[mk])
@@ -383,7 +385,7 @@ def load_seg_npz(f, z: dict, cfg, num_classes: int | None):
         if cfg.reduce_zero_label:
             m = reduce_zero(m)
         top = max(top, check_mask_values(m, num_classes, f"{f}:{mk}"))
-        out.append((data_lib.to_uint8(x, scale), m.astype(np.int32)))
+        out.append((datasets_lib.to_uint8(x, scale), m.astype(np.int32)))
     k = num_classes or top + 1
     ch = cfg.channels or out[0][0].shape[-1]
     if len(out) == 2:
@@ -393,8 +395,8 @@ def load_seg_npz(f, z: dict, cfg, num_classes: int | None):
         idx = np.random.default_rng(cfg.split_seed).permutation(len(src))
         n_test = min(max(1, round(len(src) * cfg.test_fraction)), len(src) - 1)
         train, test = src.subset(np.sort(idx[n_test:])), src.subset(np.sort(idx[:n_test]))
-    return data_lib.Dataset("npz", train, test, k, ch, cfg.img_size,
-                            [str(i) for i in range(k)], task="segment")
+    return datasets_lib.Dataset("npz", train, test, k, ch, cfg.img_size,
+                                [str(i) for i in range(k)], task="segment")
 
 
 # ------------------------------------------------------------------ augmentation
