@@ -17,8 +17,9 @@ defaults; "off"; a spec such as "attention.block_q=64"; or a KernelSettings), so
 part of its config. docs/design.md says where the kernels plug in.
 """
 
+from lucid_fn.kernels.backend import usable
 from lucid_fn.kernels.settings import (AttentionSettings, ConvMlpSettings, KernelSettings,
                                        MlpSettings, NormSettings, parse, resolve)
 
 __all__ = ["AttentionSettings", "ConvMlpSettings", "KernelSettings", "MlpSettings",
-           "NormSettings", "parse", "resolve"]
+           "NormSettings", "parse", "resolve", "usable"]

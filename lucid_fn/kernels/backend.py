@@ -3,9 +3,10 @@
 The kernels use Pallas' Triton backend (``jax.experimental.pallas.triton``), which JAX
 deprecated in 0.11 and means to remove. Where that module cannot be imported, or (on a GPU
 machine) a kernel family fails to lower for CUDA, :func:`usable` turns the families that
-cannot run off as a model is built: each then takes its XLA form, the same function up to
-rounding, and one warning names what is missing. Importing ``lucid_fn`` never needs the
-backend: the kernel modules touch ``plt`` only while tracing a kernel.
+cannot run off each time a model's ``apply`` is traced (models/common.py): each then takes
+its XLA form, the same function up to rounding, and one warning names what is missing.
+Importing ``lucid_fn`` never needs the backend: the kernel modules touch ``plt`` only while
+tracing a kernel.
 """
 
 from __future__ import annotations

@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from lucid_fn.kernels import backend
-
 __all__ = ["AttentionSettings", "ConvMlpSettings", "KernelSettings", "MlpSettings",
            "NormSettings", "resolve"]
 
@@ -216,16 +214,15 @@ def parse(spec: str) -> KernelSettings:
 def resolve(kernels) -> KernelSettings:
     """A builder's ``kernels`` argument as settings: None (the defaults, or every kernel
     off when ``LUCID_FN_FUSED=off`` is in the environment as the model is built), "on",
-    "off", a :func:`parse` spec string, or a :class:`KernelSettings`; with the families
-    that cannot run here off (kernels/backend.py: no Pallas Triton backend, or on a GPU a
-    family that fails to lower), and a warning that says so."""
+    "off", a :func:`parse` spec string, or a :class:`KernelSettings`. (What cannot run
+    where the model is traced is turned off then: :func:`backend.usable`.)"""
     if kernels is None:
         off = os.environ.get("LUCID_FN_FUSED", "on").lower() in ("off", "0", "false")
-        return backend.usable(KernelSettings.off() if off else KernelSettings())
+        return KernelSettings.off() if off else KernelSettings()
     if isinstance(kernels, KernelSettings):
-        return backend.usable(kernels)
+        return kernels
     if isinstance(kernels, str):
-        return backend.usable(parse(kernels))
+        return parse(kernels)
     raise ValueError(f"kernels must be None, 'on', 'off', a spec such as "
                      f"'attention.block_q=64', or a lucid_fn.kernels.KernelSettings; "
                      f"got {kernels!r}")

@@ -363,6 +363,36 @@ def head_specs(cfg) -> dict:
     return {"head": nn.init_linear(cfg.embed_dims[3], cfg.num_classes)} if cfg.num_classes else {}
 
 
+def _kernels_of(cfg):
+    return getattr(cfg, "backbone_config", cfg).kernels
+
+
+def _with_kernels(cfg, settings):
+    """``cfg`` (or a dense model's backbone config inside it) with other kernel settings."""
+    if hasattr(cfg, "backbone_config"):
+        return dataclasses.replace(
+            cfg, backbone_config=_with_kernels(cfg.backbone_config, settings))
+    return dataclasses.replace(cfg, kernels=settings)
+
+
+def apply_where_it_runs(make_apply, cfg, *args):
+    """``make_apply(cfg, *args)``, except that each trace first turns off the kernel
+    families that cannot run here (kernels/backend.py: no Pallas Triton backend, or on a
+    GPU a family that fails to lower), with one warning. Decided when ``apply`` is traced,
+    not when the model is built: asking JAX for its backend starts it, and
+    ``jax.distributed.initialize`` must come before that."""
+    applies = {cfg: make_apply(cfg, *args)}
+
+    @functools.wraps(applies[cfg])
+    def apply(*a, **kw):
+        here = _with_kernels(cfg, kernels.usable(_kernels_of(cfg)))
+        if here not in applies:
+            applies[here] = make_apply(here, *args)
+        return applies[here](*a, **kw)
+
+    return apply
+
+
 def make_init(specs):
     """``init(key) -> params`` drawing ``specs`` (nn.Init leaves).
 
@@ -448,7 +478,8 @@ def _builder(name: str, defaults: dict, doc: str, in_channels: bool, family: tup
             return pretrained_model(name, pretrained, **kwargs)
         cfg = make_config(name, **{**defaults, **kwargs})
         specs = param_specs(cfg)
-        return Model(make_init(specs), make_apply(cfg, name, specs), name=name, config=cfg)
+        return Model(make_init(specs), apply_where_it_runs(make_apply, cfg, name, specs),
+                     name=name, config=cfg)
 
     if in_channels:
         def fn(img_size: int = 224, num_classes: int = 1000, in_channels: int = 3,

@@ -358,7 +358,8 @@ def _build(img_size: int, num_classes: int, backbone: str, pretrained=None,
             return {**random_init(key), "backbone": jax.tree_util.tree_map(jnp.asarray,
                                                                            loaded)}
 
-    return Model(init, make_apply(cfg, "semantic_fpn", specs), name="semantic_fpn", config=cfg)
+    return Model(init, common.apply_where_it_runs(make_apply, cfg, "semantic_fpn", specs),
+                 name="semantic_fpn", config=cfg)
 
 
 @register_model

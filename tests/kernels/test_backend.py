@@ -12,30 +12,38 @@ from helpers import cuda_hlo
 
 from lucid_fn.kernels import KernelSettings, backend
 
-# each case's program: one JSON line, what the test checks
+# each case's program prints one JSON line: what the test checks
 COMMON = """
 import json, sys, warnings
-warnings.simplefilter("always")
-with warnings.catch_warnings(record=True) as caught:
-    import jax, jax.numpy as jnp, numpy as np
-    from lucid_fn import registry
-    from lucid_fn.kernels import KernelSettings, backend
-    arch = dict(img_size=64, num_classes=10, depths=(1, 1, 1, 1), dtype=jnp.bfloat16)
-    {build}
-ours = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-"""
+import jax, jax.numpy as jnp, numpy as np
+from lucid_fn import registry
+from lucid_fn.kernels import KernelSettings, backend
 
-MISSING_MODULE = COMMON.format(build="""
+def ours(caught):
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+arch = dict(img_size=64, num_classes=10, depths=(1, 1, 1, 1), dtype=jnp.bfloat16)
+with warnings.catch_warnings(record=True) as built:
+    warnings.simplefilter("always")
     v2 = registry["pvt_v2_b0"](**arch)
     v1 = registry["pvt_small"](flavor="paper", **arch)
     off = registry["pvt_v2_b0"](kernels="off", **arch)
-""") + """
+from jax._src import xla_bridge  # whether anything has started JAX's backends yet
+started_by_build = xla_bridge.backends_are_initialized()
+"""
+
+MISSING_MODULE = COMMON + """
 x = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3))
 params = v2.init(jax.random.key(0))
-same = bool(jnp.array_equal(v2.apply(params, x), off.apply(params, x)))
-hlo = backend.lower_for_cuda(v2.apply, params, x).as_text()
-print(json.dumps({"warnings": ours, "v2_off": v2.config.kernels == KernelSettings.off(),
-                  "v1_off": v1.config.kernels == KernelSettings.off(), "same": same,
+with warnings.catch_warnings(record=True) as traced:
+    warnings.simplefilter("always")
+    same = bool(jnp.array_equal(v2.apply(params, x), off.apply(params, x)))
+    v1_params = jax.eval_shape(v1.init, jax.random.key(0))
+    hlo = backend.lower_for_cuda(v2.apply, params, x).as_text()
+    hlo += backend.lower_for_cuda(v1.apply, v1_params, x).as_text()
+print(json.dumps({"at_build": ours(built), "at_trace": ours(traced), "same": same,
+                  "started_by_build": started_by_build,
+                  "config_as_asked": v2.config.kernels == KernelSettings(),
                   "fused_in_cuda_hlo": "lucid_fn_fused" in hlo, "missing": backend.MISSING}))
 """
 
@@ -47,12 +55,14 @@ def gone(ctx, *args, **params):
     raise NotImplementedError("no Pallas lowering for CUDA in this JAX")
 
 mlir.register_lowering(pallas_call.pallas_call_p, gone, platform="cuda")
-""" + COMMON.format(build="""
-    on_cpu = registry["pvt_v2_b0"](**arch)
+""" + COMMON + """
+with warnings.catch_warnings(record=True) as checked:
+    warnings.simplefilter("always")
     on_gpu = backend.usable(KernelSettings(), platform="gpu")
     again = backend.usable(KernelSettings(), platform="gpu")
-""") + """
-print(json.dumps({"warnings": ours, "cpu_default": on_cpu.config.kernels == KernelSettings(),
+    on_cpu = backend.usable(KernelSettings())
+print(json.dumps({"at_build": ours(built), "warnings": ours(checked),
+                  "cpu_default": on_cpu == KernelSettings(),
                   "gpu_off": on_gpu == KernelSettings.off(), "same_twice": again == on_gpu}))
 """
 
@@ -79,18 +89,21 @@ def test_probes_run_each_familys_kernels_when_lowered_for_cuda():
 
 
 def test_without_the_triton_module_every_model_runs_its_xla_path_and_warns_once():
+    """Nothing is checked as a model is built (asking JAX for its backend would start it,
+    before a jax.distributed.initialize); the first trace turns every family off."""
     got = _run(MISSING_MODULE, blocked="jax.experimental.pallas.triton")
     assert got["missing"].startswith("jax.experimental.pallas.triton cannot be imported")
-    assert len(got["warnings"]) == 1, got["warnings"]  # three models built, one warning
-    assert "the fused kernels are off and every model runs its XLA path" in got["warnings"][0]
-    assert got["v2_off"] and got["v1_off"] and got["same"]
-    assert not got["fused_in_cuda_hlo"]
+    assert got["at_build"] == [] and got["config_as_asked"] and not got["started_by_build"]
+    assert len(got["at_trace"]) == 1, got["at_trace"]  # two models, four traces: one warning
+    assert "the fused kernels are off and every model runs its XLA path" in got["at_trace"][0]
+    assert got["same"] and not got["fused_in_cuda_hlo"]
 
 
 def test_families_that_fail_to_lower_on_a_gpu_are_off_with_one_warning():
     """Pallas' lowering for CUDA gone (the Triton module importable): on a GPU every
     family's probe fails, so each is off; off the GPU nothing is lowered, nothing checked."""
     got = _run(NO_LOWERING)
+    assert got["at_build"] == []
     assert got["cpu_default"] and got["gpu_off"] and got["same_twice"]
     assert len(got["warnings"]) == 1, got["warnings"]
     message = got["warnings"][0]
