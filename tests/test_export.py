@@ -87,6 +87,9 @@ def test_onnx_file_runs_like_apply_under_onnxruntime(case, tmp_path):
         export.OPSET]
     assert [i.name for i in proto.graph.input] == ["images"]  # params are initialisers
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+    ops = {node.op_type for node in proto.graph.node}
+    # exact GELU as ONNX's Erf (not twenty elementwise ops); the lucid flavor's is tanh
+    assert ("Erf" in ops) == (model.config.__dict__.get("flavor") != "lucid"), ops
     for b in BATCHES:
         assert_equal_within(export.run_onnx(path, x[:b]), [w[:b] for w in want])
 

@@ -35,15 +35,15 @@ from lucid_fn.nn import layers
 _VALID_OFFSETS = np.array([[1, 1, 1], [1, 1, 0], [0, 1, 1], [0, 1, 0]], np.float32)
 
 
-def reference(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype, per_platform: bool = True):
-    """PVT v2's MLP as XLA ops: fc1, [ReLU], depthwise 3x3 conv (padding 1; its form
-    chosen by platform unless ``per_platform`` is False), exact GELU, fc2 on (B, N, C)
-    tokens laid out on an ``hw`` map."""
+def reference(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype, portable: bool = False):
+    """PVT v2's MLP as XLA ops: fc1, [ReLU], depthwise 3x3 conv (padding 1), exact GELU,
+    fc2 on (B, N, C) tokens laid out on an ``hw`` map. ``portable``: the forms for
+    exporters (the conv's one form for every platform, GELU's erf as one primitive)."""
     h = layers.linear(fc1, x, dtype)
     if relu:
         h = jax.nn.relu(h)
-    h = layers.depthwise_conv3x3(dwconv, h, hw, dtype, per_platform=per_platform)
-    return layers.linear(fc2, gelu(h, approximate=False), dtype)
+    h = layers.depthwise_conv3x3(dwconv, h, hw, dtype, per_platform=not portable)
+    return layers.linear(fc2, gelu(h, approximate=False, portable=portable), dtype)
 
 
 def supported(fc1, dwconv, fc2, x, dtype, settings: ConvMlpSettings = ConvMlpSettings()) -> bool:
@@ -302,7 +302,7 @@ def conv_mlp(fc1, dwconv, fc2, x, *, hw, relu: bool = False, dtype=None,
     settings, interpret = kernels.conv_mlp, kernels.interpret
     if not (settings.enabled and supported(fc1, dwconv, fc2, x, dtype, settings)):
         return reference(fc1, dwconv, fc2, x, hw=hw, relu=relu, dtype=dtype,
-                         per_platform=not kernels.portable)
+                         portable=kernels.portable)
     kw = dict(hw=tuple(hw), relu=relu, dtype=dtype)
     kernel = functools.partial(pallas_conv_mlp, settings=settings, **kw)
     matmul = {"kernel": fc2["kernel"]}

@@ -9,6 +9,9 @@
 - Inside the kernels (``gelu_kernel``, ``phi_kernel``, ``gelu_and_slope_kernel``):
   Abramowitz & Stegun 7.1.26, one reciprocal and one exp2 on the GPU's MUFU units, the
   kernels' largest instruction cost otherwise.
+- For exporters (``gelu(..., portable=True)``, what a portable model traces): erf as the
+  one primitive ``lax.erf``, which ONNX converters map to their own ``Erf`` op; the
+  multiply-adds above become some twenty elementwise ops that onnxruntime runs one by one.
 - The tanh approximation (``approximate=True``): Lucid's, and PVT v1's lucid flavor.
 """
 
@@ -80,11 +83,21 @@ def _gelu_exact_jvp(primals, tangents):
     return gelu_exact(x), _gelu_exact_tangent(x, t)
 
 
-def gelu(x, approximate: bool):
-    """GELU: the tanh approximation (``approximate=True``, Lucid's) or exact erf."""
+def gelu_exact_portable(x):
+    """:func:`gelu_exact` with erf as ``lax.erf`` (the same approximation in XLA)."""
+    x = jnp.asarray(x)
+    x32 = x.astype(jnp.float32)
+    z = x32 * _SQRT_HALF
+    cdf = jnp.where(z < -_ERF_CLAMP, 0.0, 0.5 + 0.5 * jax.lax.erf(z))  # as gelu_cdf_f32
+    return (x32 * cdf).astype(x.dtype)
+
+
+def gelu(x, approximate: bool, *, portable: bool = False):
+    """GELU: the tanh approximation (``approximate=True``, Lucid's) or exact erf
+    (``portable``: erf as one primitive, for exporters)."""
     if approximate:
         return jax.nn.gelu(x, approximate=True)
-    return gelu_exact(x)
+    return gelu_exact_portable(x) if portable else gelu_exact(x)
 
 
 # ------------------------------------------------------------------ inside the kernels

@@ -25,9 +25,10 @@ from lucid_fn.nn import layers
 MAX_WIDTH = 128  # the float32 accumulator (block_m x width) lives in registers
 
 
-def reference(fc1, fc2, x, *, approximate: bool, dtype):
-    """What the kernel computes, as XLA ops (also its gradient and its CPU/TPU path)."""
-    h = gelu(layers.linear(fc1, x, dtype), approximate=approximate)
+def reference(fc1, fc2, x, *, approximate: bool, dtype, portable: bool = False):
+    """What the kernel computes, as XLA ops (also its gradient and its CPU/TPU path;
+    ``portable``: GELU's erf as one primitive, for exporters)."""
+    h = gelu(layers.linear(fc1, x, dtype), approximate=approximate, portable=portable)
     return layers.linear(fc2, h, dtype)
 
 
@@ -93,4 +94,4 @@ def mlp_gelu(fc1, fc2, x, *, approximate: bool, dtype=None,
         return dispatch.on_cuda(functools.partial(pallas_mlp, settings=settings, **kw),
                                 functools.partial(reference, **kw), fc1, fc2, x,
                                 interpret=kernels.interpret)
-    return reference(fc1, fc2, x, **kw)
+    return reference(fc1, fc2, x, portable=kernels.portable, **kw)

@@ -113,8 +113,10 @@ class KernelSettings:
     mode on any backend instead of their XLA forms off CUDA (slow; for tests that check a
     whole model through the kernels on a CPU). ``portable``: one program for every
     platform, every family off and no XLA formulation chosen by platform either (the
-    spatial reduction as the CPU computes it): what ``lucid_fn.export`` traces, because
-    an ONNX graph cannot switch on the platform it runs on (spec ``"portable"``)."""
+    spatial reduction as the CPU computes it, GELU's erf as one primitive): what
+    ``lucid_fn.export`` traces for ONNX, because an ONNX graph cannot switch on the
+    platform it runs on and converters map ``lax.erf`` to their own op (spec
+    ``"portable"``)."""
     mlp: MlpSettings = MlpSettings()
     conv_mlp: ConvMlpSettings = ConvMlpSettings()
     attention: AttentionSettings = AttentionSettings()

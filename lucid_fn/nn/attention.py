@@ -50,9 +50,11 @@ def _reduce_map(p, m, dtype, *, inference: bool):
     return jax.lax.platform_dependent(m, cuda=conv, default=patchify)
 
 
-def reduce_tokens(p, x, hw, *, linear: bool, dtype, inference: bool = True):
+def reduce_tokens(p, x, hw, *, linear: bool, dtype, inference: bool = True,
+                  portable: bool = False):
     """The tokens keys and values are computed from (``inference`` False: in training,
-    where the reduction takes the path whose gradients are faster)."""
+    where the reduction takes the path whose gradients are faster; ``portable``: the
+    forms for exporters, one for every platform)."""
     if "sr" not in p:
         return x
     b, _, c = x.shape
@@ -61,16 +63,19 @@ def reduce_tokens(p, x, hw, *, linear: bool, dtype, inference: bool = True):
         m = layers.patchify_conv(p["sr"], layers.adaptive_avg_pool(m, (LINEAR_POOL,) * 2),
                                  dtype)
     else:
-        m = _reduce_map(p["sr"], m, dtype, inference=inference)
+        # cuDNN's form at inference is a choice by platform, which a portable program
+        # does not make: it reduces as the CPU does (and as training does).
+        m = _reduce_map(p["sr"], m, dtype, inference=inference and not portable)
     t = layers.layer_norm(p["norm"], m.reshape(b, -1, c), SR_NORM_EPS)
-    return layers.gelu(t, approximate=False) if linear else t
+    return layers.gelu(t, approximate=False, portable=portable) if linear else t
 
 
 def queries_keys_values(p, x, hw, *, heads: int, dtype, linear: bool = False,
-                        defer_q_bias: bool = False, inference: bool = True):
+                        defer_q_bias: bool = False, inference: bool = True,
+                        portable: bool = False):
     """Per-head queries (B, N, heads, d) from every token, keys and values (B, M, heads, d)
     from the reduced map. ``defer_q_bias``: the queries as a ``layers.Biased`` (bias
-    (heads, d)) when their projection has a bias. ``inference``: as in
+    (heads, d)) when their projection has a bias. ``inference``, ``portable``: as in
     :func:`reduce_tokens`."""
     b, n, c = x.shape
     d = c // heads
@@ -79,7 +84,8 @@ def queries_keys_values(p, x, hw, *, heads: int, dtype, linear: bool = False,
         q = layers.Biased(q.value.reshape(b, n, heads, d), q.bias.reshape(heads, d))
     else:
         q = q.reshape(b, n, heads, d)
-    kv_in = reduce_tokens(p, x, hw, linear=linear, dtype=dtype, inference=inference)
+    kv_in = reduce_tokens(p, x, hw, linear=linear, dtype=dtype, inference=inference,
+                          portable=portable)
     # The 2C axis of kv is [k heads..., v heads...] in every reference layout.
     kv = layers.linear(p["kv"], kv_in, dtype).reshape(b, -1, 2, heads, d)
     return q, kv[:, :, 0], kv[:, :, 1]
@@ -121,11 +127,9 @@ def sra(p, x, rngs, *, hw, heads: int, scale: float | None, dtype, attn_drop: fl
     residual add + LayerNorm kernel to add (nn/block.py)."""
     b, n, c = x.shape
     inference = rngs[0] is None
-    # The reduction's cuDNN form at inference is a choice by platform, which a portable
-    # program does not make: it reduces as the CPU does (and as training does).
     q, k, v = queries_keys_values(p, x, hw, heads=heads, dtype=dtype, linear=linear,
-                                  defer_q_bias=inference,
-                                  inference=inference and not kernels.portable)
+                                  defer_q_bias=inference, inference=inference,
+                                  portable=kernels.portable)
     out = attend(q, k, v, scale=scale, dtype=dtype, attn_drop=attn_drop, rng=rngs[0],
                  kernels=kernels).reshape(b, n, c)
     if "proj" in p:

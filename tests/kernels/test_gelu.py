@@ -59,6 +59,24 @@ def test_exact_gelu_keeps_bf16_and_rounds_once():
     assert g.dtype == jnp.bfloat16
 
 
+def test_portable_gelu_is_the_same_function_as_one_erf():
+    """Exporters' form: lax.erf, the approximation the multiply-adds copy, as close to
+    float64 as they are (1 + erf cancels in the negative tail for both: there they differ
+    by < 1e-6); bf16 in, bf16 out."""
+    x = jnp.asarray(X)
+    ours = layers.gelu(x, approximate=False)
+    portable = np.asarray(layers.gelu(x, approximate=False, portable=True))
+    truth = _gelu64(X.astype(np.float64))
+    assert np.abs(portable - truth).max() < 2e-6 * np.maximum(1, np.abs(truth)).max()
+    np.testing.assert_allclose(portable, np.asarray(ours), rtol=1e-6, atol=1e-6)
+    assert np.all(portable[X < -7.5] == 0)
+    jaxpr = str(jax.make_jaxpr(lambda v: layers.gelu(v, approximate=False, portable=True))(x))
+    assert "erf" in jaxpr and "erf" not in str(jax.make_jaxpr(
+        lambda v: layers.gelu(v, approximate=False))(x))
+    assert layers.gelu(x.astype(jnp.bfloat16), approximate=False, portable=True).dtype == \
+        jnp.bfloat16
+
+
 def test_tanh_gelu_is_jax_approximation():
     x = jnp.asarray(X)
     np.testing.assert_array_equal(np.asarray(layers.gelu(x, approximate=True)),
