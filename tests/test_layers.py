@@ -81,12 +81,12 @@ def test_depthwise_conv_is_shifted_on_cpu_and_grouped_when_portable():
     p = {"kernel": jnp.ones((3, 3, 1, c)), "bias": jnp.zeros((c,))}
     x = jnp.ones((1, 12, c))
 
-    def hlo(per_platform):
-        f = lambda p, x: layers.depthwise_conv3x3(p, x, (3, 4), per_platform=per_platform)
+    def hlo(portable):
+        f = lambda p, x: layers.depthwise_conv3x3(p, x, (3, 4), portable=portable)
         return jax.jit(f).lower(p, x).as_text()
 
-    assert "convolution" not in hlo(True)
-    assert "feature_group_count = 4" in hlo(False)
+    assert "convolution" not in hlo(False)
+    assert "feature_group_count = 4" in hlo(True)
     np.testing.assert_allclose(
         np.asarray(layers.depthwise_conv3x3(p, x, (3, 4))),
-        np.asarray(layers.depthwise_conv3x3(p, x, (3, 4), per_platform=False)), atol=1e-6)
+        np.asarray(layers.depthwise_conv3x3(p, x, (3, 4), portable=True)), atol=1e-6)

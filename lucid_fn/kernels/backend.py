@@ -81,7 +81,8 @@ def _lowering_failure(family: str, family_settings) -> str | None:
     try:
         lower_for_cuda(fn, *args)
     except Exception as e:  # noqa: BLE001  (whatever the lowering raises, the kernel is out)
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        return f"{type(e).__name__}: {first_line}"
     return None
 
 

@@ -42,7 +42,7 @@ def reference(fc1, dwconv, fc2, x, *, hw, relu: bool, dtype, portable: bool = Fa
     h = layers.linear(fc1, x, dtype)
     if relu:
         h = jax.nn.relu(h)
-    h = layers.depthwise_conv3x3(dwconv, h, hw, dtype, per_platform=not portable)
+    h = layers.depthwise_conv3x3(dwconv, h, hw, dtype, portable=portable)
     return layers.linear(fc2, gelu(h, approximate=False, portable=portable), dtype)
 
 

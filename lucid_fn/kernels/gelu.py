@@ -50,12 +50,12 @@ def erf_f32(x):
     return z * _polynomial(z2, _ERF_P) / _polynomial(z2, _ERF_Q)
 
 
-def gelu_cdf_f32(x32):
-    """Phi(x) for float32 ``x32``, the GELU gate."""
+def gelu_cdf_f32(x32, erf=erf_f32):
+    """Phi(x) for float32 ``x32``, the GELU gate (``erf``: its form, e.g. ``lax.erf``)."""
     # Clamped, the approximation would hold Phi at its value at the clamp (about 6e-8)
     # however far below -clamp * sqrt(2) x goes; the select makes that tail exact zeros.
     z = x32 * _SQRT_HALF
-    return jnp.where(z < -_ERF_CLAMP, 0.0, 0.5 + 0.5 * erf_f32(z))
+    return jnp.where(z < -_ERF_CLAMP, 0.0, 0.5 + 0.5 * erf(z))
 
 
 @jax.custom_jvp
@@ -87,9 +87,7 @@ def gelu_exact_portable(x):
     """:func:`gelu_exact` with erf as ``lax.erf`` (the same approximation in XLA)."""
     x = jnp.asarray(x)
     x32 = x.astype(jnp.float32)
-    z = x32 * _SQRT_HALF
-    cdf = jnp.where(z < -_ERF_CLAMP, 0.0, 0.5 + 0.5 * jax.lax.erf(z))  # as gelu_cdf_f32
-    return (x32 * cdf).astype(x.dtype)
+    return (x32 * gelu_cdf_f32(x32, erf=jax.lax.erf)).astype(x.dtype)
 
 
 def gelu(x, approximate: bool, *, portable: bool = False):

@@ -381,13 +381,14 @@ def apply_where_it_runs(make_apply, cfg, *args):
     GPU a family that fails to lower), with one warning. Decided when ``apply`` is traced,
     not when the model is built: asking JAX for its backend starts it, and
     ``jax.distributed.initialize`` must come before that."""
-    applies = {cfg: make_apply(cfg, *args)}
+    asked = _kernels_of(cfg)
+    applies = {asked: make_apply(cfg, *args)}  # by the settings that run
 
-    @functools.wraps(applies[cfg])
+    @functools.wraps(applies[asked])
     def apply(*a, **kw):
-        here = _with_kernels(cfg, kernels.usable(_kernels_of(cfg)))
+        here = kernels.usable(asked)
         if here not in applies:
-            applies[here] = make_apply(here, *args)
+            applies[here] = make_apply(_with_kernels(cfg, here), *args)
         return applies[here](*a, **kw)
 
     return apply

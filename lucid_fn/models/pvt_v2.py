@@ -110,8 +110,7 @@ def mlp(p, x, rngs, *, cfg: PVTv2Config, hw):
     h = nn.linear(p["fc1"], x, cfg.dtype)
     if cfg.linear:
         h = jax.nn.relu(h)
-    h = nn.depthwise_conv3x3(p["dwconv"], h, hw, cfg.dtype,
-                             per_platform=not cfg.kernels.portable)
+    h = nn.depthwise_conv3x3(p["dwconv"], h, hw, cfg.dtype, portable=cfg.kernels.portable)
     h = nn.dropout(nn.gelu(h, approximate=False), cfg.drop_rate, rngs[0])
     return nn.dropout(nn.linear(p["fc2"], h, cfg.dtype), cfg.drop_rate, rngs[1])
 

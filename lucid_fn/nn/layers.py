@@ -219,16 +219,16 @@ def space_to_depth_conv(p: Params, x, *, stride: int, padding: int, dtype=None):
     return conv({"kernel": k, "bias": p["bias"]}, x, stride=1, padding=0, dtype=dtype)
 
 
-def depthwise_conv3x3(p: Params, x, hw, dtype=None, *, per_platform: bool = True):
+def depthwise_conv3x3(p: Params, x, hw, dtype=None, *, portable: bool = False):
     """PVT v2's depthwise 3x3 conv (padding 1, bias) on (B, N, C) tokens laid out on an
-    ``hw`` map; tokens in, tokens out. On the CPU (unless ``per_platform`` is False, as in
-    a portable model) as nine shifted multiply-adds: XLA:CPU runs a grouped convolution
+    ``hw`` map; tokens in, tokens out. On the CPU (unless ``portable``: one form for every
+    platform) as nine shifted multiply-adds: XLA:CPU runs a grouped convolution
     as a generic loop many times slower than one fused elementwise pass
     (benchmarks/NOTES.md)."""
     b, n, c = x.shape
     m = x.reshape(b, *hw, c)
     grouped = functools.partial(conv, p, stride=1, padding=1, groups=c, dtype=dtype)
-    if not per_platform:
+    if portable:
         return grouped(m).reshape(b, n, c)
     taps = functools.partial(shifted_depthwise_conv3x3, p, dtype=dtype)
     return jax.lax.platform_dependent(m, cpu=taps, default=grouped).reshape(b, n, c)
