@@ -40,7 +40,8 @@ What is measured, for each model (registry name) and each ``--variants`` entry:
 
 A variant is ``default`` or comma-separated ``key=value`` items, each a builder keyword or
 a kernel setting, so that every variant is a model built through the public API:
-``scan_blocks=1|0|none``, ``remat=1|0``, ``kernels=on|off``, ``FAMILY=on|off`` and
+``scan_blocks=1|0|none``, ``remat=1|0``, ``logits_dtype=float32|bfloat16`` (Semantic
+FPN), ``kernels=on|off``, ``FAMILY=on|off`` and
 ``FAMILY.SETTING=N`` for the kernel families of ``lucid_fn.kernels`` (``mlp``,
 ``conv_mlp``, ``attention``, ``norm``; e.g. ``conv_mlp.block_x=16``,
 ``attention.grad_block_q=32``, ``norm=off``). Results go to ``<out>/<name>.json`` and
@@ -91,7 +92,8 @@ SMALL_ARCH = dict(img_size=64, embed_dims=(16, 32, 40, 64), num_heads=(1, 2, 5, 
 # ------------------------------------------------------------------------ variants
 
 BUILDER_KEYS = {"scan_blocks": {"1": True, "0": False, "none": None},
-                "remat": {"1": True, "0": False}}
+                "remat": {"1": True, "0": False},
+                "logits_dtype": {"float32": "float32", "bfloat16": "bfloat16"}}  # semantic_fpn
 
 
 def parse_variant(spec: str) -> dict:
@@ -285,7 +287,8 @@ def bench_ours(name, arch, spec, mode, batch, args, dtype) -> dict:
             rng, sub = jax.random.split(rng)
 
             def loss_fn(p):
-                logits = model.apply(p, x, train=True, rng=sub)
+                # float32, as autocast's cross_entropy: bfloat16 logits (logits_dtype) too
+                logits = model.apply(p, x, train=True, rng=sub).astype(jnp.float32)
                 return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
             loss, grads = jax.value_and_grad(loss_fn)(params)

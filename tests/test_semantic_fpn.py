@@ -110,6 +110,23 @@ def test_bf16_compute_gives_float32_logits_close_to_float32(tiny):
     assert float(jnp.abs(bf16 - f32).max()) < 0.05 * scale
 
 
+def test_bfloat16_logits_are_the_float32_ones_rounded(tiny):
+    """logits_dtype="bfloat16" writes the full-size logits in half the bytes: the same
+    values, rounded (once per upsampled axis); the name is what the config keeps."""
+    model, params, apply = tiny
+    if model.config.backbone != "pvt_v2_b0":
+        pytest.skip("one backbone: the cast is the head's last step")
+    x = jax.random.uniform(jax.random.key(1), (1, 64, 64, 3))
+    half = registry["semantic_fpn"](**{**model.kwargs, "logits_dtype": jnp.bfloat16})
+    assert half.config.logits_dtype == "bfloat16"
+    assert half.config.builder_kwargs()["logits_dtype"] == "bfloat16"
+    got = jax.jit(half.apply)(params, x)
+    want = apply(params, x)
+    assert got.dtype == jnp.bfloat16 and got.shape == want.shape
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=2**-7, atol=2**-8 * scale)
+
+
 def test_upsampling_is_pytorchs_bilinear_and_nearest():
     """Half-pixel centres, edges clamped: jax.image.resize's linear form (PyTorch's
     align_corners=False) for upsampling; nearest as PyTorch's floor(i / f)."""
@@ -155,6 +172,10 @@ def test_a_backbone_checkpoint_initialises_it_exactly(backbone, tmp_path):
     (dict(backbone="pvt_v2_b0", img_size=500), "img_size=500 is not divisible"),
     (dict(backbone="pvt_v2_b0", embed_dim=[1]), "unknown keyword argument 'embed_dim'"),
     (dict(backbone="pvt_v2_b0", head_dropout=1.5), "head_dropout must be a probability"),
+    (dict(backbone="pvt_v2_b0", logits_dtype="int8"), "logits_dtype must be a "
+                                                      "floating-point dtype"),
+    (dict(backbone="pvt_v2_b0", logits_dtype="half-ish"), "logits_dtype must be a "
+                                                          "floating-point dtype"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -63,12 +63,12 @@ def edge_bias_table(b1, taps, conv_bias):
 # ------------------------------------------------------------------ tiles
 
 
-def _strip_width(ww: int, settings: ConvMlpSettings) -> int:
+def _strip_width(ww: int, settings: ConvMlpSettings, block_x: int) -> int:
     """Columns per program: of the powers of two from ``exact_min`` up to ``block_x`` (and
     the map's width), the one whose strips cover the width with the fewest columns, so
     that no strip overlaps its neighbour where a power of two divides the width
     (56 = 7 x 8, 28 = 7 x 4)."""
-    widest = min(settings.block_x, dispatch.largest_pow2_at_most(ww))
+    widest = min(block_x, dispatch.largest_pow2_at_most(ww))
     widths = [1 << k for k in range(widest.bit_length())
               if 1 << k >= min(settings.exact_min, widest)]
     return min(widths, key=lambda bx: (-(-ww // bx) * bx, -bx))
@@ -80,11 +80,16 @@ def conv_tiles(b: int, hw, hidden: int, settings: ConvMlpSettings,
     ``bx`` columns of ``bc`` channels of one image, about ``size`` elements per row
     (default ``block_x * block_h``). Tiles never reach past the map: the last strip and
     band start early and overlap their neighbours (the overlap is computed twice and
-    written with the same values), so no store needs a mask."""
+    written with the same values), so no store needs a mask. A row of the tile never
+    holds more than ``size`` elements: the backward keeps seventeen float32 tiles in
+    registers, which strips of ``block_x`` columns at ``block_h`` channels spilled to the
+    stack (``benchmarks/kernel_sass.py conv_training`` at Semantic FPN's 128x128 and 32x32
+    maps; at 224x224 the strips were narrower)."""
     hh, ww = hw
-    bx = _strip_width(ww, settings)
-    bc = settings.block_h
     size = size or settings.block_x * settings.block_h
+    bx = _strip_width(ww, settings, min(settings.block_x,
+                                        max(1, size // settings.block_h)))
+    bc = settings.block_h
     while (bx * bc * 2 <= size and hidden % (2 * bc) == 0
            and 2 * bc <= (settings.max_h if bx >= 8 else settings.max_h_narrow)):
         bc *= 2  # narrow maps: more channels per program, so tiles keep their size

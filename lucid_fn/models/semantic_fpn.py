@@ -39,7 +39,8 @@ from lucid_fn.registry import Model, register_model, registry
 
 LEVELS = 4
 # The head's keywords; everything else a builder is given goes to the backbone's builder.
-HEAD_ARGUMENTS = ("fpn_channels", "head_channels", "head_dropout", "norm_groups")
+HEAD_ARGUMENTS = ("fpn_channels", "head_channels", "head_dropout", "norm_groups",
+                  "logits_dtype")
 # The backbone is built at its classifier's size (``backbone_img_size``), whatever the
 # images: PVT v1's position embeddings are then those of the ImageNet checkpoints, resized
 # to each input on the fly, as the official segmentation code does (and counted as its
@@ -63,6 +64,10 @@ class SemanticFPNConfig:
     head_channels: int = 128
     head_dropout: float = 0.1
     norm_groups: int = 32
+    # The logits' dtype at the input's size, their largest tensor by far (150 classes at
+    # 512x512). "bfloat16" writes half the bytes, as PyTorch's autocast does; the loss and
+    # the metrics compute in float32 either way.
+    logits_dtype: str = "float32"
     task: str = "segment"  # the training loop's cue: per-pixel labels, not one per image
 
     @property
@@ -120,11 +125,25 @@ def make_config(backbone: str, img_size: int, num_classes: int, **kwargs) -> Sem
     for name in ("fpn_channels", "head_channels", "norm_groups"):
         common.positive_int(name, getattr(cfg, name))
     common.rate("head_dropout", cfg.head_dropout)
+    cfg = dataclasses.replace(cfg, logits_dtype=logits_dtype_name(cfg.logits_dtype))
     for name in ("fpn_channels", "head_channels"):
         if getattr(cfg, name) % cfg.norm_groups:
             raise ValueError(f"{name}={getattr(cfg, name)} is not divisible by norm_groups="
                              f"{cfg.norm_groups}; GroupNorm splits the channels evenly")
     return cfg
+
+
+def logits_dtype_name(value) -> str:
+    """The name of a floating-point dtype (``jnp.bfloat16``, ``"float32"``, ...), as the
+    config keeps it (builder keywords are saved beside checkpoints)."""
+    try:
+        dt = jnp.dtype(value)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"logits_dtype must be a floating-point dtype such as 'float32' or "
+                         f"'bfloat16'; got {value!r}")
+    return dt.name
 
 
 # -------------------------------------------------------------------- layers
@@ -172,12 +191,14 @@ def upsample_nearest(x, factor: int):
     return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
 
 
-def _upsample_axis(x, factor: int, axis: int):
+def _upsample_axis(x, factor: int, axis: int, dtype=None):
     """Bilinear upsampling by a whole ``factor`` along ``axis`` with half-pixel centres
-    (PyTorch's ``align_corners=False``, edges clamped). Output row f k + r reads rows k
-    and k - 1 or k + 1 with fixed weights, so it is slices, multiply-adds and a reshape:
-    no gather whose gradient would be a scatter, and no size-dependent constant, so
-    symbolic sizes export."""
+    (PyTorch's ``align_corners=False``, edges clamped), in float32, written in ``dtype``
+    (default x's). Output row f k + r reads rows k and k - 1 or k + 1 with fixed weights,
+    so it is slices, multiply-adds and a reshape: no gather whose gradient would be a
+    scatter, and no size-dependent constant, so symbolic sizes export."""
+    dtype = dtype or x.dtype
+    x = x.astype(jnp.float32)
     n = x.shape[axis]
     take = lambda a, b: jax.lax.slice_in_dim(x, a, b, axis=axis)  # noqa: E731
     prev = jnp.concatenate([take(0, 1), take(0, n - 1)], axis=axis)  # row k - 1, clamped
@@ -190,13 +211,14 @@ def _upsample_axis(x, factor: int, axis: int):
     y = jnp.stack(phases, axis=axis + 1)
     shape = list(x.shape)
     shape[axis] = n * factor
-    return y.reshape(shape).astype(x.dtype)
+    return y.reshape(shape).astype(dtype)
 
 
-def upsample_bilinear(x, factor: int):
+def upsample_bilinear(x, factor: int, dtype=None):
     """An NHWC map upsampled ``factor`` times in each side, bilinear, half-pixel centres
-    (PyTorch's ``interpolate(mode="bilinear", align_corners=False)``)."""
-    return _upsample_axis(_upsample_axis(x, factor, 1), factor, 2)
+    (PyTorch's ``interpolate(mode="bilinear", align_corners=False)``), written in
+    ``dtype`` (default x's)."""
+    return _upsample_axis(_upsample_axis(x, factor, 1, dtype), factor, 2, dtype)
 
 
 # ---------------------------------------------------------------------- neck and head
@@ -273,8 +295,8 @@ def make_apply(cfg: SemanticFPNConfig, name: str, specs: dict):
     family, bcfg = _family(cfg.backbone_config), cfg.backbone_config
 
     def apply(params, x, *, train: bool = False, rng=None, features: bool = False):
-        """Per-pixel logits (B, H, W, num_classes) float32 at the input's size (any sides
-        the total stride 32 divides); ``features=True``: the FPN's four 256-channel maps,
+        """Per-pixel logits (B, H, W, num_classes) in ``logits_dtype`` (float32) at the
+        input's size (any sides the total stride 32 divides); ``features=True``: the FPN's four 256-channel maps,
         strides 4 to 32, in the compute dtype. ``train=True`` (with ``rng``): the
         backbone's dropout and drop-path and the head's dropout."""
         k_backbone, k_head = (None, None) if not train or rng is None else jax.random.split(rng)
@@ -288,7 +310,7 @@ def make_apply(cfg: SemanticFPNConfig, name: str, specs: dict):
         logits = semantic_head(params["head"], feats, k_head, cfg=cfg)
         # From stride 4 to the input's size: the strides divide the sides, so a factor.
         stride = cfg.backbone_config.first_stride
-        return upsample_bilinear(logits.astype(jnp.float32), stride)
+        return upsample_bilinear(logits, stride, dtype=cfg.logits_dtype)
 
     return apply
 
@@ -367,7 +389,7 @@ def semantic_fpn(img_size: int = 512, num_classes: int = 150, backbone: str = "p
                  **kwargs) -> Model:
     """Semantic FPN on a PVT backbone (any of ``pvt_*`` and ``pvt_v2_*``): per-pixel
     logits at the input's size. Head keywords: fpn_channels (256), head_channels (128),
-    head_dropout (0.1), norm_groups (32); every other keyword goes to the backbone's
+    head_dropout (0.1), norm_groups (32), logits_dtype ("float32"); every other keyword goes to the backbone's
     builder (embed_dims, depths, drop_path_rate, flavor, dtype, kernels, ...).
     ``pretrained=True`` (or a checkpoint of the backbone classifier) initialises the
     backbone from it; init's key draws the neck and head. 28,237,974 parameters on

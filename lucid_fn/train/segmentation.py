@@ -16,10 +16,11 @@ IGNORE = 255
 def pixel_cross_entropy(logits, masks):
     """Per-pixel softmax cross-entropy summed over the pixels that are not ``IGNORE``:
     ``(loss sum, correct pixels, counted pixels)``. logits (B, H, W, K), masks (B, H, W)
-    int."""
+    int; bfloat16 logits are taken in float32 (the cast fuses into the loss)."""
     import jax.numpy as jnp
     import optax
 
+    logits = logits.astype(jnp.float32)
     valid = masks != IGNORE
     labels = jnp.where(valid, masks, 0)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

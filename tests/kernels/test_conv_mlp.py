@@ -189,6 +189,22 @@ def test_conv_tiles_cover_the_map_and_never_leave_it(exact_min, b, hw, hidden):
     assert covered.all()
 
 
+@pytest.mark.parametrize("b,hw,hidden", [(16, (128, 128), 512), (16, (64, 64), 1024),
+                                         (16, (32, 32), 1280), (128, (56, 56), 512),
+                                         (2, (5, 20), 64)])
+def test_backward_tiles_hold_at_most_grad_size_elements_a_row(b, hw, hidden):
+    """The transposed-conv kernel keeps its rows in registers: a wide map must not widen
+    its strips past ``grad_size`` elements (Semantic FPN's 128-column maps did, and the
+    kernel spilled), and the tiles still cover the map from inside."""
+    settings = ConvMlpSettings()
+    t = conv_mlp.conv_tiles(b, hw, hidden, settings, settings.grad_size)
+    assert t["bx"] * t["bc"] <= settings.grad_size
+    assert t["strips"] * t["bx"] >= hw[1] and t["bands"] * t["by"] >= hw[0]
+    assert t["bx"] <= hw[1] and t["by"] <= hw[0]
+    # the forward's strips are the widest ones block_x allows
+    assert conv_mlp.conv_tiles(b, hw, hidden, settings)["bx"] >= t["bx"]
+
+
 @pytest.mark.parametrize("hw,bx", [((56, 56), 8), ((28, 28), 4), ((14, 14), 8), ((7, 7), 4)])
 def test_exact_strips_divide_the_width_where_a_power_of_two_does(hw, bx):
     """56 and 28 split into 7 strips with no overlap; 14 and 7 keep the least overlap
