@@ -254,6 +254,8 @@ def cmd_eval(args) -> int:
 
     _enable_compile_cache()
     data = parse_data_arg(args.data) if args.data else None
+    if args.eval_protocol:
+        data = {**(data or {}), "eval_protocol": args.eval_protocol}
     out = evaluate_file(args.checkpoint, data, batch_size=args.batch_size)
     step = "" if out["step"] is None else f" (step {out['step']})"
     if "test_miou" in out:
@@ -373,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a run's workdir (latest checkpoint) or a .safetensors")
     p.add_argument("--data", default=None, help="as for train; default: the run's data")
     p.add_argument("--batch-size", type=_at_least(1), default=256)
+    p.add_argument("--eval-protocol", choices=("square", "mmseg"), default=None,
+                   help="segmentation: padded squares, or whole images scored at their own "
+                   "size as the PVT papers' code (default: the run's data.eval_protocol)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("predict", help="top-5 ImageNet-1k classes of images, with published "

@@ -278,3 +278,128 @@ def test_digit_scenes_config_reaches_miou_075(tmp_path):
     cfg = load_config(ROOT / "configs" / "digit_scenes_seg.toml", [f'train.workdir="{tmp_path}"'])
     result = fit(cfg, progress=False)
     assert result["test_miou"] >= 0.75
+
+
+# ------------------------------------------------------------ mmseg's evaluation
+
+
+@pytest.mark.parametrize("hw, want", [
+    ((512, 683), (512, 704)),    # shorter side already 512: only aligned to 32
+    ((480, 640), (512, 704)),    # x 16/15: 512 x 682.7 -> 683 -> 704
+    ((256, 2000), (288, 2048)),  # the longer side caps it: x 1.024 -> 262 x 2048 -> 288
+    ((1000, 1000), (512, 512)),
+    ((700, 300), (1216, 512)),   # portrait: x 512/300 -> 1194.7 -> 1195 -> 1216
+])
+def test_whole_image_size_is_the_papers_rescale_and_align(hw, want):
+    """mmcv's imrescale at scale (2048, 512) (the factor that keeps the shorter side <= 512
+    and the longer <= 2048, sides rounded half up), then AlignResize's ceil to 32."""
+    assert seg_data.whole_image_size(*hw, size=512, stride=32) == want
+
+
+def test_resize_logits_is_bilinear_to_each_images_own_size():
+    """Down and up, non-integer factors, into one canvas: jax.image.resize's linear form
+    without antialiasing (PyTorch's bilinear, align_corners=False) for each image."""
+    logits = jax.random.normal(jax.random.key(0), (3, 8, 12, 4)).astype(jnp.bfloat16)
+    sizes = jnp.array([[5, 7], [16, 21], [8, 12]], jnp.int32)
+    got = segmentation.resize_logits(logits, sizes, (16, 21))
+    assert got.shape == (3, 16, 21, 4) and got.dtype == jnp.float32
+    for b, (h, w) in enumerate(np.asarray(sizes)):
+        want = jax.image.resize(logits[b].astype(jnp.float32), (h, w, 4), "linear",
+                                antialias=False)
+        np.testing.assert_allclose(got[b, :h, :w], want, rtol=1e-5, atol=1e-5)
+
+
+def _sized_folder(root, sizes):
+    """A seg_folder whose images have the given (h, w): colour ramps across and down with
+    noise, masks of 3 classes with a few ignored pixels."""
+    rng = np.random.default_rng(0)
+    for split in ("training", "validation"):
+        for i, (h, w) in enumerate(sizes):
+            ramps = np.stack(np.meshgrid(np.linspace(0, 255, h), np.linspace(0, 255, w),
+                                         indexing="ij"), -1)
+            img = np.concatenate([ramps, rng.integers(0, 255, (h, w, 1))], -1)
+            _png(root / "images" / split / f"im{i}.png", img)
+            mask = rng.integers(0, 3, (h, w))
+            mask[0, :3] = I
+            _png(root / "annotations" / split / f"im{i}.png", mask)
+    return root
+
+
+SIZES = [(40, 56), (24, 24), (60, 20), (44, 56), (33, 47)]
+
+
+def test_whole_image_batches_group_by_size_and_keep_masks_at_their_own(tmp_path):
+    ds = _load("seg_folder", _sized_folder(tmp_path, SIZES))
+    plan = seg_data.WholeImageBatches(ds.test, 2, size=32, stride=32)
+    shapes = [seg_data.whole_image_size(h, w, 32, 32) for h, w in SIZES]
+    # (40, 56), (44, 56), (33, 47) share 32 x 64; batches of 2 within a group
+    assert sorted(len(idx) for _, _, idx in plan.plan) == [1, 1, 1, 2]
+    seen = 0
+    for b in range(len(plan)):
+        images, masks, valid, sizes = plan[b]
+        shape, canvas, idx = plan.plan[b]
+        assert images.shape == (2, *shape, 3) and masks.shape == (2, *canvas)
+        for j, i in enumerate(idx):
+            h, w = SIZES[i]
+            assert shapes[i] == shape and tuple(sizes[j]) == (h, w) and valid[j]
+            np.testing.assert_array_equal(masks[j, :h, :w], ds.test.raw(i)[1])
+            assert (masks[j, h:] == I).all() and (masks[j, :, w:] == I).all()
+        assert not valid[len(idx):].any() and (masks[len(idx):] == I).all()
+        seen += len(idx)
+        # two processes read the two halves of each batch
+        halves = [seg_data.WholeImageBatches(ds.test, 2, 32, 32, (p, 2))[b] for p in (0, 1)]
+        for whole, *parts in zip(plan[b], *halves):
+            np.testing.assert_array_equal(np.concatenate(parts), whole)
+    assert seen == len(SIZES)
+
+
+def test_mmseg_protocol_scores_each_image_at_its_own_size(tmp_path, capsys):
+    """`lucid-fn eval` with data.eval_protocol="mmseg": per image, the whole image at its
+    resized size, logits back at the original size, the argmax counted there against the
+    original mask, written out here with jax.image.resize."""
+    from lucid_fn import registry
+    from lucid_fn.train.data import normalize
+
+    root = _sized_folder(tmp_path / "data", SIZES)
+    kw = dict(backbone="pvt_v2_b0", num_classes=3, img_size=32, embed_dims=[8, 8, 8, 8],
+              num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1], mlp_ratios=[2, 2, 2, 2],
+              fpn_channels=8, head_channels=8, norm_groups=4)
+    model = registry["semantic_fpn"](**kw)
+    params = model.init(jax.random.key(0))
+    path = tmp_path / "model.safetensors"
+    weights.save(path, params, "semantic_fpn", **kw)
+    data = {"name": "seg_folder", "path": str(root), "eval_protocol": "mmseg"}
+    out = evaluate_file(path, data, batch_size=2)
+    ds = _load("seg_folder", root)
+    apply = jax.jit(model.apply)
+    confusion = np.zeros((3, 3), np.int64)
+    for i, (h, w) in enumerate(SIZES):
+        img, mask = ds.test.raw(i)
+        shape = seg_data.whole_image_size(h, w, 32, 32)
+        x = normalize(seg_data.resize(img, shape, nearest=False)[None], (0.5,) * 3, (0.5,) * 3)
+        logits = jax.image.resize(apply(params, x)[0], (h, w, 3), "linear", antialias=False)
+        confusion += np.asarray(segmentation.confusion_matrix(
+            jnp.argmax(logits, -1)[None], jnp.asarray(mask)[None], 3))
+    want = segmentation.iou_metrics(confusion)
+    assert (confusion.sum(0) > 0).sum() >= 2  # predictions that vary across the images
+    assert out["test_examples"] == len(SIZES)
+    assert math.isclose(out["test_miou"], want["miou"], abs_tol=1e-3)
+    assert math.isclose(out["test_pixel_accuracy"], want["pixel_accuracy"], abs_tol=1e-3)
+    # the command line's, with --eval-protocol
+    from lucid_fn import cli
+
+    assert cli.main(["eval", str(path), "--data", f"seg_folder:{root}", "--batch-size", "2",
+                     "--eval-protocol", "mmseg"]) == 0
+    assert f"test mIoU {out['test_miou']:.4f}" in capsys.readouterr().out
+    # and not the square protocol's number, which resizes the masks
+    square = evaluate_file(path, {**data, "eval_protocol": "square"}, batch_size=2)
+    assert square["test_pixel_accuracy"] != out["test_pixel_accuracy"]
+
+
+def test_eval_protocol_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.eval_protocol must be one of \['square', "
+                                          r"'mmseg'\]"):
+        load_config(None, ['data.eval_protocol="whole"'])
+    cfg = load_config(None, [f'train.workdir="{tmp_path}"', 'data.eval_protocol="mmseg"'])
+    with pytest.raises(ConfigError, match="evaluates segmentation .* a classifier"):
+        fit(cfg, progress=False)

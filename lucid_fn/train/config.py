@@ -57,6 +57,10 @@ class DataConfig:
     workers: int = 0
     # Segmentation masks whose 0 means "unlabelled" (ADE20K): 0 ignored, 1..K -> 0..K-1.
     reduce_zero_label: bool = False
+    # Segmentation's test split: "square" (longer side img_size, padded square, metrics at
+    # that size) or "mmseg" (the PVT papers' code: whole images with the shorter side
+    # img_size, metrics at each image's own size; one compile per resized shape).
+    eval_protocol: str = "square"
 
 
 @dataclasses.dataclass
@@ -128,6 +132,7 @@ CHOICES = {
     "data.name": ("digits", "cifar10", "cifar100", "folder", "npz", "digit_scenes",
                   "seg_folder"),
     "optim.schedule": ("cosine", "poly"),
+    "data.eval_protocol": ("square", "mmseg"),
     "data.channels": (0, 1, 3),
     "model.head": ("keep", "reset"),
     "train.dtype": ("float32", "bfloat16"),

@@ -198,15 +198,16 @@ class EvalBatches:
 
 
 def eval_batches(source, batch_size: int, workers: int = 0, process_index: int = 0,
-                 process_count: int = 1):
+                 process_count: int = 1, batches=EvalBatches):
     """The whole split in order, as ``(images, labels, valid)`` batches of exactly
     ``batch_size`` (the last one padded, ``valid`` marks real examples), so evaluation
-    compiles once; each of ``process_count`` processes gets its slice of every batch."""
+    compiles once; each of ``process_count`` processes gets its slice of every batch.
+    ``batches(source, batch_size, part)``: another plan of them (segmentation's
+    ``WholeImageBatches``)."""
     import grain
 
     check_part(batch_size, process_index, process_count)
-    ds = grain.MapDataset.source(EvalBatches(source, batch_size,
-                                             (process_index, process_count)))
+    ds = grain.MapDataset.source(batches(source, batch_size, (process_index, process_count)))
     it = iter(_prefetch(ds.to_iter_dataset(), workers))
     try:
         yield from it

@@ -34,7 +34,7 @@ from lucid_fn.train import config as config_lib
 from lucid_fn.train import data as data_lib
 from lucid_fn.train import datasets as datasets_lib
 from lucid_fn.train import distributed
-from lucid_fn.train import segmentation
+from lucid_fn.train import seg_data, segmentation
 from lucid_fn.train import step as step_lib
 from lucid_fn.train import workdir as workdir_lib
 from lucid_fn.train.checkpoint import Checkpointer, NonFiniteStateError
@@ -113,6 +113,25 @@ def check_task(cfg, model, dataset) -> None:
     elif cfg.augment.scale_range:
         raise config_lib.ConfigError("augment.scale_range is a segmentation augmentation; "
                                      "classifiers use augment.crop_scale")
+    check_eval_protocol(cfg.data, task)
+
+
+def check_eval_protocol(data_cfg, task: str) -> None:
+    if data_cfg.eval_protocol == "mmseg" and task != "segment":
+        raise config_lib.ConfigError(
+            "data.eval_protocol = \"mmseg\" evaluates segmentation (whole images, metrics at "
+            "their own size); a classifier's test split is evaluated as \"square\"; remove "
+            "data.eval_protocol")
+
+
+def eval_plan(data_cfg, model):
+    """How the test split is batched (``data_lib.eval_batches``' ``batches``): fixed
+    squares, or (``data.eval_protocol = "mmseg"``) whole images at their resized sizes."""
+    if data_cfg.eval_protocol != "mmseg":
+        return data_lib.EvalBatches
+    size, stride = data_cfg.img_size, model.config.total_stride
+    return lambda source, batch, part: seg_data.WholeImageBatches(source, batch, size,
+                                                                  stride, part)
 
 
 def check_classes(model, dataset, what) -> None:
@@ -217,14 +236,17 @@ PREDICTION_EXAMPLES = 4  # rows of a segmentation run's predictions.png
 
 
 def run_eval(evaluate, params, source, batch: int, sharding, workers: int = 0,
-             shown: list | None = None) -> dict:
+             shown: list | None = None, plan=data_lib.EvalBatches) -> dict:
     """The test split's metrics. Segmentation: mIoU, pixel accuracy and per-class IoU
     (None: a class neither present nor predicted) from the summed confusion matrix;
-    ``shown`` receives the first batch's (images, masks, predictions)."""
+    ``shown`` receives the first batch's (images, masks, predictions). ``plan``: how the
+    split is batched (:func:`eval_plan`)."""
     sums = None
     part = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    for images, labels, valid in data_lib.eval_batches(source, batch, workers, **part):
-        out = evaluate(params, *step_lib.put_batch((images, labels, valid), sharding))
+    for images, labels, valid, *sizes in data_lib.eval_batches(source, batch, workers,
+                                                                batches=plan, **part):
+        out = evaluate(params, *step_lib.put_batch((images, labels, valid, *sizes),
+                                                   sharding))
         pred = out.pop("pred", None)
         if shown is not None and pred is not None and not shown:
             n = min(PREDICTION_EXAMPLES, int(valid.sum()))
@@ -354,8 +376,10 @@ def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup) -> d
     abstract = jax.eval_shape(lambda k: step_lib.init_state(spec, model.init(k), tc.seed), key)
     img_shape = (dataset.img_size, dataset.img_size, dataset.channels)
     eval_batch = _eval_batch(tc.eval_batch_size, n_dev)
+    plan = eval_plan(cfg.data, model)
     train_step, evaluate, shardings, compile_s = step_lib.compile_steps(
-        spec, abstract, mesh, tc.param_sharding, tc.batch_size, eval_batch, img_shape)
+        spec, abstract, mesh, tc.param_sharding, tc.batch_size, eval_batch, img_shape,
+        whole_images=plan is not data_lib.EvalBatches)
     data_sh = step_lib.batch_sharding(mesh)
     abstract = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
@@ -448,7 +472,7 @@ def _fit(cfg, workdir, resume, progress, callbacks, mesh, t_start, cleanup) -> d
                 row = row or flush_row
                 shown = [] if last and spec.task == "segment" else None
                 ev = run_eval(evaluate, eval_params(state), dataset.test, eval_batch, data_sh,
-                              cfg.data.workers, shown)
+                              cfg.data.workers, shown, plan)
                 row = {**(row or {"step": step}), **ev}
                 window_start = time.perf_counter()  # evaluation time is not training speed
             if row is not None:
@@ -557,7 +581,7 @@ def evaluate_file(path, data=None, *, batch_size: int = 256, use_ema: bool = Tru
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
         params, model = weights.load(path)
-        if not data:
+        if "name" not in data:
             raise config_lib.ConfigError("evaluating a .safetensors file needs a dataset "
                                          "(--data digits, --data /path/to/folder, ...)")
         c = model.config
@@ -575,8 +599,10 @@ def evaluate_file(path, data=None, *, batch_size: int = 256, use_ema: bool = Tru
             f"but the {dataset.name} data is for "
             f"{'segmentation' if dataset.task == 'segment' else 'classification'}; "
             f"evaluate it on data of its task")
+    check_eval_protocol(data_cfg, spec.task)
     mesh = step_lib.make_mesh()
     batch = _eval_batch(batch_size, mesh.devices.size)
-    evaluate = jax.jit(lambda p, x, y, v: step_lib.eval_step(spec, p, x, y, v))
-    out = run_eval(evaluate, params, dataset.test, batch, step_lib.batch_sharding(mesh))
+    evaluate = jax.jit(lambda p, x, y, v, *s: step_lib.eval_step(spec, p, x, y, v, *s))
+    out = run_eval(evaluate, params, dataset.test, batch, step_lib.batch_sharding(mesh),
+                   plan=eval_plan(data_cfg, model))
     return {**out, "model": model.name, "step": step}

@@ -18,9 +18,10 @@ size is not its image's, a class index out of range are errors that name the fil
 
 An item served for evaluation is at ``img_size``: the image resized so that its longer
 side is ``img_size`` (bilinear; the mask nearest-neighbour) and padded to a square
-(image 0, mask 255, so the padding counts nowhere). Training batches are the raw items,
-made ``img_size`` square by ``augment_fn``: random rescale, random crop (padded the same
-way), horizontal flip.
+(image 0, mask 255, so the padding counts nowhere). ``data.eval_protocol = "mmseg"``
+evaluates as the PVT papers' segmentation code does instead (:class:`WholeImageBatches`).
+Training batches are the raw items, made ``img_size`` square by ``augment_fn``: random
+rescale, random crop (padded the same way), horizontal flip.
 """
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ class SegArraySource:
         image = datasets_lib.convert_channels(self.images[i], self.channels)
         return image, _as_mask(self.masks[i])
 
+    def hw(self, i) -> tuple:
+        return tuple(self.masks.shape[1:3])
+
     def __getitem__(self, i):
         return fit_and_pad(*self.raw(i), self.img_size)
 
@@ -146,6 +150,14 @@ class SegFileSource:
                             f"it, then continue with --resume") from None
         img = img[..., None] if img.ndim == 2 else img
         return img, reduce_zero(mask) if self.reduce_zero_label else mask
+
+    def hw(self, i) -> tuple:
+        """(height, width) of item ``i``, from its mask file's header (the up-front check
+        made sure the image has the same)."""
+        from PIL import Image
+
+        with Image.open(self.mask_files[i]) as im:
+            return im.size[1], im.size[0]
 
     def __getitem__(self, i):
         return fit_and_pad(*self.raw(i), self.img_size)
@@ -226,6 +238,9 @@ class DigitScenes:
 
     def __getitem__(self, i):
         return self.raw(i)
+
+    def hw(self, i) -> tuple:
+        return self.size, self.size
 
     def take(self, idx):
         return [self.raw(i) for i in idx]
@@ -432,4 +447,73 @@ def augment_fn(cfg, img_size: int):
         return np.stack(images), np.stack(masks)
 
     return fn
+
+
+# ------------------------------------------------------------ mmseg's evaluation
+
+# mmseg's ADE20K test scale (2048, 512) for 512 crops: the longer side at most 4 x img_size.
+EVAL_LONG_SIDE = 4
+
+
+def whole_image_size(h: int, w: int, size: int, stride: int) -> tuple:
+    """The (height, width) an (h, w) image is evaluated at under the PVT segmentation
+    code's test pipeline: rescaled, keeping its aspect, by the largest factor that keeps
+    the shorter side at most ``size`` and the longer at most ``EVAL_LONG_SIDE * size``
+    (mmcv's ``imrescale``, sides rounded half up), then each side rounded up to a multiple
+    of ``stride`` (the official ``AlignResize``, for the backbone's strides)."""
+    s = min(EVAL_LONG_SIDE * size / max(h, w), size / min(h, w))
+    nh, nw = int(h * s + 0.5), int(w * s + 0.5)
+    return -(-nh // stride) * stride, -(-nw // stride) * stride
+
+
+@dataclasses.dataclass
+class WholeImageBatches:
+    """A test split evaluated as the PVT papers' segmentation code does, in batches of
+    fixed shapes: each image whole at :func:`whole_image_size` (bilinear), its mask at the
+    image's own size. The images are grouped by that size; batch ``b`` of this process's
+    ``part=(index, count)`` is ``(images (B, H, W, C) uint8, masks (B, Hc, Wc) int32,
+    valid (B,), sizes (B, 2) int32)``: (Hc, Wc) the largest original size in the group,
+    each mask in its top-left corner with ``IGNORE`` around it, ``sizes`` the originals
+    (the eval step resizes the logits to them, bilinear, before the argmax). One compile
+    per group."""
+
+    source: Any
+    batch_size: int
+    size: int
+    stride: int
+    part: tuple = (0, 1)
+
+    def __post_init__(self):
+        hws = [tuple(int(v) for v in self.source.hw(i)) for i in range(len(self.source))]
+        groups: dict = {}
+        for i, (h, w) in enumerate(hws):
+            groups.setdefault(whole_image_size(h, w, self.size, self.stride), []).append(i)
+        self.plan = []
+        for shape in sorted(groups):
+            idx = groups[shape]
+            canvas = (max(hws[i][0] for i in idx), max(hws[i][1] for i in idx))
+            for start in range(0, len(idx), self.batch_size):
+                self.plan.append((shape, canvas, idx[start:start + self.batch_size]))
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, b):
+        shape, canvas, idx = self.plan[int(b)]
+        index, count = self.part
+        rows = self.batch_size // count
+        mine = idx[index * rows:(index + 1) * rows]
+        items = [self.source.raw(i) for i in (mine or idx[:1])]  # none: shaped padding
+        channels = items[0][0].shape[-1]
+        images = np.zeros((rows, *shape, channels), np.uint8)
+        masks = np.full((rows, *canvas), IGNORE, np.int32)
+        sizes = np.tile(np.array(shape, np.int32), (rows, 1))  # padding rows: no resize
+        valid = np.zeros(rows, bool)
+        for j, (img, mask) in enumerate(items[:len(mine)]):
+            h, w = mask.shape
+            images[j] = resize(img, shape, nearest=False)
+            masks[j, :h, :w] = mask
+            sizes[j] = (h, w)
+            valid[j] = True
+        return images, masks, valid, sizes
 

@@ -38,6 +38,36 @@ def mean_pixel_loss(logits, masks):
     return total / jnp.maximum(count, 1), correct, count
 
 
+def _source_rows(n_in: int, canvas: int, n_out):
+    """For output rows 0 .. canvas - 1 of a bilinear resize from ``n_in`` rows to ``n_out``
+    ((B,) int, traced): the two source rows and the second one's weight, (B, canvas) each,
+    as PyTorch's ``interpolate(mode="bilinear", align_corners=False)`` computes them."""
+    import jax.numpy as jnp
+
+    dst = jnp.arange(canvas, dtype=jnp.float32)[None, :] + 0.5
+    scale = n_in / n_out.astype(jnp.float32)[:, None]
+    src = jnp.maximum(dst * scale - 0.5, 0.0)
+    lo = jnp.minimum(jnp.floor(src).astype(jnp.int32), n_in - 1)
+    return lo, jnp.minimum(lo + 1, n_in - 1), src - lo
+
+
+def resize_logits(logits, sizes, canvas: tuple):
+    """(B, H, W, K) logits resized, bilinear in float32, to each image's own size
+    ``sizes[b] = (h, w)``, in the top-left corner of a (B, Hc, Wc, K) canvas (beyond it:
+    edge values, which the masks' ``IGNORE`` leaves uncounted): mmsegmentation's last step
+    before the argmax."""
+    import jax.numpy as jnp
+
+    x = logits.astype(jnp.float32)
+    for axis, n_out in ((1, sizes[:, 0]), (2, sizes[:, 1])):
+        lo, hi, w = _source_rows(x.shape[axis], canvas[axis - 1], n_out)
+        shape = [x.shape[0], 1, 1, 1]
+        shape[axis] = -1
+        take = lambda i: jnp.take_along_axis(x, i.reshape(shape), axis=axis)  # noqa: E731
+        x = take(lo) * (1.0 - w.reshape(shape)) + take(hi) * w.reshape(shape)
+    return x
+
+
 def confusion_matrix(pred, masks, num_classes: int, valid=None):
     """(K, K) int32 counts of (true class, predicted class) over the pixels whose mask is
     not ``IGNORE`` (and whose image is ``valid``, (B,) bool). jit-friendly: one bincount

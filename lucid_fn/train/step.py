@@ -247,11 +247,15 @@ def train_step(spec: StepSpec, state: dict, images, labels):
     return new, metrics
 
 
-def eval_step(spec: StepSpec, params, images, labels, valid):
+def eval_step(spec: StepSpec, params, images, labels, valid, sizes=None):
     """Sums over the valid rows of one batch: (correct, loss, count); for segmentation
     the (K, K) confusion matrix, the loss summed over counted pixels, their count, the
-    images, and the batch's predictions (uint8 class maps where K <= 256)."""
+    images, and the batch's predictions (uint8 class maps where K <= 256). ``sizes``
+    ((B, 2), segmentation's ``WholeImageBatches``): the logits are first resized to each
+    image's original size, where its mask is."""
     logits = spec.apply(params, normalize(images, spec.mean, spec.std))
+    if sizes is not None:
+        logits = segmentation.resize_logits(logits, sizes, labels.shape[1:3])
     if spec.task == "segment":
         masks = jnp.where(valid[:, None, None], labels, segmentation.IGNORE)
         loss, _, pixels = segmentation.pixel_cross_entropy(logits, masks)
@@ -266,8 +270,10 @@ def eval_step(spec: StepSpec, params, images, labels, valid):
 
 
 def compile_steps(spec: StepSpec, abstract_state, mesh: Mesh, mode: str, batch: int,
-                  eval_batch: int, img_shape: tuple):
+                  eval_batch: int, img_shape: tuple, whole_images: bool = False):
     """Ahead-of-time compiled (train_step, eval_step, state_shardings, compile_seconds).
+    ``whole_images``: the eval step takes ``WholeImageBatches`` (their sizes too), and
+    compiles once per shape as they come.
 
     The train step donates the state: its buffers are reused for the new one."""
     import time
@@ -284,6 +290,11 @@ def compile_steps(spec: StepSpec, abstract_state, mesh: Mesh, mode: str, batch: 
     lab = jax.ShapeDtypeStruct((batch,) + lab_shape, jnp.int32, sharding=data)
     train = train.lower(abstract_state, img, lab).compile()
     params_sh = shardings["params"]
+    if whole_images:
+        evaluate = jax.jit(lambda p, x, y, v, s: eval_step(spec, p, x, y, v, s),
+                           in_shardings=(params_sh, data, data, data, data),
+                           out_shardings=replicated(mesh))
+        return train, evaluate, shardings, time.perf_counter() - t0
     evaluate = jax.jit(lambda p, x, y, v: eval_step(spec, p, x, y, v),
                        in_shardings=(params_sh, data, data, data),
                        out_shardings=replicated(mesh))
