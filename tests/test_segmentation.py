@@ -101,6 +101,75 @@ def test_augmentation_moves_whole_pixels_of_image_and_mask_together():
     assert set(np.unique(mask)) <= set(range(7)) | {I}
 
 
+def test_each_row_draws_its_own_stream_so_processes_split_a_batch():
+    """A process augmenting rows 2.. of a batch (first_row=2) gets those rows of the whole
+    batch augmented at once, from the same batch generator (grain seeds it per batch)."""
+    rng = np.random.default_rng(0)
+    masks = rng.integers(0, 5, (4, 40, 56)).astype(np.int32)
+    images = rng.integers(0, 255, (4, 40, 56, 3)).astype(np.uint8)
+    acfg = config_lib.AugmentConfig(scale_range=[0.5, 2.0], hflip=True, photometric=True,
+                                    cat_max_ratio=0.75)
+    fn = seg_data.augment_fn(acfg, 32)
+    items = list(zip(images, masks))
+    whole = fn(items, np.random.default_rng(9))
+    part = fn(items[2:], np.random.default_rng(9), first_row=2)
+    for a, b in zip(whole, part):
+        np.testing.assert_array_equal(a[2:], b)
+    assert not np.array_equal(whole[1][0], whole[1][1])  # rows differ from each other
+
+
+def test_crops_where_one_class_dominates_are_redrawn():
+    """augment.cat_max_ratio=0.75, as mmseg's RandomCrop: of 16x16 crops of a 64x64 mask
+    that is class 0 but for a 20x20 corner of class 1, the redrawn ones mix the classes far
+    more often; and image and mask stay one crop."""
+    mask = np.zeros((64, 64), np.int32)
+    mask[:20, :20] = 1
+    rows, cols = np.meshgrid(np.arange(64), np.arange(64), indexing="ij")
+    image = np.stack([rows, cols, rows], -1).astype(np.uint8)  # a pixel says where it was
+    items = [(image, mask)] * 64
+
+    def mixed(**kw):  # scale 4: the 64x64 item is kept as it is, and cropped to 16x16
+        acfg = config_lib.AugmentConfig(scale_range=[4.0, 4.0], **kw)
+        imgs, masks = seg_data.augment_fn(acfg, 16)(items, np.random.default_rng(3))
+        for img, m in zip(imgs, masks):
+            top, left = img[0, 0, :2]
+            np.testing.assert_array_equal(m, mask[top:top + 16, left:left + 16])
+        return sum(not seg_data.dominated(m, 0.75) for m in masks)
+
+    plain, redrawn = mixed(), mixed(cat_max_ratio=0.75)
+    assert redrawn >= 3 * max(plain, 1), (plain, redrawn)
+    assert seg_data.dominated(np.array([[0, 0, 0, 1]]), 0.75)
+    assert not seg_data.dominated(np.array([[0, 0, 1, 1]]), 0.75)
+    assert seg_data.dominated(np.array([[2, 2, I, I]]), 0.75)  # one class only
+
+
+def test_hsv_conversions_and_photometric_distortion():
+    import colorsys
+
+    rgb = np.random.default_rng(0).uniform(0, 255, (50, 3))
+    hsv = seg_data.rgb_to_hsv(rgb)
+    for (r, g, b), (h, s, v) in zip(rgb, hsv):
+        want = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)
+        np.testing.assert_allclose((h / 360, s, v / 255), want, atol=1e-9)
+    np.testing.assert_allclose(seg_data.hsv_to_rgb(hsv), rgb, atol=1e-9)
+    red = np.array([[255.0, 0, 0]])
+    turned = seg_data.rgb_to_hsv(red) + [120, 0, 0]
+    np.testing.assert_allclose(seg_data.hsv_to_rgb(turned), [[0, 255, 0]], atol=1e-9)
+    # A gray image stays gray; a distortion is a function of the generator's draws.
+    gray = np.repeat(np.random.default_rng(1).integers(0, 255, (8, 8, 1)), 3, -1).astype(np.uint8)
+    outs = [seg_data.photometric_distortion(gray, np.random.default_rng(k)) for k in range(16)]
+    for k, out in enumerate(outs):
+        assert out.dtype == np.uint8 and out.shape == gray.shape
+        assert (out == out[..., :1]).all()
+        np.testing.assert_array_equal(
+            out, seg_data.photometric_distortion(gray, np.random.default_rng(k)))
+    assert sum(not np.array_equal(o, gray) for o in outs) >= 8
+    colour = np.random.default_rng(2).integers(0, 255, (8, 8, 3)).astype(np.uint8)
+    hues = {tuple(seg_data.photometric_distortion(colour, np.random.default_rng(k))[0, 0])
+            for k in range(16)}
+    assert len(hues) >= 8
+
+
 def test_digit_scenes_are_fixed_and_test_scenes_use_held_out_scans():
     cfg = config_lib.DataConfig(name="digit_scenes", img_size=32)
     a, b = seg_data.digit_scenes(cfg), seg_data.digit_scenes(cfg)
@@ -198,6 +267,9 @@ def test_task_mismatch_is_named_before_compiling(tmp_path):
         fit(cfg, progress=False)
     with pytest.raises(ConfigError, match="augment.pad_crop is an image-classification"):
         fit(seg_config(tmp_path / "x", "augment.pad_crop=2"), progress=False)
+    cfg = load_config(None, [f'train.workdir="{tmp_path / "y"}"', "augment.photometric=true"])
+    with pytest.raises(ConfigError, match="augment.photometric is a segmentation augmentation"):
+        fit(cfg, progress=False)
 
 
 # ------------------------------------------------------------------ a short run

@@ -78,6 +78,11 @@ class AugmentConfig:
     # Segmentation: each image rescaled by a ratio drawn from [min, max] before the random
     # crop ([] keeps its scale); hflip flips image and mask together.
     scale_range: list = dataclasses.field(default_factory=list)
+    # Segmentation: a crop in which one class covers this fraction of the labelled pixels
+    # or more is redrawn, up to 10 times (mmseg's RandomCrop; 1 turns it off).
+    cat_max_ratio: float = 1.0
+    # Segmentation: mmseg's PhotoMetricDistortion (brightness, contrast, saturation, hue).
+    photometric: bool = False
 
 
 @dataclasses.dataclass
@@ -181,6 +186,7 @@ STEP_COUNT = Range(1, 2**31 - 1)  # the step counter is an int32 on the device
 RANGES = {
     "data.img_size": Range(1, 16384),  # one 16384^2 RGB image is 800 MB of uint8
     "data.test_fraction": Range(0, 1, lo_open=True, hi_open=True),
+    "augment.cat_max_ratio": Range(0, 1, lo_open=True),
     "data.split_seed": AT_LEAST_0,  # numpy seeds are non-negative
     "data.workers": AT_LEAST_0,
     "augment.pad_crop": AT_LEAST_0,

@@ -91,6 +91,10 @@ SEGMENTATION_OFF = ("augment.mixup_alpha", "augment.cutmix_alpha", "augment.labe
                     "augment.crop_scale", "augment.pad_crop")
 
 
+SEGMENTATION_ONLY = {"augment.scale_range": [], "augment.cat_max_ratio": 1.0,
+                     "augment.photometric": False}  # and their values when off
+
+
 def check_task(cfg, model, dataset) -> None:
     """The model and the data must predict the same thing (a class per image, or one per
     pixel), and the augmentation settings must be the task's, before anything compiles."""
@@ -110,9 +114,12 @@ def check_task(cfg, model, dataset) -> None:
                 raise config_lib.ConfigError(
                     f"{path} is an image-classification augmentation; segmentation uses "
                     f"augment.scale_range, augment.hflip and the random crop. Remove {path}")
-    elif cfg.augment.scale_range:
-        raise config_lib.ConfigError("augment.scale_range is a segmentation augmentation; "
-                                     "classifiers use augment.crop_scale")
+    else:
+        for path, off in SEGMENTATION_ONLY.items():
+            if config_lib._get(cfg, path) != off:
+                raise config_lib.ConfigError(
+                    f"{path} is a segmentation augmentation; classifiers use "
+                    f"augment.crop_scale, augment.hflip, mixup and cutmix. Remove {path}")
     check_eval_protocol(cfg.data, task)
 
 
@@ -174,8 +181,6 @@ def step_spec(cfg, model, kw, dataset) -> step_lib.StepSpec:
 
 def augment_fn(cfg, model, img_size: int):
     if step_lib.task_of(model) == "segment":
-        from lucid_fn.train import seg_data
-
         return seg_data.augment_fn(cfg.augment, img_size)
     return data_lib.augment_fn(cfg.augment, img_size)
 
