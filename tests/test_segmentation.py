@@ -14,7 +14,7 @@ from lucid_fn import weights
 from lucid_fn.train import ConfigError, fit, load_config, read_metrics
 from lucid_fn.train import config as config_lib
 from lucid_fn.train import datasets as datasets_lib
-from lucid_fn.train import seg_data, segmentation
+from lucid_fn.train import seg_augment, seg_data, segmentation
 from lucid_fn.train.datasets import DataError
 from lucid_fn.train.loop import evaluate_file
 
@@ -86,13 +86,13 @@ def test_augmentation_moves_whole_pixels_of_image_and_mask_together():
     masks[:, :3] = I
     images = (masks * 30 % 256).astype(np.uint8)[..., None]
     acfg = config_lib.AugmentConfig(scale_range=[0.5, 2.0], hflip=True)
-    out_img, out_mask = seg_data.augment_fn(acfg, 32)(list(zip(images, masks)), rng)
+    out_img, out_mask = seg_augment.augment_fn(acfg, 32)(list(zip(images, masks)), rng)
     assert out_img.shape == (4, 32, 32, 1) and out_mask.shape == (4, 32, 32)
     assert out_img.dtype == np.uint8 and out_mask.dtype == np.int32
     assert set(np.unique(out_mask)) <= set(range(7)) | {I}
     # No rescale (shorter side already 40): crop and flip only, so pixel for pixel the image
     # is still its mask's function.
-    flips = seg_data.augment_fn(config_lib.AugmentConfig(hflip=True), 40)
+    flips = seg_augment.augment_fn(config_lib.AugmentConfig(hflip=True), 40)
     out_img, out_mask = flips(list(zip(images, masks)), np.random.default_rng(1))
     np.testing.assert_array_equal(out_img[..., 0], (out_mask * 30 % 256).astype(np.uint8))
     # The evaluation form: the longer side fits, the rest is ignored padding.
@@ -109,7 +109,7 @@ def test_each_row_draws_its_own_stream_so_processes_split_a_batch():
     images = rng.integers(0, 255, (4, 40, 56, 3)).astype(np.uint8)
     acfg = config_lib.AugmentConfig(scale_range=[0.5, 2.0], hflip=True, photometric=True,
                                     cat_max_ratio=0.75)
-    fn = seg_data.augment_fn(acfg, 32)
+    fn = seg_augment.augment_fn(acfg, 32)
     items = list(zip(images, masks))
     whole = fn(items, np.random.default_rng(9))
     part = fn(items[2:], np.random.default_rng(9), first_row=2)
@@ -130,42 +130,42 @@ def test_crops_where_one_class_dominates_are_redrawn():
 
     def mixed(**kw):  # scale 4: the 64x64 item is kept as it is, and cropped to 16x16
         acfg = config_lib.AugmentConfig(scale_range=[4.0, 4.0], **kw)
-        imgs, masks = seg_data.augment_fn(acfg, 16)(items, np.random.default_rng(3))
+        imgs, masks = seg_augment.augment_fn(acfg, 16)(items, np.random.default_rng(3))
         for img, m in zip(imgs, masks):
             top, left = img[0, 0, :2]
             np.testing.assert_array_equal(m, mask[top:top + 16, left:left + 16])
-        return sum(not seg_data.dominated(m, 0.75) for m in masks)
+        return sum(not seg_augment.dominated(m, 0.75) for m in masks)
 
     plain, redrawn = mixed(), mixed(cat_max_ratio=0.75)
     assert redrawn >= 3 * max(plain, 1), (plain, redrawn)
-    assert seg_data.dominated(np.array([[0, 0, 0, 1]]), 0.75)
-    assert not seg_data.dominated(np.array([[0, 0, 1, 1]]), 0.75)
-    assert seg_data.dominated(np.array([[2, 2, I, I]]), 0.75)  # one class only
+    assert seg_augment.dominated(np.array([[0, 0, 0, 1]]), 0.75)
+    assert not seg_augment.dominated(np.array([[0, 0, 1, 1]]), 0.75)
+    assert seg_augment.dominated(np.array([[2, 2, I, I]]), 0.75)  # one class only
 
 
 def test_hsv_conversions_and_photometric_distortion():
     import colorsys
 
     rgb = np.random.default_rng(0).uniform(0, 255, (50, 3))
-    hsv = seg_data.rgb_to_hsv(rgb)
+    hsv = seg_augment.rgb_to_hsv(rgb)
     for (r, g, b), (h, s, v) in zip(rgb, hsv):
         want = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)
         np.testing.assert_allclose((h / 360, s, v / 255), want, atol=1e-9)
-    np.testing.assert_allclose(seg_data.hsv_to_rgb(hsv), rgb, atol=1e-9)
+    np.testing.assert_allclose(seg_augment.hsv_to_rgb(hsv), rgb, atol=1e-9)
     red = np.array([[255.0, 0, 0]])
-    turned = seg_data.rgb_to_hsv(red) + [120, 0, 0]
-    np.testing.assert_allclose(seg_data.hsv_to_rgb(turned), [[0, 255, 0]], atol=1e-9)
+    turned = seg_augment.rgb_to_hsv(red) + [120, 0, 0]
+    np.testing.assert_allclose(seg_augment.hsv_to_rgb(turned), [[0, 255, 0]], atol=1e-9)
     # A gray image stays gray; a distortion is a function of the generator's draws.
     gray = np.repeat(np.random.default_rng(1).integers(0, 255, (8, 8, 1)), 3, -1).astype(np.uint8)
-    outs = [seg_data.photometric_distortion(gray, np.random.default_rng(k)) for k in range(16)]
+    outs = [seg_augment.photometric_distortion(gray, np.random.default_rng(k)) for k in range(16)]
     for k, out in enumerate(outs):
         assert out.dtype == np.uint8 and out.shape == gray.shape
         assert (out == out[..., :1]).all()
         np.testing.assert_array_equal(
-            out, seg_data.photometric_distortion(gray, np.random.default_rng(k)))
+            out, seg_augment.photometric_distortion(gray, np.random.default_rng(k)))
     assert sum(not np.array_equal(o, gray) for o in outs) >= 8
     colour = np.random.default_rng(2).integers(0, 255, (8, 8, 3)).astype(np.uint8)
-    hues = {tuple(seg_data.photometric_distortion(colour, np.random.default_rng(k))[0, 0])
+    hues = {tuple(seg_augment.photometric_distortion(colour, np.random.default_rng(k))[0, 0])
             for k in range(16)}
     assert len(hues) >= 8
 

@@ -124,14 +124,14 @@ def choice(name: str, value, allowed: Sequence) -> object:
     return value
 
 
-def compute_dtype(value) -> np.dtype:
+def compute_dtype(value, name: str = "dtype") -> np.dtype:
     try:
         dt = None if value is None else jnp.dtype(value)
     except TypeError:
         dt = None
     if dt is None or not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(
-            f"dtype must be a floating-point dtype such as jnp.float32 or jnp.bfloat16; "
+            f"{name} must be a floating-point dtype such as jnp.float32 or jnp.bfloat16; "
             f"got {value!r}"
         )
     return dt

@@ -125,25 +125,14 @@ def make_config(backbone: str, img_size: int, num_classes: int, **kwargs) -> Sem
     for name in ("fpn_channels", "head_channels", "norm_groups"):
         common.positive_int(name, getattr(cfg, name))
     common.rate("head_dropout", cfg.head_dropout)
-    cfg = dataclasses.replace(cfg, logits_dtype=logits_dtype_name(cfg.logits_dtype))
+    # kept by name: builder keywords are saved beside checkpoints
+    cfg = dataclasses.replace(
+        cfg, logits_dtype=common.compute_dtype(cfg.logits_dtype, "logits_dtype").name)
     for name in ("fpn_channels", "head_channels"):
         if getattr(cfg, name) % cfg.norm_groups:
             raise ValueError(f"{name}={getattr(cfg, name)} is not divisible by norm_groups="
                              f"{cfg.norm_groups}; GroupNorm splits the channels evenly")
     return cfg
-
-
-def logits_dtype_name(value) -> str:
-    """The name of a floating-point dtype (``jnp.bfloat16``, ``"float32"``, ...), as the
-    config keeps it (builder keywords are saved beside checkpoints)."""
-    try:
-        dt = jnp.dtype(value)
-    except TypeError:
-        dt = None
-    if dt is None or not jnp.issubdtype(dt, jnp.floating):
-        raise ValueError(f"logits_dtype must be a floating-point dtype such as 'float32' or "
-                         f"'bfloat16'; got {value!r}")
-    return dt.name
 
 
 # -------------------------------------------------------------------- layers
@@ -296,9 +285,9 @@ def make_apply(cfg: SemanticFPNConfig, name: str, specs: dict):
 
     def apply(params, x, *, train: bool = False, rng=None, features: bool = False):
         """Per-pixel logits (B, H, W, num_classes) in ``logits_dtype`` (float32) at the
-        input's size (any sides the total stride 32 divides); ``features=True``: the FPN's four 256-channel maps,
-        strides 4 to 32, in the compute dtype. ``train=True`` (with ``rng``): the
-        backbone's dropout and drop-path and the head's dropout."""
+        input's size (any sides the total stride 32 divides); ``features=True``: the FPN's
+        four 256-channel maps, strides 4 to 32, in the compute dtype. ``train=True`` (with
+        ``rng``): the backbone's dropout and drop-path and the head's dropout."""
         k_backbone, k_head = (None, None) if not train or rng is None else jax.random.split(rng)
         x, rngs, rates, _ = common.apply_inputs(params, x, cfg=bcfg, specs=specs, name=name,
                                                 train=train, rng=k_backbone if train else None,
@@ -389,8 +378,9 @@ def semantic_fpn(img_size: int = 512, num_classes: int = 150, backbone: str = "p
                  **kwargs) -> Model:
     """Semantic FPN on a PVT backbone (any of ``pvt_*`` and ``pvt_v2_*``): per-pixel
     logits at the input's size. Head keywords: fpn_channels (256), head_channels (128),
-    head_dropout (0.1), norm_groups (32), logits_dtype ("float32"); every other keyword goes to the backbone's
-    builder (embed_dims, depths, drop_path_rate, flavor, dtype, kernels, ...).
+    head_dropout (0.1), norm_groups (32), logits_dtype ("float32"); every other keyword
+    goes to the backbone's builder (embed_dims, depths, drop_path_rate, flavor, dtype,
+    kernels, ...).
     ``pretrained=True`` (or a checkpoint of the backbone classifier) initialises the
     backbone from it; init's key draws the neck and head. 28,237,974 parameters on
     pvt_small (paper flavor), 29,116,502 on pvt_v2_b2, at 150 classes."""
